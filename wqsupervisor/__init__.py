@@ -1,0 +1,84 @@
+"""wqsupervisor keeps a Work Queue master reachable, and busy, through a supervised SSH tunnel."""
+
+from ._version import __version__
+from .backoff import Backoff, GiveUp, RestartPolicy, RestartState, Retry
+from .config import Settings
+from .errors import (
+    AuthenticationFailed,
+    ConfigError,
+    IllegalTransition,
+    MasterError,
+    ProtocolError,
+    TunnelError,
+    WQSupervisorError,
+)
+from .events import (
+    AllWorkersLost,
+    Event,
+    EventBus,
+    MasterUnreachable,
+    StalePortReclaimed,
+    TunnelClosed,
+    TunnelDown,
+    TunnelFailed,
+    TunnelRestarting,
+    TunnelResumed,
+    TunnelStalled,
+    TunnelStarting,
+    TunnelUp,
+    WorkerCountChanged,
+    WorkerRejected,
+    WorkersJoined,
+    WorkersLost,
+)
+from .master import Master, MasterIdentity, MasterInfo, MasterStats
+from .server import Task, TaskResult, WorkQueueServer
+from .supervisor import Supervisor, supervise
+from .tunnel import ForwardCheck, TunnelState
+from .watch import WorkerWatch
+
+__all__ = [
+    "AllWorkersLost",
+    "AuthenticationFailed",
+    "Backoff",
+    "ConfigError",
+    "Event",
+    "EventBus",
+    "ForwardCheck",
+    "GiveUp",
+    "IllegalTransition",
+    "Master",
+    "MasterError",
+    "MasterIdentity",
+    "MasterInfo",
+    "MasterStats",
+    "MasterUnreachable",
+    "ProtocolError",
+    "RestartPolicy",
+    "RestartState",
+    "Retry",
+    "Settings",
+    "StalePortReclaimed",
+    "Supervisor",
+    "Task",
+    "TaskResult",
+    "TunnelClosed",
+    "TunnelDown",
+    "TunnelError",
+    "TunnelFailed",
+    "TunnelRestarting",
+    "TunnelResumed",
+    "TunnelStalled",
+    "TunnelStarting",
+    "TunnelState",
+    "TunnelUp",
+    "WQSupervisorError",
+    "WorkQueueServer",
+    "WorkerCountChanged",
+    "WorkerRejected",
+    "WorkerWatch",
+    "WorkersJoined",
+    "WorkersLost",
+    "__version__",
+    "supervise",
+]

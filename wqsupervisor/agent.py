@@ -1,0 +1,51 @@
+"""The agent: the engine in a process of its own, for the drop-in wrapper.
+
+Started by :class:`wqsupervisor.Supervisor` with one end of a socketpair. It
+serves that one connection and exits when it closes, which the kernel does
+for us however the application ends, SIGKILL included. Its ssh children get
+SIGTERM from the kernel if the agent itself is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+
+from .engine import Engine
+
+
+async def _serve(sock: socket.socket) -> None:
+    engine = Engine()
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    serving = asyncio.create_task(engine.serve_connection(reader, writer))
+    loop.add_signal_handler(signal.SIGTERM, serving.cancel)
+    loop.add_signal_handler(signal.SIGHUP, serving.cancel)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    finally:
+        await engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the inherited socket whose file descriptor is the only argument."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print(
+            "usage: python -m wqsupervisor.agent FD (started by wqsupervisor, not by hand)",
+            file=sys.stderr,
+        )
+        return 2
+    # Ctrl-C belongs to the application, which closes us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(args[0]))
+    asyncio.run(_serve(sock))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

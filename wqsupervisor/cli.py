@@ -1,0 +1,138 @@
+"""The command line: ``python -m wqsupervisor {run,demo} ...``.
+
+The only place that configures logging, and the only place that turns
+errors into a message and an exit status instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import parse_ssh_option, resolve, setting_fields
+from .errors import WQSupervisorError
+from .logs import configure_cli_logging
+
+# The settings the brief names, with the flag spellings users already know.
+_FLAG_NAMES = {"ssh_options": "--ssh-option"}
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "tunnel settings (flags win over --config, which wins over WQSUPERVISOR_*)"
+    )
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with the same settings (remote_port = 10001, ...)",
+    )
+    for f in setting_fields():
+        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        kind = str(f.type)
+        help_text = f.metadata["help"]
+        if f.default not in (None, (), False):
+            help_text += f" (default: {f.default})"
+        if f.name == "ssh_options":
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action="append",
+                default=None,
+                metavar="KEY=VALUE",
+                type=parse_ssh_option,
+                help=help_text,
+            )
+        elif kind.startswith("bool"):
+            group.add_argument(
+                flag, dest=f.name, action="store_const", const=True, default=None, help=help_text
+            )
+        else:
+            conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=conv,
+                default=None,
+                metavar=f.metadata["metavar"],
+                help=help_text,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m wqsupervisor``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m wqsupervisor",
+        description="Keep a Work Queue master reachable through a supervised SSH reverse tunnel.",
+    )
+    parser.add_argument("--version", action="version", version=f"wqsupervisor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run an unmodified master script with every WorkQueue it creates supervised",
+        description="Run a master script as if with 'python app.py', attaching a supervised tunnel to "
+        "every WorkQueue it creates. Ctrl-C or SIGTERM ends the script, then the tunnels.",
+    )
+    _add_settings(run)
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds the script gets to exit after Ctrl-C/SIGTERM before it is killed (default: 10)",
+    )
+    run.add_argument("script", help="the master script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+
+    demo = sub.add_parser(
+        "demo",
+        help="the end-to-end demo: loopback head node, real master and workers, a tunnel cut mid-run",
+        description="Start a throwaway loopback 'head node' sshd, a real Work Queue master and local "
+        "workers that reach it only through the supervised tunnel; cut the tunnel mid-run and report "
+        "the recovery.",
+    )
+    demo.add_argument("--tasks", type=int, default=200, help="number of tasks to run (default: 200)")
+    demo.add_argument("--workers", type=int, default=2, help="number of local workers (default: 2)")
+    demo.add_argument(
+        "--cuts", type=int, default=1, help="how many times to cut the tunnel mid-run (default: 1)"
+    )
+    demo.add_argument("--log-format", default="console", choices=("console", "json"), help="log line format")
+    return parser
+
+
+def _settings_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name) for f in setting_fields()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "run":
+            from .runner import run_script
+
+            settings = resolve(_settings_flags(ns), ns.config)
+            configure_cli_logging(settings.log_format)
+            return run_script(settings, ns.script, ns.args, grace=ns.grace)
+        if ns.command == "demo":
+            from .demo import run_demo
+
+            configure_cli_logging(ns.log_format)
+            return run_demo(tasks=ns.tasks, workers=ns.workers, cuts=ns.cuts)
+    except WQSupervisorError as exc:
+        print(f"wqsupervisor: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"wqsupervisor: hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {ns.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

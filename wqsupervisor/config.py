@@ -1,0 +1,274 @@
+"""Settings: one table that the library, the TOML file, the environment and the flags share.
+
+Precedence, highest first: command-line flags, the ``--config`` TOML file,
+``WQSUPERVISOR_*`` environment variables, the defaults below. Every setting is
+declared once, with its help text, so the three sources cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backoff import Backoff, RestartPolicy
+from .errors import ConfigError
+
+ENV_PREFIX = "WQSUPERVISOR_"
+
+
+def _setting(default: Any, help: str, *, metavar: str | None = None, cli: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "metavar": metavar, "cli": cli})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a supervisor can be told. Build with :func:`resolve` or keyword arguments."""
+
+    via: str | None = _setting(
+        None,
+        "the head node to tunnel through, [USER@]HOST or an alias from ~/.ssh/config",
+        metavar="[USER@]HOST",
+    )
+    remote_port: int | None = _setting(
+        None,
+        "port to open on the head node's loopback for workers (0: the head picks one, once)",
+        metavar="N",
+    )
+    ssh_port: int | None = _setting(None, "sshd port on the head node (default: ssh's own)", metavar="N")
+    identity: str | None = _setting(None, "private key file for ssh (ssh -i)", metavar="FILE")
+    ssh_options: tuple[tuple[str, str], ...] = _setting(
+        (), "extra ssh option, passed as -o KEY=VALUE (repeatable)", metavar="KEY=VALUE"
+    )
+    ssh_config: str | None = _setting(
+        None, "ssh client config file to use instead of ~/.ssh/config (ssh -F)", metavar="FILE"
+    )
+    ssh_program: str = _setting("ssh", "the OpenSSH client to run", metavar="PATH")
+    remote_bind: str = _setting(
+        "127.0.0.1",
+        "address the head node binds the remote port to (anything but loopback is exposed)",
+        metavar="ADDR",
+    )
+    backend: str = _setting("openssh", "tunnel backend: openssh or paramiko", metavar="NAME")
+    password_file: str | None = _setting(
+        None, "Work Queue password file shared by master, workers and probes", metavar="FILE"
+    )
+    allow_no_password: bool = _setting(False, "allow a tunnel for a master that has no password")
+    keepalive_interval: float = _setting(
+        1.0, "seconds between round trips through the ssh session", metavar="S"
+    )
+    stall_after: float = _setting(3.0, "seconds of silence before the session counts as stalled", metavar="S")
+    probe_interval: float = _setting(
+        2.0, "seconds between checks that the remote port reaches the master", metavar="S"
+    )
+    stats_interval: float = _setting(1.0, "seconds between samples of the master's stats", metavar="S")
+    connect_timeout: float = _setting(
+        15.0, "seconds an ssh start may take before it counts as failed", metavar="S"
+    )
+    start_attempts: int = _setting(
+        5, "failed starts before a tunnel that was never up gives up (0: never)", metavar="N"
+    )
+    stable_after: float = _setting(5.0, "seconds up after which a drop is restarted at once", metavar="S")
+    backoff_initial: float = _setting(0.5, "first restart delay after a failed start", metavar="S")
+    backoff_cap: float = _setting(20.0, "longest delay between restarts", metavar="S")
+    log_format: str = _setting("console", "log lines as console text or json", metavar="FORMAT")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        """The restart decision's settings."""
+        return RestartPolicy(
+            backoff=Backoff(initial=self.backoff_initial, cap=self.backoff_cap),
+            start_attempts=self.start_attempts,
+            stable_after=self.stable_after,
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping that :func:`resolve` reads back."""
+        data = dataclasses.asdict(self)
+        data["ssh_options"] = [f"{k}={v}" for k, v in self.ssh_options]
+        return data
+
+    def require_tunnel(self) -> None:
+        """Raise unless the settings name a head node and a remote port."""
+        if not self.via:
+            raise ConfigError(
+                "no head node given",
+                "pass via='user@headnode' (--via on the command line, or WQSUPERVISOR_VIA)",
+            )
+        if self.remote_port is None:
+            raise ConfigError(
+                "no remote port given",
+                "pass remote_port=N, a free port on the head node such as 10001 (--remote-port)",
+            )
+
+
+def setting_fields() -> list[dataclasses.Field[Any]]:
+    """The declared settings, in order."""
+    return list(dataclasses.fields(Settings))
+
+
+def _validate(s: Settings) -> None:
+    def port(name: str, value: int | None, allow_zero: bool = False) -> None:
+        low = 0 if allow_zero else 1
+        if value is not None and not low <= value <= 65535:
+            raise ConfigError(f"{name} {value} is not a TCP port", f"use a number from {low} to 65535")
+
+    port("remote_port", s.remote_port, allow_zero=True)
+    port("ssh_port", s.ssh_port)
+    if s.via is not None and (not s.via.strip() or s.via.startswith("-") or any(c.isspace() for c in s.via)):
+        raise ConfigError(
+            f"via {s.via!r} is not a host name", "use [USER@]HOST, e.g. alice@login.cluster.edu"
+        )
+    if s.backend not in ("openssh", "paramiko"):
+        raise ConfigError(f"unknown backend {s.backend!r}", "use 'openssh' or 'paramiko'")
+    if s.log_format not in ("console", "json"):
+        raise ConfigError(f"unknown log format {s.log_format!r}", "use 'console' or 'json'")
+    for name in (
+        "keepalive_interval",
+        "stall_after",
+        "probe_interval",
+        "stats_interval",
+        "connect_timeout",
+    ):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name} must be positive, not {getattr(s, name)}")
+    if s.start_attempts < 0:
+        raise ConfigError("start_attempts must be 0 (no bound) or more")
+    for key, value in s.ssh_options:
+        if not key or not key.isalnum() or "\n" in value:
+            raise ConfigError(
+                f"ssh option {key}={value!r} is malformed",
+                "write it as KEY=VALUE, e.g. ServerAliveInterval=15",
+            )
+
+
+def parse_ssh_option(text: str) -> tuple[str, str]:
+    """Split ``KEY=VALUE`` (or ssh's own ``KEY VALUE``) into a pair."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        key, _, value = text.strip().partition(" ")
+    key, value = key.strip(), value.strip()
+    if not key or not value:
+        raise ConfigError(f"ssh option {text!r} is not KEY=VALUE", "e.g. --ssh-option ServerAliveInterval=15")
+    return key, value
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, origin: str) -> Any:
+    kind = str(f.type)
+    try:
+        if f.name == "ssh_options":
+            if isinstance(value, Mapping):
+                return tuple((str(k), str(v)) for k, v in value.items())
+            if isinstance(value, str):
+                value = [p for p in value.replace("\n", ";").split(";") if p.strip()]
+            return tuple(
+                tuple(item) if isinstance(item, list | tuple) else parse_ssh_option(str(item))
+                for item in value
+            )
+        if value is None:
+            return None
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{origin}: {f.name} = {value!r} is not a valid {kind.split(' ', maxsplit=1)[0]}",
+            "see 'python -m wqsupervisor run --help'",
+        ) from None
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Settings found in ``WQSUPERVISOR_*`` variables."""
+    env = os.environ if environ is None else environ
+    found: dict[str, Any] = {}
+    for f in setting_fields():
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            found[f.name] = _coerce(f, env[key], key)
+    return found
+
+
+def from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Settings found in a TOML file (``remote-port`` and ``remote_port`` both work)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist", "check the path given to --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    table = data.get("wqsupervisor", data)
+    known = {f.name: f for f in setting_fields()}
+    found: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key == "ssh_option":
+            key = "ssh_options"
+        if key not in known:
+            if isinstance(value, dict):
+                continue  # a section of a later feature
+            raise ConfigError(f"{p}: unknown setting {raw_key!r}", "see 'python -m wqsupervisor run --help'")
+        found[key] = _coerce(known[key], value, str(p))
+    return found
+
+
+def resolve(
+    flags: Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    base: Settings | None = None,
+) -> Settings:
+    """Merge the sources: flags over the file over the environment over ``base``."""
+    merged: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+    merged.update(from_environment(environ))
+    if config_file is not None:
+        merged.update(from_toml(config_file))
+    known = {f.name: f for f in setting_fields()}
+    for key, value in (flags or {}).items():
+        if value is None or (key == "ssh_options" and not value):
+            continue
+        merged[key] = _coerce(known[key], value, "command line")
+    if "ssh_options" in merged:
+        merged["ssh_options"] = tuple(tuple(p) for p in merged["ssh_options"])
+    return Settings(**merged)
+
+
+def settings_from_kwargs(kwargs: Mapping[str, Any], base: Settings | None = None) -> Settings:
+    """Library keyword arguments over ``base`` (the environment is not read here)."""
+    known = {f.name: f for f in setting_fields()}
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}", f"known settings: {', '.join(known)}")
+    data: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+    for key, value in kwargs.items():
+        given = tuple(value.items()) if key == "ssh_options" and isinstance(value, Mapping) else value
+        data[key] = _coerce(known[key], given, "argument") if given is not None else None
+    return Settings(**data)
+
+
+def names() -> Iterable[str]:
+    """Every setting name."""
+    return (f.name for f in setting_fields())

@@ -1,0 +1,158 @@
+"""The small contract a master meets to be supervised, and its stats snapshot.
+
+A master is duck-typed. The supervisor needs:
+
+* ``port`` (int): the port the master listens on for workers;
+* ``stats``: a snapshot object (or mapping) with ``workers_connected`` and,
+  when the master has them, ``workers_idle``, ``workers_busy``,
+  ``tasks_waiting``, ``tasks_running``, ``tasks_on_workers``, ``tasks_done``
+  and the cumulative ``workers_joined``/``workers_removed``;
+* optionally ``name`` (the project name) and, for the features that use them,
+  ``specify_password_file(path)`` and ``shutdown_workers(n)``.
+
+``ndcctools.work_queue.WorkQueue``, Debian's ``work_queue.WorkQueue`` and
+:class:`wqsupervisor.server.WorkQueueServer` all meet it. Work Queue masters
+are not thread-safe, so the supervisor reads ``stats`` only from the thread
+that attaches or closes it; while the application runs, it watches the master
+through the master's own status port instead (see :mod:`wqsupervisor.wqproto`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import MasterError
+
+
+@runtime_checkable
+class Master(Protocol):
+    """What the supervisor reads of a master object."""
+
+    @property
+    def port(self) -> int:
+        """The port workers connect to."""
+        ...
+
+    @property
+    def stats(self) -> Any:
+        """A snapshot of the master's counters."""
+        ...
+
+
+@dataclass(frozen=True)
+class MasterStats:
+    """One snapshot of a master's counters (missing ones are 0)."""
+
+    workers_connected: int = 0
+    workers_init: int = 0
+    workers_idle: int = 0
+    workers_busy: int = 0
+    workers_joined: int = 0
+    workers_removed: int = 0
+    tasks_waiting: int = 0
+    tasks_on_workers: int = 0
+    tasks_running: int = 0
+    tasks_done: int = 0
+    tasks_submitted: int = 0
+    capacity_tasks: int = 0
+
+    @classmethod
+    def from_any(cls, source: Any) -> MasterStats:
+        """Read a snapshot from a stats object, a mapping, or a status reply entry."""
+        values: dict[str, int] = {}
+        for f in dataclasses.fields(cls):
+            raw = source.get(f.name) if isinstance(source, Mapping) else getattr(source, f.name, None)
+            try:
+                values[f.name] = int(raw) if raw is not None else 0
+            except (TypeError, ValueError):
+                values[f.name] = 0
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, int]:
+        """The snapshot as a plain mapping."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MasterIdentity:
+    """What tells one master apart from another behind the same port."""
+
+    port: int
+    project: str | None = None
+    started: int | None = None
+
+    @classmethod
+    def from_status(cls, entry: Mapping[str, Any]) -> MasterIdentity:
+        """Read the identity from a ``queue_status`` reply entry."""
+        started = entry.get("time_when_started", entry.get("starttime"))
+        return cls(
+            port=int(entry.get("port", 0)),
+            project=entry.get("project") or None,
+            started=int(started) if started is not None else None,
+        )
+
+    def matches(self, other: MasterIdentity) -> bool:
+        """True when ``other`` can be the same master (unknown fields do not disagree)."""
+        if self.port != other.port:
+            return False
+        if self.project and other.project and self.project != other.project:
+            return False
+        return not (self.started and other.started and self.started != other.started)
+
+    def __str__(self) -> str:
+        name = f"project {self.project!r}" if self.project else "no project name"
+        return f"master on port {self.port} ({name})"
+
+
+@dataclass(frozen=True)
+class MasterInfo:
+    """What the engine is told about a master when a supervisor attaches."""
+
+    port: int
+    name: str | None = None
+    password_file: str | None = None
+    pid: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MasterInfo:
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(
+            port=int(data["port"]),
+            name=data.get("name"),
+            password_file=data.get("password_file"),
+            pid=data.get("pid"),
+        )
+
+
+def describe(master: Any) -> MasterInfo:
+    """Read the contract fields of ``master``, or explain which one is missing."""
+    try:
+        port = master.port
+    except AttributeError:
+        raise MasterError(
+            f"{type(master).__name__} has no 'port' attribute",
+            "pass a Work Queue master (ndcctools.work_queue.WorkQueue or WorkQueueServer)",
+        ) from None
+    if callable(port):
+        port = port()
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise MasterError(
+            f"the master reports port {port!r}, which is not a listening port",
+            "create the master before attaching, and check that it could bind its port",
+        )
+    name = getattr(master, "name", None)
+    if callable(name):
+        name = name()
+    return MasterInfo(port=port, name=name if isinstance(name, str) and name else None)
+
+
+def read_stats(master: Any) -> MasterStats:
+    """Take one stats snapshot; call only from the thread that drives the master."""
+    return MasterStats.from_any(master.stats)

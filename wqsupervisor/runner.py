@@ -1,0 +1,178 @@
+"""``python -m wqsupervisor run app.py``: supervise an unmodified master script.
+
+The script runs in a child process started through :mod:`wqsupervisor._bootstrap`,
+which attaches a supervisor to every ``WorkQueue`` it creates. This process
+hosts the engine on a thread of its own and stays responsive whatever the
+script does: a master in ``wait(60)`` holds its GIL and may ignore SIGINT,
+but the tunnel is still watched, and Ctrl-C or SIGTERM still ends the run in
+order (the script first, with a grace period, then the tunnels, then a
+one-line summary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._bootstrap import SETTINGS_ENV
+from .config import Settings
+from .engine import Engine
+from .errors import ConfigError
+from .events import Event, log_event
+from .process import exit_status
+from .supervisor import ENGINE_ENV
+
+T = TypeVar("T")
+
+
+class EngineThread:
+    """An :class:`Engine` on an event loop in a background thread, serving a unix socket."""
+
+    def __init__(self, *, log: bool = True) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="wqsupervisor-engine", daemon=True
+        )
+        self._thread.start()
+        self.engine: Engine = self.call(self._make())
+        self.socket_path = os.path.join(self.engine.rundir, "engine.sock")
+        self.call(self.engine.serve_unix(self.socket_path))
+        if log:
+            self.engine.add_sink(lambda event, _state: log_event(event))
+
+    @staticmethod
+    async def _make() -> Engine:
+        return Engine()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        """Run ``coro`` on the engine's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def add_sink(self, sink: Any) -> None:
+        """Forward every event to ``sink(event, state)`` (called on the engine thread)."""
+        self._loop.call_soon_threadsafe(self.engine.add_sink, sink)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's snapshot, taken on its own thread."""
+
+        async def take() -> dict[str, Any]:
+            return self.engine.snapshot()
+
+        return self.call(take())
+
+    def stop(self) -> None:
+        """Close every tunnel, stop the loop, join the thread."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            self.call(self.engine.close(), timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+class _Signals:
+    """What the parent does on SIGINT/SIGTERM while the script runs."""
+
+    def __init__(self, child: subprocess.Popen[bytes], grace: float) -> None:
+        self.child = child
+        self.grace = grace
+        self.received: int | None = None
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if signum == signal.SIGTERM or not first:
+            self._send(signal.SIGTERM)
+        elif first:
+            # A terminal's Ctrl-C reaches the script too; a kill -INT aimed at
+            # us does not, so pass it on if the script is still there shortly.
+            self._later(2.0, signal.SIGINT)
+        if first:
+            self._later(self.grace, signal.SIGTERM)
+            self._later(self.grace + 5.0, signal.SIGKILL)
+
+    def _send(self, sig: int) -> None:
+        if self.child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.child.send_signal(sig)
+
+    def _later(self, delay: float, sig: int) -> None:
+        timer = threading.Timer(delay, self._send, (sig,))
+        timer.daemon = True
+        timer.start()
+
+
+def run_script(settings: Settings, script: str, args: list[str], *, grace: float = 10.0) -> int:
+    """Run ``script`` supervised; returns the exit status to leave with."""
+    path = Path(script)
+    if not path.is_file():
+        raise ConfigError(f"no such script: {script}", "give the path of a Python master script")
+    settings.require_tunnel()
+    started = time.monotonic()
+    host = EngineThread()
+    events: list[Event] = []
+    host.add_sink(lambda event, _state: events.append(event))
+    env = dict(os.environ)
+    env[ENGINE_ENV] = host.socket_path
+    env[SETTINGS_ENV] = json.dumps(settings.to_dict())
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    child = subprocess.Popen([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], env=env)
+    handler = _Signals(child, grace)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        snapshot = host.snapshot()
+        host.stop()
+    status = exit_status(code)
+    print(
+        summary_line(path.name, status, time.monotonic() - started, snapshot, handler.received),
+        file=sys.stderr,
+    )
+    return status
+
+
+def summary_line(
+    name: str, status: int, elapsed: float, snapshot: dict[str, Any], signum: int | None = None
+) -> str:
+    """One line that says how the run went."""
+    how = f"exited with status {status}"
+    if signum is not None:
+        how += f" after {signal.Signals(signum).name}"
+    parts = [f"wqsupervisor: {name} {how} after {elapsed:.1f} s"]
+    for entry in snapshot.get("finished", []) + snapshot.get("masters", []):
+        tunnel = entry["tunnel"]
+        recoveries = tunnel.get("recoveries") or []
+        text = (
+            f"tunnel {tunnel['via']}:{tunnel['remote_port']} {tunnel['state']}, "
+            f"{tunnel['restarts']} restart(s)"
+        )
+        if recoveries:
+            text += f" (worst recovery {max(recoveries):.2f} s)"
+        if tunnel.get("last_error") and tunnel["state"] == "failed":
+            text += f", error: {tunnel['last_error']}"
+        text += f", workers peak {entry['workers']['peak']}, tasks done {entry['tasks']['done']}"
+        parts.append(text)
+    if len(parts) == 1:
+        parts.append("no master was created")
+    return "; ".join(parts)

@@ -1,0 +1,292 @@
+"""A throwaway "head node" on loopback, and local workers, for the demo, tests and benchmarks.
+
+:class:`HeadNode` runs a private OpenSSH ``sshd`` on 127.0.0.1 with fresh host
+and user keys and a client config that names it ``headnode``; it touches
+neither the machine's own sshd nor ``~/.ssh``. :func:`start_worker` starts a
+real ``work_queue_worker`` that is given only the head node's forwarded port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .errors import WQSupervisorError
+from .process import owned_argv, pid_alive, terminate, wait_gone
+
+ALIAS = "headnode"
+
+
+def _need(program: str, package: str) -> str:
+    path = shutil.which(program) or (
+        f"/usr/sbin/{program}" if os.path.exists(f"/usr/sbin/{program}") else None
+    )
+    if path is None:
+        raise WQSupervisorError(f"{program} is not installed", f"apt-get install {package}")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class HeadNode:
+    """A private sshd on loopback that plays the cluster's head node."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        *,
+        port: int = 0,
+        user: str | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> None:
+        self._own_root = root is None
+        self.root = Path(root or tempfile.mkdtemp(prefix="wqs-head-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        # sshd reads authorized_keys from here as the login user.
+        os.chmod(self.root, 0o755)  # noqa: S103
+        self.host = host
+        self.port = port or _free_port()
+        self.user = user or getpass.getuser()
+        self.netns = netns
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.identity = self.root / "user_key"
+        self.host_key = self.root / "host_key"
+        self.known_hosts = self.root / "known_hosts"
+        self.ssh_config = self.root / "ssh_config"
+        self.sshd_config = self.root / "sshd_config"
+        self.log = self.root / "sshd.log"
+        self._keys()
+        self._configs()
+
+    def _keys(self) -> None:
+        keygen = _need("ssh-keygen", "openssh-client")
+        for key in (self.host_key, self.identity):
+            if not key.exists():
+                subprocess.run(
+                    [
+                        keygen,
+                        "-q",
+                        "-t",
+                        "ed25519",
+                        "-N",
+                        "",
+                        "-C",
+                        "wqsupervisor-sandbox",
+                        "-f",
+                        str(key),
+                    ],
+                    check=True,
+                )
+        auth = self.root / "authorized_keys"
+        auth.write_text(self.identity.with_suffix(".pub").read_text())
+        os.chmod(auth, 0o644)
+        host_pub = Path(str(self.host_key) + ".pub").read_text().strip()
+        entry = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        self.known_hosts.write_text(f"{entry} {host_pub}\n")
+
+    def _configs(self) -> None:
+        self.sshd_config.write_text(
+            f"ListenAddress {self.host}\n"
+            f"Port {self.port}\n"
+            f"HostKey {self.host_key}\n"
+            f"PidFile {self.root}/sshd.pid\n"
+            f"AuthorizedKeysFile {self.root}/authorized_keys\n"
+            "StrictModes no\n"
+            "UsePAM no\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\n"
+            "AllowTcpForwarding yes\n"
+            "AllowStreamLocalForwarding yes\n"
+            "PrintMotd no\n"
+            "UseDNS no\n"
+            "MaxStartups 100:30:200\n"
+            "MaxSessions 100\n"
+            "LogLevel INFO\n"
+        )
+        self.ssh_config.write_text(
+            f"Host {ALIAS}\n"
+            f"    HostName {self.host}\n"
+            f"    Port {self.port}\n"
+            f"    User {self.user}\n"
+            f"    IdentityFile {self.identity}\n"
+            "    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {self.known_hosts}\n"
+            "    StrictHostKeyChecking yes\n"
+            "    LogLevel ERROR\n"
+        )
+        os.chmod(self.identity, 0o600)
+
+    def settings(self, **options: Any) -> Settings:
+        """Supervisor settings that reach this head node by its alias."""
+        return Settings(via=ALIAS, ssh_config=str(self.ssh_config), **options)
+
+    def ssh_argv(self, *args: str) -> list[str]:
+        """An ssh command line to this head node."""
+        return ["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", ALIAS, *args]
+
+    def _command(self) -> list[str]:
+        argv = [_need("sshd", "openssh-server"), "-D", "-e", "-f", str(self.sshd_config)]
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        return owned_argv(argv, "KILL")
+
+    def start(self, timeout: float = 10.0) -> HeadNode:
+        """Start sshd and wait until it greets connections."""
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise WQSupervisorError(
+                    f"the sandbox sshd did not start: {self.log.read_text()[-400:]}",
+                    "is openssh-server installed and the port free?",
+                )
+            time.sleep(0.02)
+        return self
+
+    def ready(self) -> bool:
+        """True when sshd answers with its banner."""
+        if self.netns:
+            return self.proc is not None and self.proc.poll() is None and self._netns_ready()
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                return s.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def _netns_ready(self) -> bool:
+        assert self.netns is not None
+        probe = (
+            f"import socket;s=socket.create_connection(('{self.host}',{self.port}),0.5);"
+            "raise SystemExit(0 if s.recv(4).startswith(b'SSH-') else 1)"
+        )
+        res = subprocess.run(
+            ["ip", "netns", "exec", self.netns, "python3", "-c", probe],
+            capture_output=True,
+            check=False,
+        )
+        return res.returncode == 0
+
+    def sessions(self) -> list[int]:
+        """The per-connection sshd processes now running (listener excluded)."""
+        if self.proc is None:
+            return []
+        return [p for p in children_of(self.proc.pid) if pid_alive(p)]
+
+    def kill_sessions(self, sig: int = signal.SIGKILL) -> list[int]:
+        """Kill every sshd session process (what a head node's admin or OOM killer does)."""
+        pids = self.sessions()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
+    def stop(self) -> None:
+        """Stop sshd and every session it started."""
+        if self.proc is None:
+            return
+        pids = self.sessions()
+        terminate(self.proc, grace=2)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_gone(pids, 5)
+        self.proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """A reboot: sshd and all its sessions die, then sshd comes back on the same port."""
+        self.stop()
+        if down_for:
+            time.sleep(down_for)
+        self.start()
+
+    def close(self) -> None:
+        """Stop sshd and remove the keys and configs."""
+        self.stop()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> HeadNode:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_worker(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    cores: int = 1,
+    max_backoff: int = 2,
+    timeout: int = 300,
+    workdir: str | None = None,
+    password_file: str | None = None,
+    extra: list[str] | None = None,
+    quiet: bool = True,
+) -> subprocess.Popen[bytes]:
+    """A real ``work_queue_worker`` for ``host:port``, with a reconnect backoff fit for tunnels."""
+    argv = [
+        _need("work_queue_worker", "coop-computing-tools"),
+        "--cores",
+        str(cores),
+        "--memory",
+        "512",
+        "--disk",
+        "1024",
+        "--min-backoff",
+        "1",
+        "--max-backoff",
+        str(max_backoff),
+        "-t",
+        str(timeout),
+    ]
+    if workdir:
+        argv += ["-s", workdir]
+    if password_file:
+        argv += ["-P", password_file]
+    argv += [*(extra or []), host, str(port)]
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.Popen(owned_argv(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out)

@@ -1,0 +1,241 @@
+"""The drop-in wrapper: attach a supervisor to a running master in one line.
+
+::
+
+    q = WorkQueue(port=9123)
+    with supervise(q, via="alice@login.cluster.edu", remote_port=10001):
+        ...  # the script's own submit / wait loop, unchanged
+
+The :class:`Supervisor` is a handle. The supervision itself runs in an engine
+outside this process (see :mod:`wqsupervisor.engine`), because the master's
+``wait()`` may hold the GIL for a minute; the handle only tells the engine
+which master to watch and relays its events to your callbacks and logs.
+Nothing of the master is wrapped or patched: its methods return what they
+always did.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, settings_from_kwargs
+from .engine import decode_event
+from .errors import WQSupervisorError
+from .events import Event, EventBus, TunnelFailed
+from .master import MasterInfo, describe, read_stats
+from .process import terminate
+from .tunnel import TunnelState
+
+ENGINE_ENV = "WQSUPERVISOR_ENGINE"
+_REPLY_TIMEOUT = 15.0
+_live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+
+class Supervisor:
+    """A supervised tunnel for one master. Close it (or leave the ``with``) to tear it down."""
+
+    def __init__(
+        self,
+        master: Any,
+        settings: Settings | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        log_events: bool = True,
+        engine: str | None = None,
+        **options: Any,
+    ) -> None:
+        self.settings = (
+            settings_from_kwargs(options, base=settings) if options or settings is None else settings
+        )
+        self.settings.require_tunnel()
+        self.info: MasterInfo = describe(master)
+        read_stats(master)  # fail now, in the caller's thread, if the contract is not met
+        self.info = MasterInfo(
+            port=self.info.port,
+            name=self.info.name,
+            password_file=self.settings.password_file,
+            pid=os.getpid(),
+        )
+        self.bus = EventBus(log=log_events)
+        if on_event is not None:
+            self.bus.subscribe(on_event)
+        self._state = TunnelState.NEW
+        self._up = threading.Event()
+        self._settled = threading.Event()
+        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self._agent: subprocess.Popen[bytes] | None = None
+        self.failure: str | None = None
+        self.events: list[Event] = []
+        self._sock = self._connect(engine or os.environ.get(ENGINE_ENV))
+        self._reader = threading.Thread(target=self._read, name="wqsupervisor-events", daemon=True)
+        self._reader.start()
+        reply = self._request(
+            {"op": "attach", "master": self.info.to_dict(), "settings": self.settings.to_dict()}
+        )
+        self.id: str = reply["id"]
+        self.remote_port: int = int(reply.get("remote_port") or self.settings.remote_port or 0)
+        _live.add(self)
+
+    # -- connection to the engine ------------------------------------------------------
+
+    def _connect(self, engine_path: str | None) -> socket.socket:
+        if engine_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(engine_path)
+            except OSError as exc:
+                sock.close()
+                raise WQSupervisorError(
+                    f"cannot reach the supervisor engine at {engine_path}: {exc.strerror}",
+                    f"unset {ENGINE_ENV} or start the script with 'python -m wqsupervisor run'",
+                ) from None
+            return sock
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            self._agent = subprocess.Popen(
+                [sys.executable, "-m", "wqsupervisor.agent", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        return mine
+
+    def _read(self) -> None:
+        buf = self._sock.makefile("rb")
+        for line in buf:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "reply" in message:
+                self._replies.put(message)
+                continue
+            decoded = decode_event(message)
+            if decoded is None:
+                continue
+            event, state = decoded
+            self._state = state
+            self.events.append(event)
+            if state is TunnelState.UP:
+                self._up.set()
+            else:
+                self._up.clear()
+            if isinstance(event, TunnelFailed):
+                self.failure = f"{event.error}; {event.hint}" if event.hint else event.error
+            if state in (TunnelState.UP, TunnelState.FAILED, TunnelState.CLOSED):
+                self._settled.set()
+            self.bus.emit(event)
+        self._settled.set()
+        self._replies.put({"reply": "error", "error": "the supervisor engine went away"})
+
+    def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+        with self._send_lock:
+            try:
+                self._sock.sendall(json.dumps(message).encode() + b"\n")
+            except OSError as exc:
+                raise WQSupervisorError(f"the supervisor engine went away: {exc}") from None
+            try:
+                reply = self._replies.get(timeout=_REPLY_TIMEOUT)
+            except queue.Empty:
+                raise WQSupervisorError("the supervisor engine did not answer") from None
+        if reply.get("reply") == "error":
+            raise WQSupervisorError(str(reply.get("error")), reply.get("hint"))
+        return reply
+
+    # -- what a user asks -------------------------------------------------------------
+
+    @property
+    def state(self) -> TunnelState:
+        """The tunnel's state as last reported by the engine."""
+        return self._state
+
+    def subscribe(self, listener: Callable[[Event], None], kind: type[Event] = Event) -> Callable[[], None]:
+        """Call ``listener`` for each event of type ``kind``; returns the unsubscriber.
+
+        Listeners run on a background thread of this process, so while the
+        master's ``wait()`` holds the GIL they run late (the engine does not).
+        """
+        return self.bus.subscribe(listener, kind)
+
+    def wait_until_up(self, timeout: float | None = None) -> bool:
+        """Block until the tunnel is verified up; False on timeout. Raises if it failed for good."""
+        deadline = None if timeout is None else _now() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - _now())
+            if self._up.wait(remaining if remaining is None else min(remaining, 0.1)):
+                return True
+            if self._state is TunnelState.FAILED:
+                raise WQSupervisorError(self.failure or "the tunnel failed")
+            if self._state is TunnelState.CLOSED:
+                return False
+            if deadline is not None and _now() >= deadline:
+                return False
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's view: tunnel, workers, tasks, recent events."""
+        data: dict[str, Any] = self._request({"op": "snapshot"})["data"]
+        return data
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the tunnel and reap every child. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        _live.discard(self)
+        with contextlib.suppress(WQSupervisorError):
+            self._request({"op": "detach", "id": self.id})
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        if self._agent is not None:
+            try:
+                self._agent.wait(timeout)
+            except subprocess.TimeoutExpired:
+                terminate(self._agent, grace=2)
+        self._reader.join(timeout)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Supervisor {self.settings.via}:{self.remote_port} -> :{self.info.port} {self._state.name}>"
+
+
+def supervise(master: Any, settings: Settings | None = None, **options: Any) -> Supervisor:
+    """Attach a supervisor to ``master``; see :class:`Supervisor` and :class:`Settings`."""
+    return Supervisor(master, settings, **options)
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@atexit.register
+def _close_all() -> None:
+    for sup in list(_live):
+        with contextlib.suppress(Exception):
+            sup.close(timeout=5)

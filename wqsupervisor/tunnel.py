@@ -1,0 +1,647 @@
+"""The tunnel: one reverse forward from the head node to this master, kept alive.
+
+A :class:`Tunnel` runs attempts one after another. An attempt starts ssh,
+waits for its session, proves that the head node's remote port reaches *this*
+master, and then watches it until it ends; the restart policy decides what
+comes next. Every state change goes through :meth:`Tunnel._transition`, which
+refuses the ones that make no sense.
+
+    NEW -> CONNECTING -> UP <-> STALLED
+               |          |        |
+               v          v        v
+             DOWN <-------+--------+ -> CONNECTING ...
+               |
+               v
+            FAILED        (any) -> CLOSED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import openssh
+from .backoff import GiveUp, RestartState
+from .clock import Clock, SystemClock
+from .config import Settings
+from .errors import AuthenticationFailed, IllegalTransition, ProtocolError, TunnelError
+from .events import (
+    Event,
+    StalePortReclaimed,
+    TunnelClosed,
+    TunnelDown,
+    TunnelFailed,
+    TunnelRestarting,
+    TunnelResumed,
+    TunnelStalled,
+    TunnelStarting,
+    TunnelUp,
+)
+from .logs import get_logger
+from .master import MasterIdentity, MasterInfo
+from .remote import PortHolders, end_stale_session, inspect_port
+from .wqproto import request_status
+
+
+class TunnelState(enum.Enum):
+    """Where a tunnel is in its life."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    UP = "up"
+    STALLED = "stalled"
+    DOWN = "down"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+_ALLOWED: dict[TunnelState, frozenset[TunnelState]] = {
+    TunnelState.NEW: frozenset({TunnelState.CONNECTING, TunnelState.FAILED, TunnelState.CLOSED}),
+    TunnelState.CONNECTING: frozenset(
+        {TunnelState.UP, TunnelState.DOWN, TunnelState.FAILED, TunnelState.CLOSED}
+    ),
+    TunnelState.UP: frozenset({TunnelState.STALLED, TunnelState.DOWN, TunnelState.CLOSED}),
+    TunnelState.STALLED: frozenset({TunnelState.UP, TunnelState.DOWN, TunnelState.CLOSED}),
+    TunnelState.DOWN: frozenset({TunnelState.CONNECTING, TunnelState.FAILED, TunnelState.CLOSED}),
+    TunnelState.FAILED: frozenset({TunnelState.CLOSED}),
+    TunnelState.CLOSED: frozenset(),
+}
+
+
+class ForwardCheck(enum.Enum):
+    """What one probe through the head node's remote port found."""
+
+    REACHED = "reached"  # this master answered through the remote port
+    HELD = "held"  # the connection stayed open without an answer: the master is busy
+    LOST = "lost"  # the master answers here but not through the head node
+    REFUSED = "refused"  # the remote port closed the connection at once
+    WRONG = "wrong"  # a different master answered
+
+
+@dataclass
+class _Attempt:
+    """How one attempt ended."""
+
+    up_for: float | None
+    reason: str
+    exit_code: int | None = None
+    failure: openssh.SshFailure | None = None
+
+    @property
+    def permanent(self) -> bool:
+        return self.failure is not None and self.failure.permanent
+
+
+@dataclass
+class TunnelRecord:
+    """Counters kept for status output and the closing summary."""
+
+    restarts: int = 0
+    recoveries: list[float] = field(default_factory=list)
+    last_error: str | None = None
+    last_rtt: float | None = None
+    verified_by: str | None = None
+    session_pid: int | None = None
+    remote_pid: int | None = None
+
+
+DirectProbe = Callable[[float], Awaitable[list[dict[str, Any]] | None]]
+
+
+class Tunnel:
+    """A supervised reverse forward for one master."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        master: MasterInfo,
+        *,
+        emit: Callable[[Event], None],
+        rundir: str,
+        direct_probe: DirectProbe,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        password: bytes | None = None,
+        label: str | None = None,
+    ) -> None:
+        settings.require_tunnel()
+        self.settings = settings
+        self.master = master
+        self.label = label or f"{settings.via}:{settings.remote_port}"
+        self._emit_to = emit
+        self._rundir = rundir
+        self._direct_probe = direct_probe
+        self._clock = clock or SystemClock()
+        self._rng = rng or random.Random()
+        self._password = password
+        self._state = TunnelState.NEW
+        self._since = self._clock.monotonic()
+        self._restart = RestartState()
+        self._policy = settings.restart_policy
+        self._closing = asyncio.Event()
+        self._session: openssh.OpenSSHSession | None = None
+        self._ssh_config: openssh.SshConfig | None = None
+        self._extra: list[str] = []
+        self._identity: MasterIdentity | None = None
+        self._down_at: float | None = None
+        self._failed_streak = 0
+        self.remote_port: int = settings.remote_port or 0
+        self.record = TunnelRecord()
+        self.failure: TunnelError | None = None
+        self._finished = False
+        self.up_event = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @property
+    def state(self) -> TunnelState:
+        """The current state."""
+        return self._state
+
+    @property
+    def since(self) -> float:
+        """Monotonic time of the last state change."""
+        return self._since
+
+    def _transition(self, new: TunnelState) -> None:
+        if new not in _ALLOWED[self._state]:
+            raise IllegalTransition("tunnel", self._state.value, new.value)
+        self._state = new
+        self._since = self._clock.monotonic()
+        if new is TunnelState.UP:
+            self.up_event.set()
+        else:
+            self.up_event.clear()
+
+    def _emit(self, cls: type[Event], **fields: Any) -> None:
+        self._emit_to(cls(at=self._clock.wall(), source=self.label, **fields))
+
+    def __repr__(self) -> str:
+        return f"<Tunnel {self.label} {self._state.name}>"
+
+    def snapshot(self) -> dict[str, Any]:
+        """The tunnel's state for status output."""
+        rec = self.record
+        return {
+            "label": self.label,
+            "via": self.settings.via,
+            "remote_port": self.remote_port,
+            "master_port": self.master.port,
+            "state": self._state.value,
+            "since": self._clock.wall() - (self._clock.monotonic() - self._since),
+            "restarts": rec.restarts,
+            "last_error": rec.last_error,
+            "rtt_ms": round(rec.last_rtt * 1000, 2) if rec.last_rtt is not None else None,
+            "verified_by": rec.verified_by,
+            "ssh_pid": rec.session_pid,
+            "recoveries": [round(r, 3) for r in rec.recoveries[-20:]],
+        }
+
+    async def close(self) -> None:
+        """Stop the tunnel; returns once ssh is gone. A failed tunnel stays failed until closed."""
+        self._closing.set()
+        if self._session is not None:
+            await self._session.close()
+        if self._finished:
+            self._closed()
+
+    def _closed(self) -> None:
+        if self._state is not TunnelState.CLOSED:
+            self._transition(TunnelState.CLOSED)
+            self._emit(TunnelClosed, restarts=self.record.restarts)
+
+    def kill_now(self) -> None:
+        """SIGKILL the ssh child at once (the supervisor is going away)."""
+        if self._session is not None:
+            self._session.kill_now()
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run attempts until the tunnel fails for good or is closed."""
+        try:
+            await self._prepare()
+            while not self._closing.is_set():
+                attempt = await self._attempt()
+                if self._closing.is_set():
+                    break
+                if self._state in (TunnelState.UP, TunnelState.STALLED, TunnelState.CONNECTING):
+                    self._transition(TunnelState.DOWN)
+                    self._down_at = self._clock.monotonic()
+                    self._emit(
+                        TunnelDown,
+                        reason=attempt.reason,
+                        exit_code=attempt.exit_code,
+                        up_for=attempt.up_for,
+                    )
+                self.record.last_error = attempt.reason
+                failure = attempt.failure
+                self._restart, decision = self._restart.after_attempt(
+                    self._policy,
+                    up_for=attempt.up_for,
+                    permanent=attempt.reason if attempt.permanent else None,
+                    rand=self._rng.random(),
+                )
+                if isinstance(decision, GiveUp):
+                    hint = failure.hint if failure else "check the head node and the settings"
+                    message = attempt.reason if attempt.permanent else f"{attempt.reason} ({decision.reason})"
+                    self._fail(TunnelError(message, hint))
+                    return
+                self.record.restarts += 1
+                self._emit(
+                    TunnelRestarting,
+                    delay=round(decision.delay, 3),
+                    attempt=self._restart.attempts + 1,
+                    why=attempt.reason,
+                )
+                await self._pause(decision.delay)
+        except TunnelError as exc:
+            self._fail(exc)
+        except Exception as exc:
+            # A bug of ours must not leave the tunnel silently dead: say so, stop.
+            get_logger().exception("tunnel.crashed", source=self.label)
+            self._fail(TunnelError(f"internal error: {exc!r}", "please report this as a bug"))
+        finally:
+            self._finished = True
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+            if self._closing.is_set() or self._state is not TunnelState.FAILED:
+                self._closed()
+
+    def _fail(self, exc: TunnelError) -> None:
+        self.failure = exc
+        self.record.last_error = exc.message
+        if self._state is not TunnelState.FAILED:
+            if TunnelState.FAILED not in _ALLOWED[self._state]:
+                self._transition(TunnelState.DOWN)
+            self._transition(TunnelState.FAILED)
+        self._emit(TunnelFailed, error=exc.message, hint=exc.hint or "")
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep before a restart; cut short when the tunnel is closed or the head answers again."""
+        if delay <= 0:
+            return
+        closing = asyncio.create_task(self._closing.wait())
+        waits: set[asyncio.Task[Any]] = {closing}
+        head = asyncio.create_task(self._head_returns()) if delay > 1.0 else None
+        if head is not None:
+            waits.add(head)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        if head is not None and head in done:
+            self._restart = self._restart.wake_early()
+
+    async def _head_returns(self) -> None:
+        """Complete once the head's sshd, unreachable at first, greets a fresh connection again.
+
+        Only a change from unreachable to reachable counts: a head that was
+        reachable all along gives no reason to skip the backoff.
+        """
+        was_down = False
+        while True:
+            up = await self._head_reachable(timeout=1.0)
+            if up and was_down:
+                return
+            was_down = was_down or not up
+            await self._clock.sleep(0.5)
+
+    async def _prepare(self) -> None:
+        self._ssh_config = await openssh.read_config(self.settings)
+        self._extra = await openssh.cipher_preference(self.settings, self._ssh_config)
+        if self.remote_port == 0:
+            self.remote_port = await self._allocate_remote_port()
+            self.label = f"{self.settings.via}:{self.remote_port}"
+
+    async def _allocate_remote_port(self) -> int:
+        """Let the head node pick a free port once; later restarts ask for that same port."""
+        argv = openssh.tunnel_argv(
+            self.settings,
+            master_port=self.master.port,
+            remote_port=0,
+            probe_path=None,
+            extra=self._extra,
+        )
+        session = await openssh.OpenSSHSession.start(argv, None)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await session.established()
+                while (port := openssh.allocated_port(session.stderr)) is None:
+                    await asyncio.sleep(0.02)
+            return port
+        except (openssh.SessionEnded, TimeoutError):
+            failure = openssh.SshFailure.from_output(
+                session.stderr, session.proc.returncode, self.settings, ever_up=False
+            )
+            raise failure.as_error() from None
+        finally:
+            await session.close()
+
+    # -- one attempt ----------------------------------------------------------------
+
+    async def _attempt(self) -> _Attempt:
+        self._transition(TunnelState.CONNECTING)
+        started = self._clock.monotonic()
+        probe_path = os.path.join(self._rundir, f"probe-{self.master.port}.sock")
+        argv = openssh.tunnel_argv(
+            self.settings,
+            master_port=self.master.port,
+            remote_port=self.remote_port,
+            probe_path=probe_path,
+            extra=self._extra,
+        )
+        try:
+            session = await openssh.OpenSSHSession.start(argv, probe_path)
+        except OSError as exc:
+            raise TunnelError(
+                f"cannot run {self.settings.ssh_program}: {exc}",
+                "install the OpenSSH client (apt-get install openssh-client) or set ssh_program",
+            ) from exc
+        self._session = session
+        self.record.session_pid = session.pid
+        self._emit(TunnelStarting, attempt=self._restart.attempts + 1, pid=session.pid)
+        try:
+            try:
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    await session.established()
+                    verified_by = await self._verify(session)
+            except TimeoutError:
+                return await self._ended(
+                    session, None, f"no verified forward within {self.settings.connect_timeout:g} s"
+                )
+            except openssh.SessionEnded as ended:
+                return await self._ended(session, None, None, ended)
+            self.record.remote_pid = session.remote_pid
+            self.record.verified_by = verified_by
+            self._transition(TunnelState.UP)
+            up_at = self._clock.monotonic()
+            took = up_at - (self._down_at if self._down_at is not None else started)
+            if self._down_at is not None:
+                self.record.recoveries.append(took)
+            self._down_at = None
+            self._emit(
+                TunnelUp,
+                remote_port=self.remote_port,
+                verified_by=verified_by,
+                took=round(took, 4),
+                restarts=self.record.restarts,
+            )
+            reason, code = await self._watch(session)
+            return _Attempt(up_for=self._clock.monotonic() - up_at, reason=reason, exit_code=code)
+        finally:
+            await session.close()
+            self._session = None
+
+    async def _ended(
+        self,
+        session: openssh.OpenSSHSession,
+        up_for: float | None,
+        reason: str | None,
+        ended: openssh.SessionEnded | None = None,
+    ) -> _Attempt:
+        """Turn an attempt that never came up into an outcome, reclaiming a stale port if that is why."""
+        code = ended.exit_code if ended is not None else None
+        if ended is None:
+            await session.close()
+            code = session.proc.returncode
+        failure = openssh.SshFailure.from_output(
+            session.stderr, code, self.settings, ever_up=self._restart.ever_up
+        )
+        if failure.kind == "port_taken":
+            taken = await self._reclaim(failure)
+            if taken is None:
+                return _Attempt(
+                    up_for=None,
+                    reason="remote port was held by a stale session; reclaimed",
+                    exit_code=code,
+                )
+            failure = taken
+        if reason is None:
+            reason = failure.message
+        return _Attempt(up_for=up_for, reason=reason, exit_code=code, failure=failure)
+
+    async def _reclaim(self, failure: openssh.SshFailure) -> openssh.SshFailure | None:
+        """End a stale sshd session of ours that holds the remote port; never anyone else's."""
+        holders: PortHolders = await inspect_port(self.settings, self.remote_port)
+        if not holders.bound:
+            # Released between our attempt and the look: a plain retry will do.
+            return None
+        stale = holders.stale_candidates(known=self._known_remote_pids())
+        if stale:
+            for pid in stale:
+                if await end_stale_session(self.settings, pid, self.remote_port):
+                    self._emit(StalePortReclaimed, remote_port=self.remote_port, pid=pid)
+            return None
+        return openssh.SshFailure(
+            "port_taken",
+            f"remote port {self.remote_port} on {self.settings.via} is in use by {holders.describe()}",
+            f"pick another --remote-port, or stop what holds port {self.remote_port} on the head node",
+            permanent=True,
+            port=self.remote_port,
+        )
+
+    def _known_remote_pids(self) -> set[int]:
+        return {self.record.remote_pid} if self.record.remote_pid else set()
+
+    # -- proving the forward ------------------------------------------------------------
+
+    async def _verify(self, session: openssh.OpenSSHSession) -> str:
+        """Probe until the remote port reaches this master; returns how it was proven."""
+        pause = 0.02
+        while True:
+            check = await self.check_forward(session, timeout=0.5)
+            if check is ForwardCheck.REACHED:
+                return "status"
+            if check is ForwardCheck.HELD:
+                return "connect"
+            if check is ForwardCheck.WRONG:
+                raise TunnelError(
+                    f"remote port {self.remote_port} on {self.settings.via} leads to another master, not "
+                    f"{self._identity or self.master.port}",
+                    "pick another --remote-port",
+                )
+            if not session.running:
+                await session.exited()
+                raise openssh.SessionEnded(session.proc.returncode, session.stderr)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    async def check_forward(self, session: openssh.OpenSSHSession, timeout: float = 2.0) -> ForwardCheck:
+        """Send ``queue_status`` into the head's remote port, and to the master directly.
+
+        No answer through the head while the master answers here means the
+        forward is lost; no answer from either means the application is
+        outside ``wait()``, and a connection held open proves the path as far
+        as the master's listening socket.
+        """
+        through = asyncio.create_task(
+            request_status(session.open_probe, password=self._password, timeout=timeout)
+        )
+        direct = asyncio.create_task(self._direct(timeout))
+        try:
+            reply = await through
+        except TimeoutError:
+            here = await direct
+            return ForwardCheck.LOST if here else ForwardCheck.HELD
+        except AuthenticationFailed as exc:
+            direct.cancel()
+            raise TunnelError(exc.message, exc.hint) from exc
+        except (ProtocolError, OSError):
+            direct.cancel()
+            return ForwardCheck.REFUSED
+        here = await direct
+        if here:
+            self._identity = MasterIdentity.from_status(here[0])
+        seen = MasterIdentity.from_status(reply[0]) if reply else None
+        expected = self._identity or MasterIdentity(port=self.master.port, project=self.master.name)
+        if seen is None or not expected.matches(seen):
+            return ForwardCheck.WRONG
+        return ForwardCheck.REACHED
+
+    # -- watching a live session ------------------------------------------------------------
+
+    async def _watch(self, session: openssh.OpenSSHSession) -> tuple[str, int | None]:
+        """Watch an up session until it ends or must be replaced; returns (reason, exit code)."""
+        s = self.settings
+        exited = asyncio.create_task(session.exited())
+        ping: asyncio.Task[float] | None = None
+        ping_sent = 0.0
+        last_pong = self._clock.monotonic()
+        next_probe = last_pong + s.probe_interval
+        probe: asyncio.Task[ForwardCheck] | None = None
+        lost_streak = 0
+        stall = _Stall()
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    [exited, asyncio.create_task(self._closing.wait())],
+                    timeout=min(s.keepalive_interval, 0.5),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if self._closing.is_set():
+                    return "closed", None
+                if exited in done:
+                    code = exited.result()
+                    failure = openssh.SshFailure.from_output(session.stderr, code, s, ever_up=True)
+                    return failure.message, code
+                now = self._clock.monotonic()
+                if ping is not None and ping.done():
+                    if ping.exception() is None:
+                        last_pong = now
+                        self.record.last_rtt = ping.result()
+                    ping = None
+                if ping is None and now - ping_sent >= s.keepalive_interval:
+                    ping_sent = now
+                    ping = asyncio.create_task(session.ping())
+                silent = now - last_pong
+                if self._state is TunnelState.UP and silent > s.stall_after:
+                    self._transition(TunnelState.STALLED)
+                    stall = _Stall(began=now)
+                    self._emit(
+                        TunnelStalled,
+                        silent_for=round(silent, 2),
+                        reason="no answer through the session",
+                    )
+                elif self._state is TunnelState.STALLED:
+                    if silent <= s.stall_after:
+                        self._transition(TunnelState.UP)
+                        self._emit(TunnelResumed, stalled_for=round(now - stall.began, 2))
+                        continue
+                    verdict = await stall.step(self, now)
+                    if verdict is not None:
+                        return verdict, None
+                if probe is not None and probe.done():
+                    check = probe.result() if probe.exception() is None else ForwardCheck.REFUSED
+                    probe = None
+                    lost_streak = lost_streak + 1 if check in (ForwardCheck.LOST, ForwardCheck.REFUSED) else 0
+                    if check is ForwardCheck.WRONG or lost_streak >= 2:
+                        return f"the remote port stopped reaching the master ({check.value})", None
+                if probe is None and now >= next_probe and self._state is TunnelState.UP:
+                    next_probe = now + s.probe_interval
+                    probe = asyncio.create_task(self.check_forward(session))
+        finally:
+            for task in (ping, probe):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+
+    async def _head_reachable(self, timeout: float) -> bool:
+        """True when a fresh TCP connection to the head's sshd gets an SSH banner."""
+        cfg = self._ssh_config
+        if cfg is None or cfg.proxied:
+            return await self._head_reachable_via_ssh(timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    cfg.hostname, cfg.port, family=socket.AF_UNSPEC
+                )
+                try:
+                    banner = await reader.readline()
+                finally:
+                    writer.close()
+            return banner.startswith(b"SSH-")
+        except (OSError, TimeoutError):
+            return False
+
+    async def _head_reachable_via_ssh(self, timeout: float) -> bool:
+        proc = await asyncio.create_subprocess_exec(
+            *openssh.remote_argv(self.settings, "true"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            return await asyncio.wait_for(proc.wait(), timeout) == 0
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return False
+
+    async def _direct(self, timeout: float) -> list[dict[str, Any]] | None:
+        """The master's status asked on its own port; None when it does not answer."""
+        try:
+            return await self._direct_probe(timeout)
+        except Exception:
+            return None
+
+
+@dataclass
+class _Stall:
+    """The decision to keep or replace a silent session.
+
+    While the head cannot be reached a new session could not be opened anyway,
+    so the old one is kept. Once a fresh connection reaches the head, the old
+    session gets ``grace`` seconds to answer (TCP may be deep in retransmission
+    backoff); then it is replaced.
+    """
+
+    began: float = 0.0
+    reachable_at: float | None = None
+    grace: float = 12.0
+    probing: asyncio.Task[bool] | None = None
+
+    async def step(self, tunnel: Tunnel, now: float) -> str | None:
+        if self.probing is not None and self.probing.done():
+            ok = self.probing.result()
+            self.probing = None
+            if ok and self.reachable_at is None:
+                self.reachable_at = now
+        if self.probing is None and self.reachable_at is None:
+            self.probing = asyncio.create_task(tunnel._head_reachable(timeout=1.0))
+        if self.reachable_at is not None and now - self.reachable_at >= self.grace:
+            return (
+                f"session silent for {now - self.began:.1f} s while the head node answers fresh "
+                "connections; replacing it"
+            )
+        return None

@@ -1,0 +1,141 @@
+"""The two pieces of the Work Queue wire protocol the supervisor speaks.
+
+* The password handshake of cctools' ``link_auth_password``: both sides send
+  ``auth password sha1``, then a 64-character random cookie, then the hex SHA1
+  of ``password + " " + peer's cookie``, then ``ok`` or ``failure``.
+* Status requests: ``queue_status``, ``worker_status`` or ``task_status`` on the
+  master's worker port, answered with a JSON array and end of file. This is
+  what ``work_queue_status HOST PORT`` does; the master serves it from inside
+  ``wait()``, so a master whose application is busy elsewhere does not answer.
+
+The password is the password file's bytes as they are, trailing newline
+included, because that is what ``specify_password_file`` and the worker's
+``-P`` read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import string
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import AuthenticationFailed, ProtocolError
+
+AUTH_IDENT = b"auth password sha1"
+COOKIE_LENGTH = 64
+STATUS_REQUESTS = ("queue_status", "worker_status", "task_status")
+_MAX_REPLY = 64 * 1024 * 1024
+_COOKIE_ALPHABET = string.ascii_letters + string.digits
+
+Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+def make_cookie() -> bytes:
+    """A fresh random challenge, as cctools' ``string_cookie`` makes them."""
+    return "".join(secrets.choice(_COOKIE_ALPHABET) for _ in range(COOKIE_LENGTH)).encode()
+
+
+def response_for(password: bytes, peer_cookie: bytes) -> bytes:
+    """The hex SHA1 a side sends to prove it knows ``password``."""
+    return hashlib.sha1(password + b" " + peer_cookie, usedforsecurity=False).hexdigest().encode()
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    raw = await reader.readline()
+    if not raw.endswith(b"\n"):
+        raise ProtocolError("the master closed the connection during the password handshake")
+    return raw.rstrip(b"\n")
+
+
+async def authenticate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, password: bytes) -> None:
+    """Run the password handshake as the connecting side; raise unless both sides accept."""
+    writer.write(AUTH_IDENT + b"\n")
+    await writer.drain()
+    if await _line(reader) != AUTH_IDENT:
+        raise AuthenticationFailed(
+            "the master does not ask for a password",
+            "drop the password setting, or give the master the same password file",
+        )
+    mine = make_cookie()
+    writer.write(mine + b"\n")
+    await writer.drain()
+    theirs = await _line(reader)
+    writer.write(response_for(password, theirs) + b"\n")
+    await writer.drain()
+    answer = await _line(reader)
+    accepted = answer == response_for(password, mine)
+    writer.write(b"ok\n" if accepted else b"failure\n")
+    await writer.drain()
+    verdict = await _line(reader)
+    if not accepted:
+        raise AuthenticationFailed(
+            "the master answered with a wrong password response",
+            "the master and the supervisor use different password files",
+        )
+    if verdict != b"ok":
+        raise AuthenticationFailed(
+            "the master refused the supervisor's password",
+            "give the supervisor the master's password file",
+        )
+
+
+async def request_status(
+    connect: Connector,
+    request: str = "queue_status",
+    *,
+    password: bytes | None = None,
+    timeout: float = 3.0,
+) -> list[dict[str, Any]]:
+    """Send one status request over a fresh connection and return the parsed reply.
+
+    Raises :class:`TimeoutError` when nothing comes back within ``timeout``
+    (a master outside ``wait()``, or a hung path), :class:`ProtocolError` when
+    the connection closes without a reply or the reply is not JSON.
+    """
+    if request not in STATUS_REQUESTS:
+        raise ValueError(f"unknown status request {request!r}")
+    reader, writer = await asyncio.wait_for(connect(), timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            if password is not None:
+                await authenticate(reader, writer, password)
+            elif await _peek_auth(reader):
+                raise AuthenticationFailed(
+                    "the master asks for a password",
+                    "give the supervisor the master's password file (password_file=...)",
+                )
+            writer.write(request.encode() + b"\n")
+            await writer.drain()
+            body = await reader.read(_MAX_REPLY)
+            while chunk := await reader.read(_MAX_REPLY):
+                body += chunk
+    finally:
+        writer.close()
+    if not body:
+        raise ProtocolError("the connection closed without a status reply")
+    try:
+        reply = json.loads(body)
+    except ValueError as exc:
+        raise ProtocolError(f"the status reply is not JSON: {body[:80]!r}") from exc
+    if isinstance(reply, dict):
+        reply = [reply]
+    if not isinstance(reply, list):
+        raise ProtocolError("the status reply is not a JSON array")
+    return [item for item in reply if isinstance(item, dict)]
+
+
+async def _peek_auth(reader: asyncio.StreamReader) -> bool:
+    """True when a password-protected master opened with its handshake line.
+
+    A master without a password says nothing until asked, so a short wait is
+    enough to tell the two apart on a live connection.
+    """
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\n"), 0.05)
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        return False
+    return head.rstrip(b"\n") == AUTH_IDENT
