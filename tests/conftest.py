@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from support import free_port, processes_matching
 from wqsupervisor.events import Event
 from wqsupervisor.process import terminate
 from wqsupervisor.sandbox import HeadNode, start_worker
 from wqsupervisor.server import WorkQueueServer
+
+from support import free_port, processes_matching
 
 # What a test may start; none of it may outlive the test.
 _OWNED = ("wqsupervisor.agent", "wqs-session", "work_queue_worker", "work_queue_server", "wqs-head-",

@@ -12,8 +12,6 @@ import time
 
 import pytest
 
-from conftest import Recorder
-from support import listening, processes_matching, python_env, wait_for
 from wqsupervisor import (
     AllWorkersLost,
     Task,
@@ -25,8 +23,11 @@ from wqsupervisor import (
     WorkersJoined,
     supervise,
 )
+from wqsupervisor.process import pid_alive
 from wqsupervisor.sandbox import HeadNode
 from wqsupervisor.server import WorkQueueServer
+
+from support import listening, processes_matching, python_env, wait_for
 
 
 def run_tasks(q: WorkQueueServer, n: int, on_progress=None, timeout: float = 120) -> dict[str, list[str]]:
@@ -211,10 +212,8 @@ def test_remote_port_taken_by_another_program(head, remote_port, recorder):
 _APP = textwrap.dedent(
     """
     import sys, time
-    from wqsupervisor import WorkQueueServer, supervise
-    from wqsupervisor.sandbox import HeadNode
+    from wqsupervisor import Settings, WorkQueueServer, supervise
     cfg, port = sys.argv[1], int(sys.argv[2])
-    from wqsupervisor import Settings
     q = WorkQueueServer()
     sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port), log_events=False)
     assert sup.wait_until_up(20)
@@ -236,7 +235,8 @@ def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_por
             sessions = head.sessions()
             assert sessions, "the tunnel has a session on the head node"
             os.kill(app.pid if victim == "application" else agent_pid, signal.SIGKILL)
-            wait_for(lambda: not processes_matching(f"{remote_port}:localhost:"), 10, "ssh to exit")
+            wait_for(lambda: not pid_alive(ssh_pid), 10, "ssh to exit")
+            assert not processes_matching(f"{remote_port}:localhost:")
             wait_for(lambda: not any(p in head.sessions() for p in sessions), 10, "the head's session to end")
             wait_for(lambda: not listening(remote_port), 10, "the remote port to close")
             if victim == "application":

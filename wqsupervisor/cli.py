@@ -30,7 +30,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         help="TOML file with the same settings (remote_port = 10001, ...)",
     )
     for f in setting_fields():
-        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        flag = _flag(f.name)
         kind = str(f.type)
         help_text = f.metadata["help"]
         if f.default not in (None, (), False):
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
+        allow_abbrev=False,
         help="run an unmodified master script with every WorkQueue it creates supervised",
         description="Run a master script as if with 'python app.py', attaching a supervised tunnel to "
         "every WorkQueue it creates. Ctrl-C or SIGTERM ends the script, then the tunnels.",
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the script gets to exit after Ctrl-C/SIGTERM before it is killed (default: 10)",
     )
     run.add_argument("script", help="the master script to run")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    run.add_argument("args", nargs="*", metavar="ARG", help="arguments passed to the script, as they are")
 
     demo = sub.add_parser(
         "demo",
@@ -103,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _script_position(tokens: list[str]) -> int | None:
+    """Index of the script in ``run ...`` tokens: the first word that is not an option or its value."""
+    takes_value = {"--config", "--grace"} | {
+        _flag(f.name) for f in setting_fields() if not str(f.type).startswith("bool")
+    }
+    i = 1
+    while i < len(tokens):
+        word = tokens[i]
+        if word == "--":
+            return i + 1 if i + 1 < len(tokens) else None
+        if not word.startswith("-") or word == "-":
+            return i
+        i += 2 if word in takes_value else 1
+    return None
+
+
 def _settings_flags(ns: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(ns, f.name) for f in setting_fields()}
 
@@ -110,7 +131,17 @@ def _settings_flags(ns: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    script_args: list[str] = []
+    if tokens[:1] == ["run"]:
+        # Everything from the script on belongs to the script, even words
+        # that look like our own options.
+        cut = _script_position(tokens)
+        if cut is not None:
+            tokens, script_args = tokens[: cut + 1], tokens[cut + 1 :]
+    ns = parser.parse_args(tokens)
+    if ns.command == "run":
+        ns.args = script_args
     try:
         if ns.command == "run":
             from .runner import run_script

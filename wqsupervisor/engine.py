@@ -229,12 +229,14 @@ class Engine:
             except (OSError, WQSupervisorError):
                 reply = None
             if reply:
-                stats = MasterStats.from_any(reply[0])
-                sup.stats = stats
-                sup.stats_at = self.clock.monotonic()
-                for event in sup.watch.observe(stats, self.clock.monotonic(), self.clock.wall()):
-                    emit(event)
+                self._observe(sup, MasterStats.from_any(reply[0]), emit)
             await self.clock.sleep(sup.settings.stats_interval)
+
+    def _observe(self, sup: Supervised, stats: MasterStats, emit: Callable[[Event], None]) -> None:
+        sup.stats = stats
+        sup.stats_at = self.clock.monotonic()
+        for event in sup.watch.observe(stats, self.clock.monotonic(), self.clock.wall()):
+            emit(event)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the status command shows."""
@@ -304,6 +306,10 @@ class Engine:
                 return {"reply": "detach"}
             if op == "snapshot":
                 return {"reply": "snapshot", "data": self.snapshot()}
+            if op == "stats":
+                sup = self.masters[str(request["id"])]
+                self._observe(sup, MasterStats.from_any(request["stats"]), self._emit_for(sup.id))
+                return {"reply": "stats"}
             if op == "ping":
                 return {"reply": "ping"}
         except WQSupervisorError as exc:

@@ -323,7 +323,15 @@ class OpenSSHSession:
         self.probe_path = probe_path
         self.remote_pid: int | None = None
         self._stderr: deque[str] = deque(maxlen=60)
-        self._established = asyncio.get_running_loop().create_future()
+        self._established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Nobody may be waiting when ssh dies first; the exit is reported elsewhere.
+        self._established.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Signals go through a pidfd: asyncio's Popen.terminate() polls, and a
+        # poll can reap ssh under the child watcher's feet.
+        try:
+            self._pidfd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
         self._pongs: dict[int, asyncio.Future[None]] = {}
         self._seq = 0
         self._readers = [
@@ -427,19 +435,29 @@ class OpenSSHSession:
             raise OSError("this session has no probe socket")
         return await asyncio.open_unix_connection(self.probe_path)
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to ssh if it is still running."""
+        if not self.running:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.proc.pid, sig)
+
     async def close(self, grace: float = 2.0) -> int | None:
         """Stop ssh (SIGTERM, then SIGKILL) and reap it."""
-        if self.running:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.exited(), grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
+        self.signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.exited(), grace)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
         code = await self.exited()
         for task in self._readers:
             task.cancel()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         if self.probe_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.probe_path)
@@ -447,8 +465,7 @@ class OpenSSHSession:
 
     def kill_now(self) -> None:
         """SIGKILL ssh without waiting (used when the supervisor itself is dying)."""
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
+        self.signal(signal.SIGKILL)
 
 
 def quote_argv(argv: Sequence[str]) -> str:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from ._bootstrap import SETTINGS_ENV
 from .config import Settings
 from .engine import Engine
 from .errors import ConfigError
-from .events import Event, log_event
+from .events import Event, TunnelFailed, TunnelUp, log_event
 from .process import exit_status
 from .supervisor import ENGINE_ENV
 
@@ -122,8 +122,8 @@ def run_script(settings: Settings, script: str, args: list[str], *, grace: float
     settings.require_tunnel()
     started = time.monotonic()
     host = EngineThread()
-    events: list[Event] = []
-    host.add_sink(lambda event, _state: events.append(event))
+    watch = _StartWatch()
+    host.add_sink(watch)
     env = dict(os.environ)
     env[ENGINE_ENV] = host.socket_path
     env[SETTINGS_ENV] = json.dumps(settings.to_dict())
@@ -131,6 +131,7 @@ def run_script(settings: Settings, script: str, args: list[str], *, grace: float
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     child = subprocess.Popen([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], env=env)
     handler = _Signals(child, grace)
+    watch.on_fatal = lambda: handler(signal.SIGTERM, None)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
@@ -145,11 +146,35 @@ def run_script(settings: Settings, script: str, args: list[str], *, grace: float
         snapshot = host.snapshot()
         host.stop()
     status = exit_status(code)
-    print(
-        summary_line(path.name, status, time.monotonic() - started, snapshot, handler.received),
-        file=sys.stderr,
-    )
+    signum = handler.received
+    if watch.fatal is not None:
+        print(f"wqsupervisor: error: {watch.fatal.error}", file=sys.stderr)
+        if watch.fatal.hint:
+            print(f"wqsupervisor: hint: {watch.fatal.hint}", file=sys.stderr)
+        status, signum = 2, None
+    print(summary_line(path.name, status, time.monotonic() - started, snapshot, signum), file=sys.stderr)
     return status
+
+
+class _StartWatch:
+    """Ends the run when a tunnel fails before it was ever up.
+
+    Nothing can have been lost yet, and a master left waiting for workers that
+    cannot reach it helps nobody. A tunnel that fails after it has been up is
+    reported, and the script keeps its master and whatever local work it has.
+    """
+
+    def __init__(self) -> None:
+        self._up: set[str] = set()
+        self.fatal: TunnelFailed | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
+
+    def __call__(self, event: Event, _state: str) -> None:
+        if isinstance(event, TunnelUp):
+            self._up.add(event.source)
+        elif isinstance(event, TunnelFailed) and event.source not in self._up and self.fatal is None:
+            self.fatal = event
+            self.on_fatal()
 
 
 def summary_line(

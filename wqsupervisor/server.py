@@ -126,6 +126,7 @@ class WorkQueueServer:
         self._pending: dict[int, Task] = {}
         self._last_call = time.monotonic()
         self._closed = False
+        self._final_stats: MasterStats | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         last_error = ""
         for _ in range(_START_TRIES if port == 0 else 1):
@@ -229,7 +230,9 @@ class WorkQueueServer:
 
     @property
     def stats(self) -> MasterStats:
-        """A snapshot of the master's counters."""
+        """A snapshot of the master's counters; after :meth:`close`, the last one taken."""
+        if self._closed and self._final_stats is not None:
+            return self._final_stats
         reply = self._call("status")
         if isinstance(reply, _Error):
             raise ProtocolError(f"status failed: {reply.message}")
@@ -278,6 +281,8 @@ class WorkQueueServer:
         """Stop the server process and close the connection."""
         if self._closed:
             return
+        with contextlib.suppress(OSError, ProtocolError, ValueError):
+            self._final_stats = self.stats
         with self._lock:
             self._closed = True
             with contextlib.suppress(OSError):

@@ -63,12 +63,18 @@ class Supervisor:
         self.settings.require_tunnel()
         self.info: MasterInfo = describe(master)
         read_stats(master)  # fail now, in the caller's thread, if the contract is not met
+        if self.settings.password_file and hasattr(master, "specify_password_file"):
+            master.specify_password_file(self.settings.password_file)
         self.info = MasterInfo(
             port=self.info.port,
             name=self.info.name,
             password_file=self.settings.password_file,
             pid=os.getpid(),
         )
+        try:
+            self._master: Callable[[], Any] = weakref.ref(master)
+        except TypeError:
+            self._master = lambda: None
         self.bus = EventBus(log=log_events)
         if on_event is not None:
             self.bus.subscribe(on_event)
@@ -203,6 +209,13 @@ class Supervisor:
             return
         self._closed = True
         _live.discard(self)
+        master = self._master()
+        if master is not None:
+            # The last word on the counters, read in the thread that closes
+            # (the one driving the master), for the summary.
+            with contextlib.suppress(Exception):
+                stats = read_stats(master).to_dict()
+                self._request({"op": "stats", "id": self.id, "stats": stats})
         with contextlib.suppress(WQSupervisorError):
             self._request({"op": "detach", "id": self.id})
         with contextlib.suppress(OSError):

@@ -1,0 +1,156 @@
+"""``python -m wqsupervisor``: help, ``run`` end to end, signals, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support import REPO, listening, processes_matching, python_env, wait_for
+
+SQUARES = str(REPO / "examples" / "squares.py")
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "wqsupervisor", *args]
+
+
+def test_help_explains_every_required_option_in_one_line():
+    """--help lists the commands and run --help every option the brief names."""
+    top = subprocess.run(cli("--help"), capture_output=True, text=True, env=python_env(), check=True)
+    assert "run" in top.stdout and "demo" in top.stdout
+    run = subprocess.run(cli("run", "--help"), capture_output=True, text=True, env=python_env(), check=True)
+    for option in ("--via", "--ssh-port", "--identity", "--remote-port", "--ssh-option", "--config"):
+        assert option in run.stdout, option
+
+
+def _run_args(head, remote_port: int, *extra: str) -> list[str]:
+    return cli("run", "--via", "headnode", "--ssh-config", str(head.ssh_config), "--remote-port",
+               str(remote_port), "--allow-no-password", *extra)
+
+
+def test_run_supervises_an_unmodified_script_and_passes_its_exit_status(head, remote_port, workers):
+    """run executes examples/squares.py unchanged; its workers use only the remote port; status passes."""
+    argv = _run_args(head, remote_port, SQUARES, "--tasks", "25", "--exit-status", "7")
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=python_env()) as proc:
+        try:
+            wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
+            workers(remote_port, n=2)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 7, err
+    lines = [line for line in out.splitlines() if line.startswith("task ")]
+    assert sorted(lines) == sorted(f"task {i}: {i * i}" for i in range(25))
+    assert "25 tasks done" in out
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("wqsupervisor: squares.py exited with status 7"), summary
+    assert "tasks done 25" in summary
+
+
+def test_run_sets_argv_as_if_run_directly(head, remote_port, tmp_path):
+    """The script sees its own path as argv[0], its arguments after it, and __name__ == '__main__'."""
+    script = tmp_path / "show.py"
+    script.write_text("import sys\nprint(repr(sys.argv), __name__, sys.path[0])\n")
+    res = subprocess.run(_run_args(head, remote_port, str(script), "a", "--b", "c"), capture_output=True,
+                         text=True, env=python_env(), timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"{[str(script), 'a', '--b', 'c']!r} __main__ {tmp_path}"
+
+
+def test_sigterm_ends_the_script_then_the_tunnel_with_a_summary(head, remote_port, workers):
+    """SIGTERM to run: the script ends, the tunnel closes, no ssh is left, one summary line."""
+    argv = _run_args(head, remote_port, SQUARES, "--tasks", "100000")
+    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=python_env()) as proc:
+        try:
+            wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not listening(remote_port)
+    assert not processes_matching(f"{remote_port}:localhost:")
+    summary = err.strip().splitlines()[-1]
+    assert "after SIGTERM" in summary and "tunnel headnode" in summary, summary
+
+
+def test_ctrl_c_reaches_the_script_and_ends_the_run(head, remote_port):
+    """Ctrl-C (SIGINT to the whole process group): the script's KeyboardInterrupt, then a clean exit."""
+    argv = _run_args(head, remote_port, SQUARES, "--tasks", "100000")
+    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=python_env(), start_new_session=True) as proc:
+        try:
+            wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "KeyboardInterrupt" in err
+    assert not processes_matching(f"{remote_port}:localhost:")
+    assert "after SIGINT" in err.strip().splitlines()[-1]
+
+
+def test_missing_head_node_is_a_clear_error():
+    """run without --via: exit 2 and a message that says what to pass."""
+    res = subprocess.run(cli("run", "--remote-port", "10001", SQUARES), capture_output=True, text=True,
+                         env={k: v for k, v in python_env().items() if not k.startswith("WQSUPERVISOR_")},
+                         check=False)
+    assert res.returncode == 2
+    assert "no head node given" in res.stderr and "--via" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_script_is_a_clear_error(head):
+    """run with a script that does not exist: exit 2, no traceback."""
+    res = subprocess.run(_run_args(head, 10001, "/nonexistent/app.py"), capture_output=True, text=True,
+                         env=python_env(), check=False)
+    assert res.returncode == 2
+    assert "no such script" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_setting_value_is_a_clear_error(tmp_path):
+    """A config file with a wrong type: exit 2, the file and the setting named."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('via = "headnode"\nremote_port = "lots"\n')
+    res = subprocess.run(cli("run", "--config", str(cfg), SQUARES), capture_output=True, text=True,
+                         env=python_env(), check=False)
+    assert res.returncode == 2
+    assert "remote_port" in res.stderr and str(cfg) in res.stderr
+
+
+def test_a_tunnel_that_never_comes_up_ends_the_run(head, remote_port, tmp_path):
+    """A permanent failure before the tunnel was ever up ends the script: exit 2 and the hint."""
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    argv = _run_args(head, remote_port, "--ssh-option", f"UserKnownHostsFile={empty}", SQUARES)
+    started = time.monotonic()
+    res = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=120, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "known_hosts" in res.stderr and "hint:" in res.stderr
+    assert time.monotonic() - started < 60
+    assert not processes_matching(f"{remote_port}:localhost:")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")  # CI runs as root
+def test_unknown_host_is_a_clear_error(tmp_path):
+    """An unresolvable head node, in a namespace with no network at all: exit 2, what to check."""
+    ns = f"wqs-dns-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        argv = ["ip", "netns", "exec", ns, *cli("run", "--via", "nosuchhost.invalid", "--remote-port", "10001",
+                                                  "--allow-no-password", SQUARES)]
+        res = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=120, check=False)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert res.returncode == 2, res.stderr
+    assert "cannot resolve nosuchhost.invalid" in res.stderr
+    assert "--via" in res.stderr

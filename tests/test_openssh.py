@@ -1,0 +1,122 @@
+"""The OpenSSH backend's pure parts: the command line, the config it reads, the errors it names."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wqsupervisor.config import Settings
+from wqsupervisor.openssh import (
+    FAST_CIPHER,
+    REMOTE_COMMAND,
+    SshConfig,
+    SshFailure,
+    allocated_port,
+    cipher_preference,
+    read_config,
+    tunnel_argv,
+)
+
+S = Settings(via="alice@head", remote_port=10001, ssh_port=2200, identity="/k",
+             ssh_options=(("ServerAliveInterval", "30"),))
+
+
+def _options(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+
+
+def test_the_tunnel_command_line():
+    """A session with a waiting command (not -N), the reverse forward on loopback, the probe socket."""
+    argv = tunnel_argv(S, master_port=9123, remote_port=10001, probe_path="/r/p.sock")
+    assert argv[0] == "ssh" and "-N" not in argv and "-T" in argv
+    assert argv[argv.index("-R") + 1] == "127.0.0.1:10001:localhost:9123"
+    assert argv[argv.index("-L") + 1] == "/r/p.sock:127.0.0.1:10001"
+    assert argv[-2:] == ["alice@head", REMOTE_COMMAND]
+    assert argv[argv.index("-p") + 1] == "2200" and argv[argv.index("-i") + 1] == "/k"
+    opts = _options(argv)
+    for needed in ("BatchMode=yes", "ExitOnForwardFailure=yes", "ControlPath=none"):
+        assert needed in opts
+    assert not any(o.startswith("StrictHostKeyChecking") for o in opts), "host-key checking is the user's"
+
+
+def test_user_options_win_over_our_defaults():
+    """ssh keeps the first value of an option: the user's come before our ServerAlive defaults."""
+    opts = _options(tunnel_argv(S, master_port=1, remote_port=2, probe_path=None))
+    assert opts.index("ServerAliveInterval=30") < opts.index("ServerAliveInterval=10")
+
+
+def test_the_remote_command_ends_with_its_session_and_names_its_sshd():
+    """cat reads the channel (it ends when the session does); $PPID is the head's sshd session."""
+    assert "exec cat" in REMOTE_COMMAND and "sleep" not in REMOTE_COMMAND
+    assert "$PPID" in REMOTE_COMMAND
+
+
+def test_reading_ssh_g_output():
+    """ssh -G output is read into host, port, user and options (first value wins)."""
+    cfg = SshConfig.parse("user alice\nhostname 10.0.0.5\nport 2222\nciphers a,b\nproxyjump none\n")
+    assert (cfg.hostname, cfg.port, cfg.user, cfg.options["ciphers"]) == ("10.0.0.5", 2222, "alice", "a,b")
+    assert not cfg.proxied
+    assert SshConfig.parse("hostname h\nproxyjump gw\n").proxied
+
+
+def test_fast_cipher_preferred_unless_the_user_chose(tmp_path):
+    """aes128-gcm goes first when the user did not choose ciphers; a Ciphers setting anywhere wins."""
+    plain = tmp_path / "plain"
+    plain.write_text("Host head\n  HostName 127.0.0.1\n")
+    chosen = tmp_path / "chosen"
+    chosen.write_text("Host head\n  HostName 127.0.0.1\n  Ciphers chacha20-poly1305@openssh.com\n")
+
+    async def pref(settings: Settings) -> list[str]:
+        return await cipher_preference(settings, await read_config(settings))
+
+    base = Settings(via="head", remote_port=1)
+    assert asyncio.run(pref(base.replace(ssh_config=str(plain)))) == ["-o", f"Ciphers=^{FAST_CIPHER}"]
+    assert asyncio.run(pref(base.replace(ssh_config=str(chosen)))) == []
+    assert asyncio.run(pref(base.replace(ssh_config=str(plain), ssh_options=(("Ciphers", "aes256-ctr"),)))) == []
+
+
+# What OpenSSH 9.2 printed in each case (captured from real runs against a loopback sshd).
+REAL = {
+    "port_taken": "Error: remote port forwarding failed for listen port 10001\n",
+    "auth": "root@127.0.0.1: Permission denied (publickey).\n",
+    "host_key_unknown": "Host key verification failed.\n",
+    "host_key_changed": (
+        "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+        "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n"
+        "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+        "Host key for [127.0.0.1]:2222 has changed and you have requested strict checking.\n"
+        "Host key verification failed.\n"
+    ),
+    "refused": "ssh: connect to host 127.0.0.1 port 2299: Connection refused\n",
+    "unknown_host": "ssh: Could not resolve hostname nosuchhost.invalid: Name or service not known\n",
+    "network": "Connection to 127.0.0.1 closed by remote host.\n",
+    "config": "command-line: line 0: Bad configuration option: nosuchoption\n",
+}
+
+
+@pytest.mark.parametrize(("kind", "permanent"), [
+    ("port_taken", True), ("auth", True), ("host_key_unknown", True), ("host_key_changed", True),
+    ("refused", False), ("unknown_host", True), ("network", False), ("config", True),
+])
+def test_ssh_errors_are_classified(kind, permanent):
+    """Each real ssh error maps to its kind; permanent ones are not retried; each has a hint."""
+    failure = SshFailure.from_output(REAL[kind], 255, S, ever_up=False)
+    assert (failure.kind, failure.permanent) == (kind, permanent)
+    assert failure.hint
+
+
+def test_a_name_lookup_failure_after_the_tunnel_was_up_is_transient():
+    """DNS fails for a while after a network change; a tunnel that has been up keeps retrying."""
+    assert not SshFailure.from_output(REAL["unknown_host"], 255, S, ever_up=True).permanent
+
+
+def test_killed_ssh_is_described_by_its_signal():
+    """An ssh that died of a signal says which one."""
+    assert SshFailure.from_output("", -9, S, ever_up=True).message == "ssh ended (killed by SIGKILL)"
+
+
+def test_allocated_port_is_read_from_stderr():
+    """-R 0 makes sshd choose; ssh prints the choice on stderr."""
+    assert allocated_port("Allocated port 41234 for remote forward to localhost:9123\n") == 41234
+    assert allocated_port("nothing here") is None
