@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 from wqsupervisor.process import pid_alive
+from wqsupervisor.sandbox import debian_work_queue_path  # noqa: F401 - re-exported for the tests
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
-DEBIAN_DIST = Path("/usr/lib/python3/dist-packages")
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
@@ -60,25 +58,6 @@ def processes_matching(needle: str) -> list[int]:
         if needle in cmdline and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
-
-
-def debian_work_queue_path() -> str:
-    """A directory holding only Debian's ``work_queue`` module, for PYTHONPATH.
-
-    Debian's python3-workqueue is a real SWIG master whose ``wait()`` holds the
-    GIL, like ndcctools'. It is built for Debian's Python 3.11; the directory
-    keeps the rest of Debian's dist-packages out of the test interpreter.
-    """
-    target = Path(tempfile.gettempdir()) / f"wqs-debian-wq-{os.getuid()}"
-    target.mkdir(exist_ok=True)
-    for name in ["work_queue.py", *[Path(p).name for p in glob.glob(str(DEBIAN_DIST / "_work_queue*.so"))]]:
-        link = target / name
-        if not link.exists():
-            with contextlib.suppress(FileExistsError):
-                link.symlink_to(DEBIAN_DIST / name)
-    if not (target / "work_queue.py").exists():
-        raise AssertionError("Debian's python3-workqueue is not installed: run ./setup.sh")
-    return str(target)
 
 
 def python_env(*extra_paths: str) -> dict[str, str]:

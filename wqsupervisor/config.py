@@ -54,6 +54,11 @@ class Settings:
         metavar="ADDR",
     )
     backend: str = _setting("openssh", "tunnel backend: openssh or paramiko", metavar="NAME")
+    own_socket: bool = _setting(
+        True,
+        "open the TCP connection ourselves and hand it to ssh (retransmission cap, TCP_INFO); "
+        "off automatically with ProxyJump/ProxyCommand",
+    )
     password_file: str | None = _setting(
         None, "Work Queue password file shared by master, workers and probes", metavar="FILE"
     )

@@ -64,7 +64,9 @@ class MasterStats:
         """Read a snapshot from a stats object, a mapping, or a status reply entry."""
         values: dict[str, int] = {}
         for f in dataclasses.fields(cls):
-            raw = source.get(f.name) if isinstance(source, Mapping) else getattr(source, f.name, None)
+            raw = _read(source, f.name)
+            if raw is None:
+                raw = _read(source, "total_" + f.name)  # cctools 8 and 9 spell some counters so
             try:
                 values[f.name] = int(raw) if raw is not None else 0
             except (TypeError, ValueError):
@@ -74,6 +76,10 @@ class MasterStats:
     def to_dict(self) -> dict[str, int]:
         """The snapshot as a plain mapping."""
         return dataclasses.asdict(self)
+
+
+def _read(source: Any, name: str) -> Any:
+    return source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,9 +104,11 @@ def base_argv(settings: Settings, *, config_file: str | None = None) -> list[str
         argv += ["-o", f"{key}={value}"]
     argv += [
         "-o",
-        "ServerAliveInterval=10",
+        "ServerAliveInterval=15",
         "-o",
-        "ServerAliveCountMax=6",
+        # A backstop only: the supervisor decides when a silent session is
+        # replaced, and keeps it through outages ssh alone would give up on.
+        "ServerAliveCountMax=40",
         "-o",
         f"ConnectTimeout={max(1, int(settings.connect_timeout))}",
     ]
@@ -151,16 +154,18 @@ async def cipher_preference(settings: Settings, config: SshConfig) -> list[str]:
 def tunnel_argv(
     settings: Settings,
     *,
-    master_port: int,
+    master_port: int | None,
     remote_port: int,
     probe_path: str | None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The full command line of the tunnel's ssh."""
+    """The full command line of the tunnel's ssh (``master_port`` None: the probe forward only)."""
     assert settings.via is not None
     argv = base_argv(settings)
     argv[1:1] = list(extra)
-    argv += ["-T", "-R", f"{settings.remote_bind}:{remote_port}:localhost:{master_port}"]
+    argv.append("-T")
+    if master_port is not None:
+        argv += ["-R", f"{settings.remote_bind}:{remote_port}:localhost:{master_port}"]
     if probe_path is not None:
         argv += ["-L", f"{probe_path}:127.0.0.1:{remote_port}"]
     argv += [settings.via, REMOTE_COMMAND]
@@ -318,9 +323,14 @@ class SessionEnded(Exception):
 class OpenSSHSession:
     """One running tunnel ssh: its stdin/stdout carry keepalives, stderr diagnostics."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, probe_path: str | None) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, probe_path: str | None, sock: socket.socket | None = None
+    ) -> None:
         self.proc = proc
         self.probe_path = probe_path
+        # Our copy of the connection handed to ssh (for TCP_INFO); closed as soon
+        # as ssh exits, or the head would see the connection live on.
+        self.sock = sock
         self.remote_pid: int | None = None
         self._stderr: deque[str] = deque(maxlen=60)
         self._established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -341,7 +351,9 @@ class OpenSSHSession:
         self._exited = asyncio.create_task(self._wait_exit(), name="ssh-exit")
 
     @classmethod
-    async def start(cls, argv: Sequence[str], probe_path: str | None) -> OpenSSHSession:
+    async def start(
+        cls, argv: Sequence[str], probe_path: str | None, sock: socket.socket | None = None
+    ) -> OpenSSHSession:
         """Start ssh; it gets SIGTERM from the kernel if this process dies."""
         if probe_path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -353,7 +365,7 @@ class OpenSSHSession:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        return cls(proc, probe_path)
+        return cls(proc, probe_path, sock)
 
     @property
     def pid(self) -> int:
@@ -387,6 +399,7 @@ class OpenSSHSession:
 
     async def _wait_exit(self) -> int:
         code = await self.proc.wait()
+        self._close_sock()
         # Let the readers take the last words before anyone classifies them.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), 1.0)
@@ -458,10 +471,16 @@ class OpenSSHSession:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        self._close_sock()
         if self.probe_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.probe_path)
         return code
+
+    def _close_sock(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def kill_now(self) -> None:
         """SIGKILL ssh without waiting (used when the supervisor itself is dying)."""

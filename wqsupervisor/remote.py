@@ -41,6 +41,7 @@ me=$(id -u)
 [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = sshd ] || { echo "refused: not sshd"; exit 0; }
 [ "$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")" = "$me" ] || { echo "refused: not ours"; exit 0; }
 kill -TERM "$pid" 2>/dev/null || { echo "refused: kill failed"; exit 0; }
+kill -CONT "$pid" 2>/dev/null  # a hung (stopped) session takes TERM only once it runs
 i=0
 while [ -d "/proc/$pid" ] && [ $i -lt 40 ]; do sleep 0.05; i=$((i + 1)); done
 [ -d "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null

@@ -74,6 +74,7 @@ class HeadNode:
         user: str | None = None,
         host: str = "127.0.0.1",
         netns: str | None = None,
+        addresses: list[str] | None = None,
     ) -> None:
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="wqs-head-"))
@@ -81,6 +82,8 @@ class HeadNode:
         # sshd reads authorized_keys from here as the login user.
         os.chmod(self.root, 0o755)  # noqa: S103
         self.host = host
+        # The addresses clients use: one per network the head node sits on.
+        self.addresses = addresses or [host]
         self.port = port or _free_port()
         self.user = user or getpass.getuser()
         self.netns = netns
@@ -117,8 +120,9 @@ class HeadNode:
         auth.write_text(self.identity.with_suffix(".pub").read_text())
         os.chmod(auth, 0o644)
         host_pub = Path(str(self.host_key) + ".pub").read_text().strip()
-        entry = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-        self.known_hosts.write_text(f"{entry} {host_pub}\n")
+        entries = [a if self.port == 22 else f"[{a}]:{self.port}" for a in self.addresses]
+        self.known_hosts.write_text("".join(f"{e} {host_pub}\n" for e in entries))
+        os.chmod(self.known_hosts, 0o644)
 
     def _configs(self) -> None:
         self.sshd_config.write_text(
@@ -140,9 +144,14 @@ class HeadNode:
             "MaxSessions 100\n"
             "LogLevel INFO\n"
         )
-        self.ssh_config.write_text(
+        self.client_config(self.addresses[0], self.ssh_config)
+        os.chmod(self.identity, 0o600)
+
+    def client_config(self, address: str, path: Path) -> Path:
+        """Write an ssh client config that names this head node ``headnode`` at ``address``."""
+        path.write_text(
             f"Host {ALIAS}\n"
-            f"    HostName {self.host}\n"
+            f"    HostName {address}\n"
             f"    Port {self.port}\n"
             f"    User {self.user}\n"
             f"    IdentityFile {self.identity}\n"
@@ -151,7 +160,7 @@ class HeadNode:
             "    StrictHostKeyChecking yes\n"
             "    LogLevel ERROR\n"
         )
-        os.chmod(self.identity, 0o600)
+        return path
 
     def settings(self, **options: Any) -> Settings:
         """Supervisor settings that reach this head node by its alias."""
@@ -199,7 +208,7 @@ class HeadNode:
     def _netns_ready(self) -> bool:
         assert self.netns is not None
         probe = (
-            f"import socket;s=socket.create_connection(('{self.host}',{self.port}),0.5);"
+            f"import socket;s=socket.create_connection(('{self.addresses[0]}',{self.port}),0.5);"
             "raise SystemExit(0 if s.recv(4).startswith(b'SSH-') else 1)"
         )
         res = subprocess.run(
@@ -255,6 +264,31 @@ class HeadNode:
         self.close()
 
 
+DEBIAN_DIST = Path("/usr/lib/python3/dist-packages")
+
+
+def debian_work_queue_path() -> str:
+    """A directory holding only Debian's ``work_queue`` module, to put on PYTHONPATH.
+
+    Debian's python3-workqueue is a real SWIG master whose ``wait()`` holds the
+    GIL, like ndcctools'. It is built for Debian's Python 3.11; the directory
+    keeps the rest of Debian's dist-packages out of another 3.11 interpreter.
+    """
+    target = Path(tempfile.gettempdir()) / f"wqs-debian-wq-{os.getuid()}"
+    target.mkdir(exist_ok=True)
+    names = ["work_queue.py", *(p.name for p in DEBIAN_DIST.glob("_work_queue*.so"))]
+    for name in names:
+        link = target / name
+        if not link.exists():
+            with contextlib.suppress(FileExistsError):
+                link.symlink_to(DEBIAN_DIST / name)
+    if not (target / "work_queue.py").exists():
+        raise WQSupervisorError(
+            "Debian's work_queue Python bindings are not installed", "apt-get install python3-workqueue"
+        )
+    return str(target)
+
+
 def start_worker(
     port: int,
     *,
@@ -266,10 +300,11 @@ def start_worker(
     password_file: str | None = None,
     extra: list[str] | None = None,
     quiet: bool = True,
+    program: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """A real ``work_queue_worker`` for ``host:port``, with a reconnect backoff fit for tunnels."""
     argv = [
-        _need("work_queue_worker", "coop-computing-tools"),
+        program or _need("work_queue_worker", "coop-computing-tools"),
         "--cores",
         str(cores),
         "--memory",

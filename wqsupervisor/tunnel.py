@@ -4,7 +4,7 @@ A :class:`Tunnel` runs attempts one after another. An attempt starts ssh,
 waits for its session, proves that the head node's remote port reaches *this*
 master, and then watches it until it ends; the restart policy decides what
 comes next. Every state change goes through :meth:`Tunnel._transition`, which
-refuses the ones that make no sense.
+refuses the ones that make no sense::
 
     NEW -> CONNECTING -> UP <-> STALLED
                |          |        |
@@ -13,6 +13,12 @@ refuses the ones that make no sense.
                |
                v
             FAILED        (any) -> CLOSED
+
+A restart closes every worker's connection, and a worker that loses its
+master kills the tasks it runs, so a silent session is not restarted on
+sight. It is STALLED: kept while the head node cannot be reached (a new
+session could not be opened anyway), and replaced only once a fresh
+connection reaches the head and the old session has had its chance to resume.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import openssh
+from . import connection, openssh
 from .backoff import GiveUp, RestartState
 from .clock import Clock, SystemClock
 from .config import Settings
@@ -46,8 +52,13 @@ from .events import (
 )
 from .logs import get_logger
 from .master import MasterIdentity, MasterInfo
-from .remote import PortHolders, end_stale_session, inspect_port
+from .remote import end_stale_session, inspect_port
 from .wqproto import request_status
+
+# How long a silent session may take to answer once the head is reachable again:
+# about one capped retransmission when we own the socket, TCP's own backoff when not.
+GRACE_CAPPED = 2.5
+GRACE_UNCAPPED = 12.0
 
 
 class TunnelState(enum.Enum):
@@ -93,6 +104,10 @@ class _Attempt:
     reason: str
     exit_code: int | None = None
     failure: openssh.SshFailure | None = None
+    # The head's sshd session that may still hold the remote port, to end first.
+    stale_pid: int | None = None
+    # A stale session was just cleared away: try again without waiting.
+    retry_now: bool = False
 
     @property
     def permanent(self) -> bool:
@@ -110,9 +125,16 @@ class TunnelRecord:
     verified_by: str | None = None
     session_pid: int | None = None
     remote_pid: int | None = None
+    stalls: int = 0
+    resumes: int = 0
+    reclaims: int = 0
 
 
 DirectProbe = Callable[[float], Awaitable[list[dict[str, Any]] | None]]
+
+
+class _NoConnection(Exception):
+    """The supervisor's own TCP connection to the head failed (worded as ssh would)."""
 
 
 class Tunnel:
@@ -149,13 +171,13 @@ class Tunnel:
         self._session: openssh.OpenSSHSession | None = None
         self._ssh_config: openssh.SshConfig | None = None
         self._extra: list[str] = []
+        self._handoff: connection.Handoff | None = None
         self._identity: MasterIdentity | None = None
         self._down_at: float | None = None
-        self._failed_streak = 0
+        self._finished = False
         self.remote_port: int = settings.remote_port or 0
         self.record = TunnelRecord()
         self.failure: TunnelError | None = None
-        self._finished = False
         self.up_event = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------
@@ -169,6 +191,16 @@ class Tunnel:
     def since(self) -> float:
         """Monotonic time of the last state change."""
         return self._since
+
+    @property
+    def owns_socket(self) -> bool:
+        """True when the supervisor opens the TCP connection and hands it to ssh."""
+        return self._handoff is not None
+
+    @property
+    def grace(self) -> float:
+        """Seconds a silent session gets to resume once the head answers again."""
+        return GRACE_CAPPED if self.owns_socket and connection.rto_cap_supported() else GRACE_UNCAPPED
 
     def _transition(self, new: TunnelState) -> None:
         if new not in _ALLOWED[self._state]:
@@ -189,6 +221,10 @@ class Tunnel:
     def snapshot(self) -> dict[str, Any]:
         """The tunnel's state for status output."""
         rec = self.record
+        tcp = None
+        if self._session is not None and self._session.sock is not None:
+            info = connection.tcp_info(self._session.sock)
+            tcp = info.__dict__ if info is not None else None
         return {
             "label": self.label,
             "via": self.settings.via,
@@ -197,11 +233,19 @@ class Tunnel:
             "state": self._state.value,
             "since": self._clock.wall() - (self._clock.monotonic() - self._since),
             "restarts": rec.restarts,
+            "stalls": rec.stalls,
+            "resumes": rec.resumes,
+            "reclaims": rec.reclaims,
             "last_error": rec.last_error,
             "rtt_ms": round(rec.last_rtt * 1000, 2) if rec.last_rtt is not None else None,
             "verified_by": rec.verified_by,
             "ssh_pid": rec.session_pid,
+            "remote_pid": rec.remote_pid,
             "recoveries": [round(r, 3) for r in rec.recoveries[-20:]],
+            "socket": "owned" if self.owns_socket else "ssh",
+            "rto_capped": self.owns_socket and connection.rto_cap_supported(),
+            "resume_grace": self.grace,
+            "tcp": tcp,
         }
 
     async def close(self) -> None:
@@ -228,21 +272,23 @@ class Tunnel:
         """Run attempts until the tunnel fails for good or is closed."""
         try:
             await self._prepare()
+            stale_pid: int | None = None
             while not self._closing.is_set():
+                if stale_pid is not None:
+                    await self._end_stale(stale_pid)
                 attempt = await self._attempt()
                 if self._closing.is_set():
                     break
+                stale_pid = attempt.stale_pid
                 if self._state in (TunnelState.UP, TunnelState.STALLED, TunnelState.CONNECTING):
                     self._transition(TunnelState.DOWN)
-                    self._down_at = self._clock.monotonic()
+                    self._down_at = self._down_at or self._clock.monotonic()
                     self._emit(
-                        TunnelDown,
-                        reason=attempt.reason,
-                        exit_code=attempt.exit_code,
-                        up_for=attempt.up_for,
+                        TunnelDown, reason=attempt.reason, exit_code=attempt.exit_code, up_for=attempt.up_for
                     )
                 self.record.last_error = attempt.reason
-                failure = attempt.failure
+                if attempt.retry_now:
+                    continue
                 self._restart, decision = self._restart.after_attempt(
                     self._policy,
                     up_for=attempt.up_for,
@@ -250,7 +296,7 @@ class Tunnel:
                     rand=self._rng.random(),
                 )
                 if isinstance(decision, GiveUp):
-                    hint = failure.hint if failure else "check the head node and the settings"
+                    hint = attempt.failure.hint if attempt.failure else "check the head node and the settings"
                     message = attempt.reason if attempt.permanent else f"{attempt.reason} ({decision.reason})"
                     self._fail(TunnelError(message, hint))
                     return
@@ -319,20 +365,57 @@ class Tunnel:
     async def _prepare(self) -> None:
         self._ssh_config = await openssh.read_config(self.settings)
         self._extra = await openssh.cipher_preference(self.settings, self._ssh_config)
+        if self.settings.own_socket and not self._ssh_config.proxied and connection.fd_passing_supported():
+            self._handoff = connection.Handoff(self._rundir, str(self.master.port))
         if self.remote_port == 0:
             self.remote_port = await self._allocate_remote_port()
             self.label = f"{self.settings.via}:{self.remote_port}"
 
-    async def _allocate_remote_port(self) -> int:
-        """Let the head node pick a free port once; later restarts ask for that same port."""
+    async def _start(
+        self,
+        probe_path: str | None,
+        *,
+        reverse: bool = True,
+        remote_port: int | None = None,
+    ) -> openssh.OpenSSHSession:
+        """Start one ssh, on a connection of our own when we can; raises _NoConnection."""
+        port = self.remote_port if remote_port is None else remote_port
         argv = openssh.tunnel_argv(
             self.settings,
-            master_port=self.master.port,
-            remote_port=0,
-            probe_path=None,
-            extra=self._extra,
+            master_port=self.master.port if reverse else None,
+            remote_port=port,
+            probe_path=probe_path,
+            extra=[*self._extra, *(self._handoff.ssh_options() if self._handoff else [])],
         )
-        session = await openssh.OpenSSHSession.start(argv, None)
+        if self._handoff is None:
+            return await openssh.OpenSSHSession.start(argv, probe_path)
+        cfg = self._ssh_config
+        assert cfg is not None
+        try:
+            sock = await connection.open_connection(cfg.hostname, cfg.port, self.settings.connect_timeout)
+        except OSError as exc:
+            raise _NoConnection(str(exc)) from None
+        try:
+            async with self._handoff.offer(sock, self.settings.connect_timeout) as handed:
+                session = await openssh.OpenSSHSession.start(argv, probe_path, sock=sock)
+                await asyncio.wait(
+                    [handed, asyncio.create_task(session.exited())],
+                    timeout=self.settings.connect_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        except BaseException:
+            sock.close()
+            raise
+        return session
+
+    async def _allocate_remote_port(self) -> int:
+        """Let the head node pick a free port once; later restarts ask for that same port."""
+        try:
+            session = await self._start(None, remote_port=0)
+        except _NoConnection as exc:
+            raise openssh.SshFailure.from_output(
+                str(exc), 255, self.settings, ever_up=False
+            ).as_error() from None
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 await session.established()
@@ -353,15 +436,14 @@ class Tunnel:
         self._transition(TunnelState.CONNECTING)
         started = self._clock.monotonic()
         probe_path = os.path.join(self._rundir, f"probe-{self.master.port}.sock")
-        argv = openssh.tunnel_argv(
-            self.settings,
-            master_port=self.master.port,
-            remote_port=self.remote_port,
-            probe_path=probe_path,
-            extra=self._extra,
-        )
         try:
-            session = await openssh.OpenSSHSession.start(argv, probe_path)
+            session = await self._start(probe_path)
+        except _NoConnection as exc:
+            self._emit(TunnelStarting, attempt=self._restart.attempts + 1, pid=None)
+            failure = openssh.SshFailure.from_output(
+                str(exc), 255, self.settings, ever_up=self._restart.ever_up
+            )
+            return _Attempt(up_for=None, reason=failure.message, exit_code=None, failure=failure)
         except OSError as exc:
             raise TunnelError(
                 f"cannot run {self.settings.ssh_program}: {exc}",
@@ -376,11 +458,12 @@ class Tunnel:
                     await session.established()
                     verified_by = await self._verify(session)
             except TimeoutError:
+                await session.close()
                 return await self._ended(
-                    session, None, f"no verified forward within {self.settings.connect_timeout:g} s"
+                    session, f"no verified forward within {self.settings.connect_timeout:g} s"
                 )
-            except openssh.SessionEnded as ended:
-                return await self._ended(session, None, None, ended)
+            except openssh.SessionEnded:
+                return await self._ended(session, None)
             self.record.remote_pid = session.remote_pid
             self.record.verified_by = verified_by
             self._transition(TunnelState.UP)
@@ -396,51 +479,72 @@ class Tunnel:
                 took=round(took, 4),
                 restarts=self.record.restarts,
             )
-            reason, code = await self._watch(session)
-            return _Attempt(up_for=self._clock.monotonic() - up_at, reason=reason, exit_code=code)
+            reason, code, replaced = await self._watch(session)
+            if replaced:
+                # The old session stayed silent after the head came back: its
+                # sshd on the head still holds the port; end it before restarting.
+                self._down_at = self._clock.monotonic()
+            return _Attempt(
+                up_for=self._clock.monotonic() - up_at,
+                reason=reason,
+                exit_code=code,
+                stale_pid=session.remote_pid if replaced else None,
+            )
         finally:
             await session.close()
             self._session = None
 
-    async def _ended(
-        self,
-        session: openssh.OpenSSHSession,
-        up_for: float | None,
-        reason: str | None,
-        ended: openssh.SessionEnded | None = None,
-    ) -> _Attempt:
+    async def _ended(self, session: openssh.OpenSSHSession, reason: str | None) -> _Attempt:
         """Turn an attempt that never came up into an outcome, reclaiming a stale port if that is why."""
-        code = ended.exit_code if ended is not None else None
-        if ended is None:
-            await session.close()
-            code = session.proc.returncode
+        code = await session.exited()
         failure = openssh.SshFailure.from_output(
             session.stderr, code, self.settings, ever_up=self._restart.ever_up
         )
         if failure.kind == "port_taken":
-            taken = await self._reclaim(failure)
+            taken = await self._reclaim()
             if taken is None:
                 return _Attempt(
                     up_for=None,
-                    reason="remote port was held by a stale session; reclaimed",
+                    reason=f"remote port {self.remote_port} was held by a stale session; reclaimed",
                     exit_code=code,
+                    retry_now=True,
                 )
             failure = taken
-        if reason is None:
-            reason = failure.message
-        return _Attempt(up_for=up_for, reason=reason, exit_code=code, failure=failure)
+        return _Attempt(up_for=None, reason=reason or failure.message, exit_code=code, failure=failure)
 
-    async def _reclaim(self, failure: openssh.SshFailure) -> openssh.SshFailure | None:
-        """End a stale sshd session of ours that holds the remote port; never anyone else's."""
-        holders: PortHolders = await inspect_port(self.settings, self.remote_port)
+    # -- the remote port -----------------------------------------------------------------
+
+    async def _end_stale(self, pid: int) -> None:
+        if await end_stale_session(self.settings, pid, self.remote_port):
+            self.record.reclaims += 1
+            self._emit(StalePortReclaimed, remote_port=self.remote_port, pid=pid)
+
+    async def _reclaim(self) -> openssh.SshFailure | None:
+        """Free the remote port from a stale sshd session of ours; never touch anything else.
+
+        Returns None when the port is free (again), or the failure to report.
+        """
+        holders = await inspect_port(self.settings, self.remote_port)
         if not holders.bound:
-            # Released between our attempt and the look: a plain retry will do.
             return None
-        stale = holders.stale_candidates(known=self._known_remote_pids())
+        known = {self.record.remote_pid} if self.record.remote_pid else set()
+        stale = holders.stale_candidates(known=known)
+        if stale and not set(stale) <= known:
+            # An sshd of ours that this tunnel did not start (an earlier run?). If a
+            # master still answers through it, it is someone's live tunnel: leave it.
+            owner = await self._port_owner()
+            if owner is not None and not owner.matches(self._expected_identity()):
+                return openssh.SshFailure(
+                    "port_taken",
+                    f"remote port {self.remote_port} on {self.settings.via} is in use by another live tunnel "
+                    f"of yours, to the {owner}",
+                    "give each master its own --remote-port",
+                    permanent=True,
+                    port=self.remote_port,
+                )
         if stale:
             for pid in stale:
-                if await end_stale_session(self.settings, pid, self.remote_port):
-                    self._emit(StalePortReclaimed, remote_port=self.remote_port, pid=pid)
+                await self._end_stale(pid)
             return None
         return openssh.SshFailure(
             "port_taken",
@@ -450,8 +554,25 @@ class Tunnel:
             port=self.remote_port,
         )
 
-    def _known_remote_pids(self) -> set[int]:
-        return {self.record.remote_pid} if self.record.remote_pid else set()
+    async def _port_owner(self) -> MasterIdentity | None:
+        """Which master answers on the head's remote port through a one-off session, if any."""
+        probe_path = os.path.join(self._rundir, f"owner-{self.master.port}.sock")
+        try:
+            session = await self._start(probe_path, reverse=False)
+        except (_NoConnection, OSError):
+            return None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await session.established()
+            reply = await request_status(session.open_probe, password=self._password, timeout=2.0)
+            return MasterIdentity.from_status(reply[0]) if reply else None
+        except (openssh.SessionEnded, TimeoutError, OSError, ProtocolError, AuthenticationFailed):
+            return None
+        finally:
+            await session.close()
+
+    def _expected_identity(self) -> MasterIdentity:
+        return self._identity or MasterIdentity(port=self.master.port, project=self.master.name)
 
     # -- proving the forward ------------------------------------------------------------
 
@@ -467,12 +588,11 @@ class Tunnel:
             if check is ForwardCheck.WRONG:
                 raise TunnelError(
                     f"remote port {self.remote_port} on {self.settings.via} leads to another master, not "
-                    f"{self._identity or self.master.port}",
+                    f"the {self._expected_identity()}",
                     "pick another --remote-port",
                 )
             if not session.running:
-                await session.exited()
-                raise openssh.SessionEnded(session.proc.returncode, session.stderr)
+                raise openssh.SessionEnded(await session.exited(), session.stderr)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
 
@@ -503,37 +623,37 @@ class Tunnel:
         if here:
             self._identity = MasterIdentity.from_status(here[0])
         seen = MasterIdentity.from_status(reply[0]) if reply else None
-        expected = self._identity or MasterIdentity(port=self.master.port, project=self.master.name)
-        if seen is None or not expected.matches(seen):
+        if seen is None or not self._expected_identity().matches(seen):
             return ForwardCheck.WRONG
         return ForwardCheck.REACHED
 
     # -- watching a live session ------------------------------------------------------------
 
-    async def _watch(self, session: openssh.OpenSSHSession) -> tuple[str, int | None]:
-        """Watch an up session until it ends or must be replaced; returns (reason, exit code)."""
+    async def _watch(self, session: openssh.OpenSSHSession) -> tuple[str, int | None, bool]:
+        """Watch an up session until it ends or must be replaced: (reason, exit code, replaced)."""
         s = self.settings
         exited = asyncio.create_task(session.exited())
+        closing = asyncio.create_task(self._closing.wait())
         ping: asyncio.Task[float] | None = None
-        ping_sent = 0.0
+        ping_sent = -s.keepalive_interval
         last_pong = self._clock.monotonic()
         next_probe = last_pong + s.probe_interval
         probe: asyncio.Task[ForwardCheck] | None = None
         lost_streak = 0
-        stall = _Stall()
+        stall: _Stall | None = None
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    [exited, asyncio.create_task(self._closing.wait())],
-                    timeout=min(s.keepalive_interval, 0.5),
+                    [exited, closing],
+                    timeout=min(s.keepalive_interval, 0.25),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if self._closing.is_set():
-                    return "closed", None
+                if closing in done:
+                    return "closed", None, False
                 if exited in done:
                     code = exited.result()
                     failure = openssh.SshFailure.from_output(session.stderr, code, s, ever_up=True)
-                    return failure.message, code
+                    return failure.message, code, False
                 now = self._clock.monotonic()
                 if ping is not None and ping.done():
                     if ping.exception() is None:
@@ -544,32 +664,41 @@ class Tunnel:
                     ping_sent = now
                     ping = asyncio.create_task(session.ping())
                 silent = now - last_pong
-                if self._state is TunnelState.UP and silent > s.stall_after:
+                if stall is None and silent > s.stall_after:
                     self._transition(TunnelState.STALLED)
-                    stall = _Stall(began=now)
+                    self.record.stalls += 1
+                    stall = _Stall(began=now, grace=self.grace)
+                    lost_streak = 0
                     self._emit(
-                        TunnelStalled,
-                        silent_for=round(silent, 2),
-                        reason="no answer through the session",
+                        TunnelStalled, silent_for=round(silent, 2), reason="no answer through the session"
                     )
-                elif self._state is TunnelState.STALLED:
-                    if silent <= s.stall_after:
-                        self._transition(TunnelState.UP)
-                        self._emit(TunnelResumed, stalled_for=round(now - stall.began, 2))
-                        continue
-                    verdict = await stall.step(self, now)
+                elif stall is not None and silent <= s.stall_after:
+                    self._transition(TunnelState.UP)
+                    self.record.resumes += 1
+                    self._emit(TunnelResumed, stalled_for=round(now - stall.began, 2))
+                    stall.cancel()
+                    stall = None
+                    next_probe = now + s.probe_interval
+                elif stall is not None:
+                    verdict = stall.step(self, now)
                     if verdict is not None:
-                        return verdict, None
+                        return verdict, None, True
                 if probe is not None and probe.done():
                     check = probe.result() if probe.exception() is None else ForwardCheck.REFUSED
                     probe = None
-                    lost_streak = lost_streak + 1 if check in (ForwardCheck.LOST, ForwardCheck.REFUSED) else 0
-                    if check is ForwardCheck.WRONG or lost_streak >= 2:
-                        return f"the remote port stopped reaching the master ({check.value})", None
-                if probe is None and now >= next_probe and self._state is TunnelState.UP:
+                    if stall is None:
+                        lost_streak = (
+                            lost_streak + 1 if check in (ForwardCheck.LOST, ForwardCheck.REFUSED) else 0
+                        )
+                        if check is ForwardCheck.WRONG or lost_streak >= 2:
+                            return f"the remote port stopped reaching the master ({check.value})", None, False
+                if probe is None and stall is None and now >= next_probe:
                     next_probe = now + s.probe_interval
                     probe = asyncio.create_task(self.check_forward(session))
         finally:
+            closing.cancel()
+            if stall is not None:
+                stall.cancel()
             for task in (ping, probe):
                 if task is not None:
                     task.cancel()
@@ -618,30 +747,38 @@ class Tunnel:
 
 @dataclass
 class _Stall:
-    """The decision to keep or replace a silent session.
+    """Keep or replace a silent session.
 
-    While the head cannot be reached a new session could not be opened anyway,
-    so the old one is kept. Once a fresh connection reaches the head, the old
-    session gets ``grace`` seconds to answer (TCP may be deep in retransmission
-    backoff); then it is replaced.
+    While fresh connections to the head fail, the session is kept: nothing
+    better can be opened. Once one succeeds, the session gets ``grace``
+    seconds to answer; if the head still answers fresh connections at the
+    end of it, the session is replaced.
     """
 
-    began: float = 0.0
+    began: float
+    grace: float
     reachable_at: float | None = None
-    grace: float = 12.0
     probing: asyncio.Task[bool] | None = None
 
-    async def step(self, tunnel: Tunnel, now: float) -> str | None:
+    def step(self, tunnel: Tunnel, now: float) -> str | None:
+        """Advance the decision; returns the reason to replace the session, or None to keep it."""
         if self.probing is not None and self.probing.done():
-            ok = self.probing.result()
+            ok = self.probing.exception() is None and self.probing.result()
             self.probing = None
             if ok and self.reachable_at is None:
                 self.reachable_at = now
-        if self.probing is None and self.reachable_at is None:
+            elif ok and self.reachable_at is not None and now - self.reachable_at >= self.grace:
+                return (
+                    f"session silent for {now - self.began:.1f} s although the head node has answered fresh "
+                    f"connections for {now - self.reachable_at:.1f} s; replacing it"
+                )
+            elif not ok:
+                self.reachable_at = None
+        if self.probing is None and (self.reachable_at is None or now - self.reachable_at >= self.grace):
             self.probing = asyncio.create_task(tunnel._head_reachable(timeout=1.0))
-        if self.reachable_at is not None and now - self.reachable_at >= self.grace:
-            return (
-                f"session silent for {now - self.began:.1f} s while the head node answers fresh "
-                "connections; replacing it"
-            )
         return None
+
+    def cancel(self) -> None:
+        """Stop a probe in flight."""
+        if self.probing is not None:
+            self.probing.cancel()

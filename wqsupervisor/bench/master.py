@@ -1,0 +1,82 @@
+"""A Work Queue master in a process of its own, driven line by line from stdin.
+
+``python -m wqsupervisor.bench.master BINDING`` prints its port, then serves:
+
+* ``workers K T`` -- wait (in ``wait()``, so status requests are answered) until
+  K workers are connected, at most T seconds; prints ``ok N`` or ``timeout N``;
+* ``serve T`` -- sit in ``wait()`` for T seconds (keeps status answered);
+* ``run N CMD...`` -- submit N tasks running CMD, wait for all, print a JSON line
+  with the submit time, each completion time, and how many came back;
+* ``quit``.
+
+BINDING is ``debian`` (Debian's SWIG ``work_queue``), ``ndcctools``, or
+``server`` (:class:`wqsupervisor.server.WorkQueueServer`). Answers start with
+``wqs-bench: ``; anything else on stdout is the bindings' own chatter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+PREFIX = "wqs-bench: "
+
+
+def _open(binding: str) -> tuple[Any, Any]:
+    import importlib
+
+    if binding == "server":
+        from wqsupervisor.server import Task, WorkQueueServer
+
+        return WorkQueueServer(name="wqs-bench"), Task
+    module = importlib.import_module("ndcctools.work_queue" if binding == "ndcctools" else "work_queue")
+    return module.WorkQueue(port=0, name="wqs-bench"), module.Task
+
+
+def _say(what: object) -> None:
+    # The bindings print their own warnings on stdout; answers carry a prefix.
+    print(f"{PREFIX}{what}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve commands from stdin until ``quit`` or end of file."""
+    binding = (argv if argv is not None else sys.argv[1:])[0]
+    q, task_type = _open(binding)
+    _say(q.port)
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "quit":
+            break
+        if words[0] == "workers":
+            want, limit = int(words[1]), float(words[2])
+            deadline = time.monotonic() + limit
+            while q.stats.workers_connected < want and time.monotonic() < deadline:
+                q.wait(1)
+            have = q.stats.workers_connected
+            _say(("ok " if have >= want else "timeout ") + str(have))
+        elif words[0] == "serve":
+            until = time.monotonic() + float(words[1])
+            while time.monotonic() < until:
+                q.wait(1)
+            _say("ok")
+        elif words[0] == "run":
+            n, command = int(words[1]), " ".join(words[2:])
+            submitted = time.monotonic()
+            for _ in range(n):
+                q.submit(task_type(command))
+            done: list[float] = []
+            while not q.empty():
+                if q.wait(5) is not None:
+                    done.append(time.monotonic())
+            _say(json.dumps({"submitted": submitted, "done": done}))
+    if hasattr(q, "close"):
+        q.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""A firewall lab built from network namespaces, and the faults that break tunnels.
+
+Three hosts, each a network namespace that the lab creates and removes::
+
+    campus (master + supervisor) --veth-- head (sshd) --veth-- node (workers)
+      10.250.0.1                 10.250.0.2  10.250.1.1        10.250.1.2
+
+* ``head`` does not forward (``ip_forward=0``, FORWARD policy DROP), so
+  ``node`` cannot reach ``campus``; ``campus`` drops TCP SYNs from the head's
+  link, so ``head`` cannot open connections into it. Each host has only its
+  connected routes: no default route, nothing beyond the lab.
+* ``head`` runs a real sshd (:class:`wqsupervisor.sandbox.HeadNode`) for an
+  unprivileged user that the lab creates and deletes, so nothing can lean on root.
+* Workers on ``node`` reach the master only as the HOWTO says: their own
+  ``ssh -L`` hop to the head, then the head's ``-R`` port.
+
+Faults are methods: :meth:`Lab.link_down`, :meth:`Lab.blackhole` and
+:meth:`Lab.heal` (keeping or forgetting the old connections), :meth:`Lab.flap`,
+:meth:`Lab.restart_sshd`, :meth:`Lab.kill_session`, :meth:`Lab.stop_session`.
+Everything is undone by :meth:`Lab.stop`, which also runs when the ``with``
+block raises. Needs root, ``iproute2`` and ``iptables``.
+
+``python -m wqsupervisor.lab app ...`` is the campus-side application the
+tests and benchmarks drive; ``python -m wqsupervisor.lab probe PORT`` watches
+a port from inside a namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import WQSupervisorError
+from .process import owned_argv, terminate
+from .sandbox import HeadNode
+
+CAMPUS, HEAD, NODE = "campus", "head", "node"
+CAMPUS_IP, HEAD_CAMPUS_IP = "10.250.0.1", "10.250.0.2"
+HEAD_NODE_IP, NODE_IP = "10.250.1.1", "10.250.1.2"
+
+
+def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if check and res.returncode != 0:
+        raise WQSupervisorError(f"lab command failed: {' '.join(argv)}: {res.stderr.strip()}")
+    return res
+
+
+class Lab:
+    """campus -- head -- node, with a real sshd on head and faults on demand."""
+
+    def __init__(self, workdir: str | None = None) -> None:
+        if os.geteuid() != 0:
+            raise WQSupervisorError("the firewall lab needs root", "run the lab tests as root (CI does)")
+        for tool in ("ip", "iptables"):
+            if shutil.which(tool) is None:
+                raise WQSupervisorError(f"{tool} is not installed", "apt-get install iproute2 iptables")
+        self.tag = secrets.token_hex(3)
+        self.ns = {h: f"wqs-{self.tag}-{h}" for h in (CAMPUS, HEAD, NODE)}
+        # veth names are limited to 15 characters.
+        self.veth = {
+            (CAMPUS, HEAD): f"c{self.tag}h",
+            (HEAD, CAMPUS): f"h{self.tag}c",
+            (HEAD, NODE): f"h{self.tag}n",
+            (NODE, HEAD): f"n{self.tag}h",
+        }
+        self.user = f"wqs{self.tag}"
+        self.root = Path(workdir or tempfile.mkdtemp(prefix="wqs-lab-"))
+        self.head: HeadNode | None = None
+        self.campus_ssh_config = self.root / "ssh_config.campus"
+        self.node_ssh_config = self.root / "ssh_config.node"
+        self._blackholed = False
+        self._forgotten: list[list[str]] = []
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._started = False
+
+    # -- building and tearing down --------------------------------------------------
+
+    def start(self) -> Lab:
+        """Create the namespaces, links, firewall, user and sshd."""
+        self._started = True
+        try:
+            self._build()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _build(self) -> None:
+        os.chmod(self.root, 0o755)  # noqa: S103 - sshd reads the lab user's keys from here
+        for ns in self.ns.values():
+            _run(["ip", "netns", "add", ns])
+            self.sh(ns, "ip link set lo up")
+        for (a, b), ip_a, ip_b in (
+            ((CAMPUS, HEAD), CAMPUS_IP, HEAD_CAMPUS_IP),
+            ((HEAD, NODE), HEAD_NODE_IP, NODE_IP),
+        ):
+            va, vb = self.veth[(a, b)], self.veth[(b, a)]
+            _run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    va,
+                    "netns",
+                    self.ns[a],
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    vb,
+                    "netns",
+                    self.ns[b],
+                ]
+            )
+            self.sh(self.ns[a], f"ip addr add {ip_a}/30 dev {va} && ip link set {va} up")
+            self.sh(self.ns[b], f"ip addr add {ip_b}/30 dev {vb} && ip link set {vb} up")
+        self.sh(self.ns[HEAD], "echo 0 > /proc/sys/net/ipv4/ip_forward && iptables -P FORWARD DROP")
+        self.sh(self.ns[CAMPUS], f"iptables -A INPUT -i {self.veth[(CAMPUS, HEAD)]} -p tcp --syn -j DROP")
+        home = self.root / "home"
+        # "*" and not the locked "!": sshd refuses locked accounts when it runs without PAM.
+        _run(
+            [
+                "useradd",
+                "--no-create-home",
+                "--no-user-group",
+                "--password",
+                "*",
+                "--home-dir",
+                str(home),
+                "--shell",
+                "/bin/sh",
+                self.user,
+            ]
+        )
+        home.mkdir(mode=0o700)
+        os.chown(home, pwd.getpwnam(self.user).pw_uid, -1)
+        self.head = HeadNode(
+            str(self.root / "head"),
+            port=22,
+            user=self.user,
+            host="0.0.0.0",  # noqa: S104 - the head listens on both of its links
+            netns=self.ns[HEAD],
+            addresses=[HEAD_CAMPUS_IP, HEAD_NODE_IP],
+        )
+        self.head.client_config(HEAD_CAMPUS_IP, self.campus_ssh_config)
+        self.head.client_config(HEAD_NODE_IP, self.node_ssh_config)
+        self.head.start()
+
+    def stop(self) -> None:
+        """Remove everything the lab made, whatever state it is in."""
+        if not self._started:
+            return
+        self._started = False
+        for proc in self._procs:
+            with contextlib.suppress(Exception):
+                terminate(proc, grace=2)
+        if self.head is not None:
+            with contextlib.suppress(Exception):
+                self.head.stop()
+        for ns in self.ns.values():
+            pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            _run(["pkill", "-KILL", "-u", self.user], check=False)
+        for ns in self.ns.values():
+            _run(["ip", "netns", "delete", ns], check=False)
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(self.user)
+            deadline = time.monotonic() + 5
+            while _run(["userdel", self.user], check=False).returncode == 8 and time.monotonic() < deadline:
+                time.sleep(0.1)  # userdel refuses while a process of the user is still exiting
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Lab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- running things --------------------------------------------------------------
+
+    def argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside ``host``'s namespace."""
+        return ["ip", "netns", "exec", self.ns[host], *argv]
+
+    def sh(self, ns: str, script: str) -> str:
+        """Run a shell line in namespace ``ns`` (a full name); returns its stdout."""
+        return _run(["ip", "netns", "exec", ns, "sh", "-c", script]).stdout
+
+    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process on ``host``; it is stopped with the lab and dies with this process."""
+        proc = subprocess.Popen(owned_argv(self.argv(host, argv), "KILL"), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    # -- faults --------------------------------------------------------------------------
+
+    def _campus_link(self, up: bool) -> None:
+        self.sh(self.ns[CAMPUS], f"ip link set {self.veth[(CAMPUS, HEAD)]} {'up' if up else 'down'}")
+
+    def link_down(self) -> None:
+        """Take the campus-head link down (both ends lose carrier)."""
+        self._campus_link(False)
+
+    def link_up(self) -> None:
+        """Bring the campus-head link back."""
+        self._campus_link(True)
+
+    def blackhole(self) -> None:
+        """Drop every packet on the campus-head link, both ways; the link stays up."""
+        hc = self.veth[(HEAD, CAMPUS)]
+        self.sh(self.ns[HEAD], f"iptables -I INPUT 1 -i {hc} -j DROP && iptables -I OUTPUT 1 -o {hc} -j DROP")
+        self._blackholed = True
+
+    def heal(self, forget: bool = False) -> None:
+        """End the blackhole. ``forget``: packets of connections opened before it stay dropped,
+        as behind a NAT or firewall that lost its state; new connections pass."""
+        hc = self.veth[(HEAD, CAMPUS)]
+        if forget:
+            for conn in self.campus_connections():
+                rules = [
+                    [
+                        "-I",
+                        "INPUT",
+                        "1",
+                        "-i",
+                        hc,
+                        "-p",
+                        "tcp",
+                        "-s",
+                        conn[0],
+                        "--sport",
+                        conn[1],
+                        "-d",
+                        conn[2],
+                        "--dport",
+                        conn[3],
+                        "-j",
+                        "DROP",
+                    ],
+                    [
+                        "-I",
+                        "OUTPUT",
+                        "1",
+                        "-o",
+                        hc,
+                        "-p",
+                        "tcp",
+                        "-s",
+                        conn[2],
+                        "--sport",
+                        conn[3],
+                        "-d",
+                        conn[0],
+                        "--dport",
+                        conn[1],
+                        "-j",
+                        "DROP",
+                    ],
+                ]
+                for rule in rules:
+                    _run(self.argv(HEAD, ["iptables", *rule]))
+                    self._forgotten.append(rule)
+        if self._blackholed:
+            self.sh(self.ns[HEAD], f"iptables -D INPUT -i {hc} -j DROP && iptables -D OUTPUT -o {hc} -j DROP")
+            self._blackholed = False
+
+    def campus_connections(self) -> list[tuple[str, str, str, str]]:
+        """Established TCP connections from campus to the head: (src, sport, dst, dport)."""
+        out = self.sh(self.ns[CAMPUS], f"ss -Htn state established dst {HEAD_CAMPUS_IP}")
+        conns = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 4:
+                (src, sport), (dst, dport) = parts[2].rsplit(":", 1), parts[3].rsplit(":", 1)
+                conns.append((src, sport, dst, dport))
+        return conns
+
+    def flap(self, period: float = 2.0, duration: float = 30.0) -> None:
+        """Take the campus-head link down and up every ``period`` seconds for ``duration`` (blocks)."""
+        end = time.monotonic() + duration
+        up = True
+        while time.monotonic() < end:
+            up = not up
+            self._campus_link(up)
+            time.sleep(period)
+        self._campus_link(True)
+
+    def restart_sshd(self, down_for: float = 0.0) -> None:
+        """A head node reboot: sshd and every session die; sshd comes back."""
+        assert self.head is not None
+        self.head.restart(down_for=down_for)
+
+    def port_holder(self, port: int) -> int | None:
+        """The pid that listens on the head's ``port`` (the tunnel's sshd session)."""
+        out = self.sh(self.ns[HEAD], f"ss -Hltnp 'sport = :{port}'")
+        for token in out.replace(",", " ").split():
+            if token.startswith("pid="):
+                return int(token[4:])
+        return None
+
+    def kill_session(self, pid: int) -> None:
+        """Kill the head's sshd session for the tunnel (SIGKILL)."""
+        os.kill(pid, signal.SIGKILL)
+
+    def stop_session(self, pid: int) -> None:
+        """Hang the head's sshd session (SIGSTOP): it holds its port and answers nothing."""
+        os.kill(pid, signal.SIGSTOP)
+
+    def resume_session(self, pid: int) -> None:
+        """Undo :meth:`stop_session`."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def fault(self, start: Callable[[], None], end: Callable[[], None]) -> Iterator[None]:
+        """Apply a fault for the length of a block; the block's end heals it, even on error."""
+        start()
+        try:
+            yield
+        finally:
+            end()
+
+
+# -- the campus-side application and a prober, run inside namespaces -----------------------
+
+
+def _app(argv: list[str]) -> int:
+    """A master with a supervised tunnel, driven by stdin, reporting JSON lines on stdout."""
+    import argparse
+    import queue
+
+    parser = argparse.ArgumentParser(prog="python -m wqsupervisor.lab app")
+    parser.add_argument("--ssh-config", required=True)
+    parser.add_argument("--remote-port", type=int, required=True)
+    parser.add_argument("--settings", default="{}", help="more supervisor settings, as JSON")
+    parser.add_argument("--binding", default="debian", choices=("debian", "server"))
+    args = parser.parse_args(argv)
+
+    from .config import Settings
+    from .master import read_stats
+    from .supervisor import supervise
+
+    lock = threading.Lock()
+
+    def say(kind: str, **data: Any) -> None:
+        with lock:
+            print(json.dumps({"kind": kind, "t": time.time(), **data}), flush=True)
+
+    if args.binding == "server":
+        from .server import Task, WorkQueueServer
+
+        q: Any = WorkQueueServer(name=f"lab-{os.getpid()}")
+        make_task: Callable[[str, str], Any] = lambda cmd, tag: Task(cmd, tag=tag)  # noqa: E731
+    else:
+        import work_queue
+
+        q = work_queue.WorkQueue(port=0, name=f"lab-{os.getpid()}")
+
+        def make_task(cmd: str, tag: str) -> Any:
+            t = work_queue.Task(cmd)
+            t.specify_tag(tag)
+            return t
+
+    settings = Settings(
+        via="headnode",
+        ssh_config=args.ssh_config,
+        remote_port=args.remote_port,
+        allow_no_password=True,
+        **json.loads(args.settings),
+    )
+    sup = supervise(q, settings, on_event=lambda e: say("event", data=e.to_dict()), log_events=False)
+    commands: queue.Queue[str] = queue.Queue()
+
+    def read_commands() -> None:
+        for text in sys.stdin:
+            commands.put(text)
+
+    threading.Thread(target=read_commands, daemon=True).start()
+    say("ready", master_port=q.port, agent_pid=sup._agent.pid if sup._agent else None)
+    outstanding = 0
+    next_tag = 0
+    last_stats = 0.0
+    while True:
+        with contextlib.suppress(queue.Empty):
+            while line := commands.get_nowait().split():
+                if line[0] == "quit":
+                    sup.close()
+                    say("closed")
+                    return 0
+                if line[0] == "submit":
+                    for _ in range(int(line[1])):
+                        tag = str(next_tag)
+                        q.submit(make_task(" ".join(line[2:]).replace("{i}", tag), tag))
+                        next_tag += 1
+                        outstanding += 1
+                elif line[0] == "busy":
+                    say("busy", seconds=float(line[1]))
+                    time.sleep(float(line[1]))
+                    say("idle")
+                elif line[0] == "snapshot":
+                    say("snapshot", data=sup.snapshot())
+        if outstanding:
+            result = q.wait(1)
+            if result is not None:
+                outstanding -= 1
+                output = result.output if isinstance(result.output, str) else ""
+                say(
+                    "result",
+                    tag=result.tag,
+                    output=output.strip(),
+                    status=getattr(result, "return_status", None),
+                )
+        else:
+            time.sleep(0.05)
+        if time.monotonic() - last_stats > 0.5:
+            last_stats = time.monotonic()
+            say("stats", stats=read_stats(q).to_dict())
+
+
+def _probe(argv: list[str]) -> int:
+    """Print a line each time ``queue_status`` on 127.0.0.1:PORT starts or stops answering."""
+    port, interval = int(argv[0]), float(argv[1]) if len(argv) > 1 else 0.05
+    from .bench.harness import queue_status
+
+    answering: bool | None = None
+    while True:
+        reply = queue_status(port, timeout=0.5)
+        now = reply is not None
+        if now != answering:
+            print(
+                json.dumps({"t": time.time(), "answering": now, "port": (reply or {}).get("port")}),
+                flush=True,
+            )
+            answering = now
+        time.sleep(interval)
+
+
+if __name__ == "__main__":
+    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command == "app":
+        sys.exit(_app(rest))
+    if command == "probe":
+        sys.exit(_probe(rest))
+    print("usage: python -m wqsupervisor.lab {app|probe} ...", file=sys.stderr)
+    sys.exit(2)

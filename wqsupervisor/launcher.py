@@ -1,0 +1,203 @@
+"""The node launcher: a POSIX ``sh`` script that runs one worker through the head node.
+
+The head node's forwarded port is bound to its loopback, so a compute node
+needs its own hop (the HOWTO's ``ssh -L 10002:localhost:10001 headnode``).
+The script keeps that hop alive and runs ``work_queue_worker`` through it:
+
+* the hop is an ``ssh -L`` carried by a session whose remote command waits
+  (``cat`` on a FIFO nobody writes), not ``-N``: without a session sshd never
+  sets TCP_NODELAY and every task waits on delayed ACKs;
+* ``ExitOnForwardFailure`` and keepalives make a broken hop exit, and the
+  script restarts it with a backoff (1 s doubling to 30 s, reset after a hop
+  that lived 30 s), so a dead head node is not hammered;
+* the worker gets ``--parent-death`` and a short reconnect backoff; when it
+  ends (idle timeout, or the master released it) the script stops the hop,
+  removes its files and exits with the worker's status.
+
+Without a hop (workers on the head node itself) the script runs the worker
+against ``127.0.0.1:REMOTE_PORT`` directly. Everything it writes is 0600/0700.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_TEMPLATE = r"""#!/bin/sh
+# wqsupervisor node launcher, generated: one work_queue_worker through an ssh -L hop
+# to the head node's forwarded Work Queue port. Do not edit; regenerate.
+set -u
+umask 077
+REMOTE_PORT=%(remote_port)d
+LOCAL_PORT=%(local_port)d
+HOP=%(hop)d
+IDLE=%(idle)d
+
+log() { printf '%%s wqs-node[%%s]: %%s\n' "$(date '+%%H:%%M:%%S')" "$$" "$*" >&2; }
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/wqs-node.XXXXXX") || { log "cannot create a temporary directory"; exit 1; }
+hop_loop_pid=
+worker_pid=
+cleanup() {
+    trap - EXIT INT TERM HUP
+    [ -n "$worker_pid" ] && kill "$worker_pid" 2>/dev/null
+    if [ -n "$hop_loop_pid" ]; then
+        kill "$hop_loop_pid" 2>/dev/null
+        [ -f "$tmp/hop.pid" ] && kill "$(cat "$tmp/hop.pid")" 2>/dev/null
+    fi
+    wait 2>/dev/null
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
+
+hop() {
+    # $1: local port. The remote command says when the session runs, then waits on a
+    # FIFO that only this script holds open, so it ends with the script.
+    %(ssh)s -T -o BatchMode=yes -o ExitOnForwardFailure=yes \
+        -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -o ControlMaster=no -o ControlPath=none \
+        -L "127.0.0.1:$1:127.0.0.1:$REMOTE_PORT" %(ssh_args)s %(via)s 'echo wqs-hop-up; exec cat' \
+        <"$tmp/keep" >"$tmp/hop.out" 2>"$tmp/hop.err"
+}
+
+start_hop() {
+    # Start one hop in the background and wait until it carries a session; 0 when up.
+    : >"$tmp/hop.out"
+    hop "$1" &
+    echo $! >"$tmp/hop.pid"
+    i=0
+    while [ $i -lt 300 ]; do
+        grep -q wqs-hop-up "$tmp/hop.out" 2>/dev/null && return 0
+        kill -0 "$(cat "$tmp/hop.pid")" 2>/dev/null || return 1
+        sleep 0.1
+        i=$((i + 1))
+    done
+    return 1
+}
+
+hop_loop() {
+    delay=1
+    while :; do
+        wait_pid=$(cat "$tmp/hop.pid")
+        started=$(date +%%s)
+        while kill -0 "$wait_pid" 2>/dev/null; do sleep 1; done
+        lived=$(( $(date +%%s) - started ))
+        [ "$lived" -ge 30 ] && delay=1
+        why=$(tail -n 1 "$tmp/hop.err" 2>/dev/null)
+        log "hop to the head node ended after ${lived}s: $why; again in ${delay}s"
+        sleep "$delay"
+        delay=$((delay * 2)); [ "$delay" -gt 30 ] && delay=30
+        start_hop "$port" || log "hop restart failed: $(tail -n 1 "$tmp/hop.err" 2>/dev/null)"
+    done
+}
+
+if [ "$HOP" = 1 ]; then
+    mkfifo "$tmp/keep" || exit 1
+    exec 3<>"$tmp/keep"
+    port=$LOCAL_PORT
+    [ "$port" = 0 ] && port=$(( 20000 + $$ %% 20000 ))
+    tries=0
+    delay=1
+    until start_hop "$port"; do
+        tries=$((tries + 1))
+        if [ "$LOCAL_PORT" = 0 ] && grep -q -e 'already in use' -e 'cannot listen' "$tmp/hop.err"; then
+            port=$((port + 1))
+        else
+            log "hop to the head node failed: $(tail -n 1 "$tmp/hop.err" 2>/dev/null); again in ${delay}s"
+            sleep "$delay"
+            delay=$((delay * 2)); [ "$delay" -gt 30 ] && delay=30
+        fi
+        [ $tries -ge 50 ] && { log "giving up on the hop"; exit 75; }
+    done
+    log "hop up: 127.0.0.1:$port -> head:127.0.0.1:$REMOTE_PORT"
+    hop_loop &
+    hop_loop_pid=$!
+    target_port=$port
+else
+    target_port=$REMOTE_PORT
+fi
+
+%(worker)s --parent-death --min-backoff 1 --max-backoff %(max_backoff)d -t "$IDLE" %(worker_args)s \
+    127.0.0.1 "$target_port" &
+worker_pid=$!
+wait "$worker_pid"
+status=$?
+worker_pid=
+log "worker exited with status $status"
+exit $status
+"""
+
+
+@dataclass(frozen=True)
+class NodeLauncher:
+    """Settings of the generated script; :meth:`script` renders it, :meth:`write` saves it."""
+
+    remote_port: int
+    via: str | None = None
+    ssh_args: Sequence[str] = field(default_factory=tuple)
+    ssh_program: str = "ssh"
+    local_port: int = 0
+    worker: str = "work_queue_worker"
+    password_file: str | None = None
+    cores: int | None = None
+    memory_mb: int | None = None
+    disk_mb: int | None = None
+    idle_timeout: int = 900
+    max_backoff: int = 2
+    ssl: bool = False
+    worker_args: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.remote_port < 65536:
+            raise ValueError(f"remote_port {self.remote_port} is not a port")
+        if self.via is not None and (not self.via or self.via.startswith("-")):
+            raise ValueError(f"via {self.via!r} is not an ssh destination")
+
+    def _worker_args(self) -> list[str]:
+        args: list[str] = []
+        if self.password_file:
+            args += ["-P", self.password_file]
+        if self.cores is not None:
+            args += ["--cores", str(self.cores)]
+        if self.memory_mb is not None:
+            args += ["--memory", str(self.memory_mb)]
+        if self.disk_mb is not None:
+            args += ["--disk", str(self.disk_mb)]
+        if self.ssl:
+            args.append("--ssl")
+        return [*args, *self.worker_args]
+
+    def script(self) -> str:
+        """The launcher as POSIX ``sh`` text."""
+        return _TEMPLATE % {
+            "remote_port": self.remote_port,
+            "local_port": self.local_port,
+            "hop": 1 if self.via else 0,
+            "idle": self.idle_timeout,
+            "ssh": shlex.quote(self.ssh_program),
+            "ssh_args": " ".join(shlex.quote(a) for a in self.ssh_args),
+            "via": shlex.quote(self.via or "-"),
+            "worker": shlex.quote(self.worker),
+            "worker_args": " ".join(shlex.quote(a) for a in self._worker_args()),
+            "max_backoff": self.max_backoff,
+        }
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the script with mode 0700, atomically (no half-written file is ever seen)."""
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=".wqs-launcher-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.script())
+            os.chmod(tmp, 0o700)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
