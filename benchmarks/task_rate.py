@@ -21,15 +21,25 @@ parser.add_argument("--command", default="true")
 parser.add_argument("--binding", default="debian", choices=("debian", "ndcctools", "server"))
 parser.add_argument("--pythonpath", help="where ndcctools lives, for --binding ndcctools")
 parser.add_argument("--worker", help="work_queue_worker to use (e.g. /opt/cctools/bin/work_queue_worker)")
-parser.add_argument("--session", action="store_true",
-                    help="also measure a plain 'ssh -T -R ... cat' session tunnel, without supervision")
+parser.add_argument(
+    "--session",
+    action="store_true",
+    help="also measure a plain 'ssh -T -R ... cat' session tunnel, without supervision",
+)
 parser.add_argument("--out", default="bench-out")
 args = parser.parse_args()
 
 paths = (*taskrate.PATHS, taskrate.SESSION) if args.session else taskrate.PATHS
-result = taskrate.run(rounds=args.rounds, tasks=args.tasks, n_workers=args.workers, command=args.command,
-                      paths=paths,
-                      binding=args.binding, pythonpath=args.pythonpath, worker_program=args.worker)
+result = taskrate.run(
+    rounds=args.rounds,
+    tasks=args.tasks,
+    n_workers=args.workers,
+    command=args.command,
+    paths=paths,
+    binding=args.binding,
+    pythonpath=args.pythonpath,
+    worker_program=args.worker,
+)
 out = pathlib.Path(args.out)
 out.mkdir(exist_ok=True)
 (out / "task_rate.json").write_text(json.dumps(result, indent=2))

@@ -20,8 +20,14 @@ from wqsupervisor.server import WorkQueueServer
 from support import free_port, processes_matching
 
 # What a test may start; none of it may outlive the test.
-_OWNED = ("wqsupervisor.agent", "wqs-session", "work_queue_worker", "work_queue_server", "wqs-head-",
-          "wqsupervisor._bootstrap")
+_OWNED = (
+    "wqsupervisor.agent",
+    "wqs-session",
+    "work_queue_worker",
+    "work_queue_server",
+    "wqs-head-",
+    "wqsupervisor._bootstrap",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -100,8 +106,13 @@ class Recorder:
         with self._cond:
             return [e for e in self.events if isinstance(e, kind)]
 
-    def wait(self, kind: type[Event], timeout: float, count: int = 1,
-             where: Callable[[Event], bool] = lambda e: True) -> list[Event]:
+    def wait(
+        self,
+        kind: type[Event],
+        timeout: float,
+        count: int = 1,
+        where: Callable[[Event], bool] = lambda e: True,
+    ) -> list[Event]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:

@@ -63,15 +63,27 @@ def processes_matching(needle: str) -> list[int]:
 def python_env(*extra_paths: str) -> dict[str, str]:
     """The environment for a child Python that imports this checkout (and ``extra_paths``)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *extra_paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *extra_paths, env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
     return env
 
 
-def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
-               ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], env=env or python_env(), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def run_python(
+    code: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env or python_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @contextlib.contextmanager

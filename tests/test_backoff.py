@@ -61,7 +61,9 @@ def test_drop_after_a_stable_session_restarts_at_once():
 
 def test_flapping_sessions_climb_the_ladder_and_a_stable_one_resets_it():
     """Short sessions back off further each time; one stable session brings the delay back to zero."""
-    assert _run([(1.0, None, 1.0), (1.0, None, 1.0), (0.2, None, 0.0), (4.9, None, 1.0), (5.0, None, 1.0)]) == [
+    assert _run(
+        [(1.0, None, 1.0), (1.0, None, 1.0), (0.2, None, 0.0), (4.9, None, 1.0), (5.0, None, 1.0)]
+    ) == [
         (1, 0, True, Retry(0.5, 1)),
         (2, 0, True, Retry(1.0, 2)),
         (3, 0, True, Retry(1.0, 3)),

@@ -29,15 +29,25 @@ def test_help_explains_every_required_option_in_one_line():
 
 
 def _run_args(head, remote_port: int, *extra: str) -> list[str]:
-    return cli("run", "--via", "headnode", "--ssh-config", str(head.ssh_config), "--remote-port",
-               str(remote_port), "--allow-no-password", *extra)
+    return cli(
+        "run",
+        "--via",
+        "headnode",
+        "--ssh-config",
+        str(head.ssh_config),
+        "--remote-port",
+        str(remote_port),
+        "--allow-no-password",
+        *extra,
+    )
 
 
 def test_run_supervises_an_unmodified_script_and_passes_its_exit_status(head, remote_port, workers):
     """run executes examples/squares.py unchanged; its workers use only the remote port; status passes."""
     argv = _run_args(head, remote_port, SQUARES, "--tasks", "25", "--exit-status", "7")
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=python_env()) as proc:
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=python_env()
+    ) as proc:
         try:
             wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
             workers(remote_port, n=2)
@@ -57,8 +67,14 @@ def test_run_sets_argv_as_if_run_directly(head, remote_port, tmp_path):
     """The script sees its own path as argv[0], its arguments after it, and __name__ == '__main__'."""
     script = tmp_path / "show.py"
     script.write_text("import sys\nprint(repr(sys.argv), __name__, sys.path[0])\n")
-    res = subprocess.run(_run_args(head, remote_port, str(script), "a", "--b", "c"), capture_output=True,
-                         text=True, env=python_env(), timeout=60, check=False)
+    res = subprocess.run(
+        _run_args(head, remote_port, str(script), "a", "--b", "c"),
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"{[str(script), 'a', '--b', 'c']!r} __main__ {tmp_path}"
 
@@ -66,8 +82,9 @@ def test_run_sets_argv_as_if_run_directly(head, remote_port, tmp_path):
 def test_sigterm_ends_the_script_then_the_tunnel_with_a_summary(head, remote_port, workers):
     """SIGTERM to run: the script ends, the tunnel closes, no ssh is left, one summary line."""
     argv = _run_args(head, remote_port, SQUARES, "--tasks", "100000")
-    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=python_env()) as proc:
+    with subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=python_env()
+    ) as proc:
         try:
             wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
             proc.send_signal(signal.SIGTERM)
@@ -84,8 +101,14 @@ def test_sigterm_ends_the_script_then_the_tunnel_with_a_summary(head, remote_por
 def test_ctrl_c_reaches_the_script_and_ends_the_run(head, remote_port):
     """Ctrl-C (SIGINT to the whole process group): the script's KeyboardInterrupt, then a clean exit."""
     argv = _run_args(head, remote_port, SQUARES, "--tasks", "100000")
-    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=python_env(), start_new_session=True) as proc:
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=python_env(),
+        start_new_session=True,
+    ) as proc:
         try:
             wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
             os.killpg(proc.pid, signal.SIGINT)
@@ -100,9 +123,13 @@ def test_ctrl_c_reaches_the_script_and_ends_the_run(head, remote_port):
 
 def test_missing_head_node_is_a_clear_error():
     """run without --via: exit 2 and a message that says what to pass."""
-    res = subprocess.run(cli("run", "--remote-port", "10001", SQUARES), capture_output=True, text=True,
-                         env={k: v for k, v in python_env().items() if not k.startswith("WQSUPERVISOR_")},
-                         check=False)
+    res = subprocess.run(
+        cli("run", "--remote-port", "10001", SQUARES),
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in python_env().items() if not k.startswith("WQSUPERVISOR_")},
+        check=False,
+    )
     assert res.returncode == 2
     assert "no head node given" in res.stderr and "--via" in res.stderr
     assert "Traceback" not in res.stderr
@@ -110,8 +137,13 @@ def test_missing_head_node_is_a_clear_error():
 
 def test_missing_script_is_a_clear_error(head):
     """run with a script that does not exist: exit 2, no traceback."""
-    res = subprocess.run(_run_args(head, 10001, "/nonexistent/app.py"), capture_output=True, text=True,
-                         env=python_env(), check=False)
+    res = subprocess.run(
+        _run_args(head, 10001, "/nonexistent/app.py"),
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        check=False,
+    )
     assert res.returncode == 2
     assert "no such script" in res.stderr and "Traceback" not in res.stderr
 
@@ -120,8 +152,13 @@ def test_bad_setting_value_is_a_clear_error(tmp_path):
     """A config file with a wrong type: exit 2, the file and the setting named."""
     cfg = tmp_path / "bad.toml"
     cfg.write_text('via = "headnode"\nremote_port = "lots"\n')
-    res = subprocess.run(cli("run", "--config", str(cfg), SQUARES), capture_output=True, text=True,
-                         env=python_env(), check=False)
+    res = subprocess.run(
+        cli("run", "--config", str(cfg), SQUARES),
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        check=False,
+    )
     assert res.returncode == 2
     assert "remote_port" in res.stderr and str(cfg) in res.stderr
 
@@ -146,8 +183,15 @@ def test_unknown_host_is_a_clear_error(tmp_path):
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        argv = ["ip", "netns", "exec", ns, *cli("run", "--via", "nosuchhost.invalid", "--remote-port", "10001",
-                                                  "--allow-no-password", SQUARES)]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            *cli(
+                "run", "--via", "nosuchhost.invalid", "--remote-port", "10001", "--allow-no-password", SQUARES
+            ),
+        ]
         res = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=120, check=False)
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)

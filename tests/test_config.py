@@ -12,10 +12,20 @@ def test_precedence_flags_then_file_then_environment(tmp_path):
     """Each source overrides the ones below it, setting by setting."""
     cfg = tmp_path / "wq.toml"
     cfg.write_text('via = "file-host"\nremote-port = 2000\nssh_port = 2222\n')
-    env = {"WQSUPERVISOR_VIA": "env-host", "WQSUPERVISOR_REMOTE_PORT": "3000", "WQSUPERVISOR_IDENTITY": "/k",
-           "WQSUPERVISOR_STALL_AFTER": "4.5"}
+    env = {
+        "WQSUPERVISOR_VIA": "env-host",
+        "WQSUPERVISOR_REMOTE_PORT": "3000",
+        "WQSUPERVISOR_IDENTITY": "/k",
+        "WQSUPERVISOR_STALL_AFTER": "4.5",
+    }
     s = resolve({"via": "flag-host"}, cfg, env)
-    assert (s.via, s.remote_port, s.ssh_port, s.identity, s.stall_after) == ("flag-host", 2000, 2222, "/k", 4.5)
+    assert (s.via, s.remote_port, s.ssh_port, s.identity, s.stall_after) == (
+        "flag-host",
+        2000,
+        2222,
+        "/k",
+        4.5,
+    )
     s = resolve({}, None, env)
     assert (s.via, s.remote_port) == ("env-host", 3000)
     assert resolve({}, None, {}) == Settings()
@@ -25,7 +35,10 @@ def test_ssh_options_from_each_source(tmp_path):
     """--ssh-option pairs, a TOML list or table, and a ;-separated variable all give (key, value) pairs."""
     cfg = tmp_path / "wq.toml"
     cfg.write_text('ssh_options = ["ServerAliveCountMax=4", "Ciphers=aes128-ctr,aes256-ctr"]\n')
-    assert resolve({}, cfg, {}).ssh_options == (("ServerAliveCountMax", "4"), ("Ciphers", "aes128-ctr,aes256-ctr"))
+    assert resolve({}, cfg, {}).ssh_options == (
+        ("ServerAliveCountMax", "4"),
+        ("Ciphers", "aes128-ctr,aes256-ctr"),
+    )
     cfg.write_text('[ssh_options]\nProxyJump = "gw"\n')
     assert resolve({}, cfg, {}).ssh_options == (("ProxyJump", "gw"),)
     env = {"WQSUPERVISOR_SSH_OPTIONS": "A=1;B=two words"}

@@ -17,9 +17,21 @@ from wqsupervisor.events import (
 )
 
 STABLE_NAMES = {
-    "tunnel.starting", "tunnel.up", "tunnel.stalled", "tunnel.resumed", "tunnel.down", "tunnel.restarting",
-    "tunnel.failed", "tunnel.closed", "tunnel.port_reclaimed", "workers.joined", "workers.lost",
-    "workers.count_changed", "workers.all_lost", "workers.rejected", "master.unreachable",
+    "tunnel.starting",
+    "tunnel.up",
+    "tunnel.stalled",
+    "tunnel.resumed",
+    "tunnel.down",
+    "tunnel.restarting",
+    "tunnel.failed",
+    "tunnel.closed",
+    "tunnel.port_reclaimed",
+    "workers.joined",
+    "workers.lost",
+    "workers.count_changed",
+    "workers.all_lost",
+    "workers.rejected",
+    "master.unreachable",
 }
 
 
@@ -50,7 +62,11 @@ def test_bus_delivers_in_order_by_type_and_survives_a_bad_listener():
     bus.subscribe(lambda e: 1 / 0)
     bus.subscribe(seen.append)
     unsubscribe = bus.subscribe(downs.append, TunnelDown)
-    events = [TunnelUp(at=1, source="s"), TunnelDown(at=2, source="s", reason="x"), AllWorkersLost(at=3, source="m")]
+    events = [
+        TunnelUp(at=1, source="s"),
+        TunnelDown(at=2, source="s", reason="x"),
+        AllWorkersLost(at=3, source="m"),
+    ]
     for e in events[:2]:
         bus.emit(e)
     unsubscribe()
@@ -64,10 +80,17 @@ def test_events_are_logged_under_their_name_with_their_fields():
     bus = EventBus()
     with capture_logs() as logs:
         bus.emit(TunnelDown(at=2.0, source="head:10001", reason="ssh ended", exit_code=255, up_for=3.0))
-    assert logs == [{
-        "event": "tunnel.down", "log_level": "warning", "at": 2.0, "source": "head:10001",
-        "reason": "ssh ended", "exit_code": 255, "up_for": 3.0,
-    }]
+    assert logs == [
+        {
+            "event": "tunnel.down",
+            "log_level": "warning",
+            "at": 2.0,
+            "source": "head:10001",
+            "reason": "ssh ended",
+            "exit_code": 255,
+            "up_for": 3.0,
+        }
+    ]
 
 
 def test_the_library_does_not_configure_structlog():

@@ -27,8 +27,9 @@ def _binding_env(binding: str) -> dict[str, str]:
     if binding == "debian":
         return python_env(debian_work_queue_path())
     env = python_env(NDCCTOOLS_PATH)
-    probe = subprocess.run([sys.executable, "-c", "import ndcctools.work_queue"], env=env,
-                           capture_output=True, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import ndcctools.work_queue"], env=env, capture_output=True, check=False
+    )
     if probe.returncode != 0:
         pytest.skip("ndcctools is not importable (set WQS_NDCCTOOLS_PYTHONPATH to a cctools build)")
     return env
@@ -93,8 +94,16 @@ def _queue_status_through(port: int, timeout: float = 1.0) -> dict | None:
 def test_recovery_does_not_wait_for_a_gil_holding_wait(head, remote_port, tmp_path, binding, wait_seconds):
     """ssh is killed while the app sits in q.wait(N) holding the GIL: the forward is back before wait returns."""
     beats = tmp_path / "beats"
-    argv = [sys.executable, "-c", _WAITING_APP, binding, str(head.ssh_config), str(remote_port),
-            str(wait_seconds), str(beats)]
+    argv = [
+        sys.executable,
+        "-c",
+        _WAITING_APP,
+        binding,
+        str(head.ssh_config),
+        str(remote_port),
+        str(wait_seconds),
+        str(beats),
+    ]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=_binding_env(binding)) as app:
         try:
             line = wait_for(app.stdout.readline, 60, "the app to enter wait()")
@@ -102,8 +111,11 @@ def test_recovery_does_not_wait_for_a_gil_holding_wait(head, remote_port, tmp_pa
             time.sleep(1.0)
             killed_at = time.time()
             os.kill(int(ssh_pid), signal.SIGKILL)
-            status = wait_for(lambda: _queue_status_through(remote_port), wait_seconds,
-                              "the forward to reach the master again")
+            status = wait_for(
+                lambda: _queue_status_through(remote_port),
+                wait_seconds,
+                "the forward to reach the master again",
+            )
             restored_at = time.time()
             assert status["port"] == int(master_port)
             ready, _, _ = select.select([app.stdout], [], [], 0)
@@ -144,8 +156,13 @@ _UNCHANGED_APP = _IMPORT + textwrap.dedent(
 @pytest.mark.parametrize("binding", BINDINGS)
 def test_attaching_changes_nothing_of_the_master(head, remote_port, binding):
     """supervise() patches no method, and the master's calls return what they returned before."""
-    res = subprocess.run([sys.executable, "-c", _UNCHANGED_APP, binding, str(head.ssh_config),
-                          str(remote_port)], env=_binding_env(binding), capture_output=True, text=True,
-                         timeout=120, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", _UNCHANGED_APP, binding, str(head.ssh_config), str(remote_port)],
+        env=_binding_env(binding),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("unchanged")

@@ -18,8 +18,13 @@ from wqsupervisor.openssh import (
     tunnel_argv,
 )
 
-S = Settings(via="alice@head", remote_port=10001, ssh_port=2200, identity="/k",
-             ssh_options=(("ServerAliveInterval", "30"),))
+S = Settings(
+    via="alice@head",
+    remote_port=10001,
+    ssh_port=2200,
+    identity="/k",
+    ssh_options=(("ServerAliveInterval", "30"),),
+)
 
 
 def _options(argv: list[str]) -> list[str]:
@@ -73,7 +78,9 @@ def test_fast_cipher_preferred_unless_the_user_chose(tmp_path):
     base = Settings(via="head", remote_port=1)
     assert asyncio.run(pref(base.replace(ssh_config=str(plain)))) == ["-o", f"Ciphers=^{FAST_CIPHER}"]
     assert asyncio.run(pref(base.replace(ssh_config=str(chosen)))) == []
-    assert asyncio.run(pref(base.replace(ssh_config=str(plain), ssh_options=(("Ciphers", "aes256-ctr"),)))) == []
+    assert (
+        asyncio.run(pref(base.replace(ssh_config=str(plain), ssh_options=(("Ciphers", "aes256-ctr"),)))) == []
+    )
 
 
 # What OpenSSH 9.2 printed in each case (captured from real runs against a loopback sshd).
@@ -95,10 +102,19 @@ REAL = {
 }
 
 
-@pytest.mark.parametrize(("kind", "permanent"), [
-    ("port_taken", True), ("auth", True), ("host_key_unknown", True), ("host_key_changed", True),
-    ("refused", False), ("unknown_host", True), ("network", False), ("config", True),
-])
+@pytest.mark.parametrize(
+    ("kind", "permanent"),
+    [
+        ("port_taken", True),
+        ("auth", True),
+        ("host_key_unknown", True),
+        ("host_key_changed", True),
+        ("refused", False),
+        ("unknown_host", True),
+        ("network", False),
+        ("config", True),
+    ],
+)
 def test_ssh_errors_are_classified(kind, permanent):
     """Each real ssh error maps to its kind; permanent ones are not retried; each has a hint."""
     failure = SshFailure.from_output(REAL[kind], 255, S, ever_up=False)

@@ -10,11 +10,14 @@ import pytest
 from support import REPO
 
 
-@pytest.mark.parametrize("tool", [
-    ["ruff", "check", "wqsupervisor", "tests", "benchmarks", "examples"],
-    ["ruff", "format", "--check", "wqsupervisor"],
-    ["mypy"],
-])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["ruff", "check", "wqsupervisor", "tests", "benchmarks", "examples"],
+        ["ruff", "format", "--check", "wqsupervisor", "tests", "benchmarks", "examples"],
+        ["mypy"],
+    ],
+)
 def test_static_checks_pass(tool):
     """ruff (lint and format) and mypy --strict report nothing."""
     res = subprocess.run([sys.executable, "-m", *tool], cwd=REPO, capture_output=True, text=True, check=False)

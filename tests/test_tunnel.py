@@ -81,8 +81,11 @@ def test_closing_the_tunnel_cuts_the_workers_off(head, master, remote_port, work
     finally:
         sup.close()
     master.wait(1)
-    wait_for(lambda: master.wait(1) is None and master.stats.workers_connected == 0, 20,
-             "the worker to lose the master")
+    wait_for(
+        lambda: master.wait(1) is None and master.stats.workers_connected == 0,
+        20,
+        "the worker to lose the master",
+    )
 
 
 def _ssh_pid(sup) -> int:
@@ -91,7 +94,9 @@ def _ssh_pid(sup) -> int:
 
 def test_ssh_client_sigkilled_mid_run(head, master, remote_port, workers, recorder):
     """The ssh client is SIGKILLed mid-run: the tunnel comes back and every task returns exactly once."""
-    with supervise(master, head.settings(remote_port=remote_port, stable_after=1.0), on_event=recorder) as sup:
+    with supervise(
+        master, head.settings(remote_port=remote_port, stable_after=1.0), on_event=recorder
+    ) as sup:
         assert sup.wait_until_up(20)
         workers(remote_port, n=2)
         killed = []
@@ -137,7 +142,10 @@ def test_head_sshd_restarted_mid_run(head, master, remote_port, workers, recorde
 def direct_settings(head: HeadNode, remote_port: int):
     """Settings that name the head node by address and key, without its ssh_config alias."""
     return head.settings(remote_port=remote_port).replace(
-        ssh_config=None, via=f"{head.user}@127.0.0.1", ssh_port=head.port, identity=str(head.identity),
+        ssh_config=None,
+        via=f"{head.user}@127.0.0.1",
+        ssh_port=head.port,
+        identity=str(head.identity),
         ssh_options=(("UserKnownHostsFile", str(head.known_hosts)), ("IdentitiesOnly", "yes")),
     )
 
@@ -172,8 +180,9 @@ def test_unknown_host_key_fails_clearly(head, remote_port, recorder, tmp_path):
     """A head node whose host key is not in known_hosts: refused, with what to do."""
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    failed = _assert_fails(head.settings(remote_port=remote_port,
-                                         ssh_options=(("UserKnownHostsFile", str(empty)),)), recorder)
+    failed = _assert_fails(
+        head.settings(remote_port=remote_port, ssh_options=(("UserKnownHostsFile", str(empty)),)), recorder
+    )
     assert "known_hosts" in failed.error
     assert "by hand" in failed.hint
 
@@ -181,9 +190,10 @@ def test_unknown_host_key_fails_clearly(head, remote_port, recorder, tmp_path):
 def test_changed_host_key_fails_clearly(head, remote_port, recorder, tmp_path):
     """A host key that changed is never accepted and never retried."""
     other = HeadNode(str(tmp_path / "other"), port=head.port)
-    failed = _assert_fails(head.settings(remote_port=remote_port,
-                                         ssh_options=(("UserKnownHostsFile", str(other.known_hosts)),)),
-                           recorder)
+    failed = _assert_fails(
+        head.settings(remote_port=remote_port, ssh_options=(("UserKnownHostsFile", str(other.known_hosts)),)),
+        recorder,
+    )
     assert "does not match" in failed.error
     assert len(recorder.of(TunnelStarting)) == 1
 
@@ -191,7 +201,9 @@ def test_changed_host_key_fails_clearly(head, remote_port, recorder, tmp_path):
 def test_nothing_listening_gives_up_after_bounded_retries(head, remote_port, recorder):
     """Nothing accepts ssh on the port: a few spaced retries, then a clear failure."""
     dead_port = remote_port  # free: nothing listens there
-    settings = direct_settings(head, dead_port).replace(ssh_port=dead_port, start_attempts=3, backoff_initial=0.1)
+    settings = direct_settings(head, dead_port).replace(
+        ssh_port=dead_port, start_attempts=3, backoff_initial=0.1
+    )
     failed = _assert_fails(settings, recorder)
     assert "nothing accepts ssh connections" in failed.error
     assert "ssh-port" in failed.hint
@@ -227,8 +239,12 @@ _APP = textwrap.dedent(
 @pytest.mark.parametrize("victim", ["application", "agent"])
 def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_port, victim):
     """SIGKILL of the application or of the agent: no ssh survives, here or on the head node."""
-    with subprocess.Popen([sys.executable, "-c", _APP, str(head.ssh_config), str(remote_port)],
-                          stdout=subprocess.PIPE, text=True, env=python_env()) as app:
+    with subprocess.Popen(
+        [sys.executable, "-c", _APP, str(head.ssh_config), str(remote_port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=python_env(),
+    ) as app:
         try:
             agent_pid, ssh_pid = map(int, app.stdout.readline().split())
             wait_for(lambda: listening(remote_port), 10, "the remote port")

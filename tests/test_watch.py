@@ -20,11 +20,17 @@ def test_joins_and_losses_from_the_cumulative_counters():
     w = WorkerWatch(source="m")
     assert names(w.observe(s(0), 0, 100)) == []
     assert names(w.observe(s(2, joined=2), 1, 101)) == [
-        ("WorkersJoined", 2, 2), ("WorkerCountChanged", None, 2)]
+        ("WorkersJoined", 2, 2),
+        ("WorkerCountChanged", None, 2),
+    ]
     assert names(w.observe(s(2, joined=3, removed=1), 2, 102)) == [
-        ("WorkersJoined", 1, 2), ("WorkersLost", 1, 2)]
+        ("WorkersJoined", 1, 2),
+        ("WorkersLost", 1, 2),
+    ]
     assert names(w.observe(s(1, joined=3, removed=2), 3, 103)) == [
-        ("WorkersLost", 1, 1), ("WorkerCountChanged", None, 1)]
+        ("WorkersLost", 1, 1),
+        ("WorkerCountChanged", None, 1),
+    ]
     assert w.peak == 2
 
 

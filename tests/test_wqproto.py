@@ -41,8 +41,13 @@ def password_master(tmp_path):
     """A real master (Debian's SWIG bindings) with a password, sitting in wait()."""
     pw = tmp_path / "pw"
     pw.write_bytes(b"correct horse battery\n")
-    with subprocess.Popen([sys.executable, "-c", _MASTER, str(pw)], stdout=subprocess.PIPE, text=True,
-                          stderr=subprocess.DEVNULL, env=python_env(debian_work_queue_path())) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-c", _MASTER, str(pw)],
+        stdout=subprocess.PIPE,
+        text=True,
+        stderr=subprocess.DEVNULL,
+        env=python_env(debian_work_queue_path()),
+    ) as proc:
         try:
             port = int(wait_for(proc.stdout.readline, 30, "the master's port"))
             yield port, pw.read_bytes()
@@ -85,8 +90,13 @@ def test_status_without_a_password_says_one_is_needed(password_master):
 
 def test_a_password_for_a_master_without_one(tmp_path):
     """Offering a password to a master that has none is reported, not hung on."""
-    with subprocess.Popen([sys.executable, "-c", _MASTER, "-"], stdout=subprocess.PIPE, text=True,
-                          stderr=subprocess.DEVNULL, env=python_env(debian_work_queue_path())) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-c", _MASTER, "-"],
+        stdout=subprocess.PIPE,
+        text=True,
+        stderr=subprocess.DEVNULL,
+        env=python_env(debian_work_queue_path()),
+    ) as proc:
         try:
             port = int(wait_for(proc.stdout.readline, 30, "the master's port"))
             assert _status(port, None, "worker_status") == []

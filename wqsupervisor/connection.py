@@ -65,6 +65,11 @@ def rto_cap_supported() -> bool:
     return True
 
 
+def set_rto_cap(sock: socket.socket, on: bool) -> None:
+    """Cap ``sock``'s retransmission backoff at 1 s, or give it back the kernel's 120 s."""
+    sock.setsockopt(socket.IPPROTO_TCP, _TCP_RTO_MAX_MS, RTO_MAX_MS if on else 120_000)
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with contextlib.suppress(OSError, AttributeError):

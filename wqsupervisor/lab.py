@@ -168,6 +168,10 @@ class Lab:
         for proc in self._procs:
             with contextlib.suppress(Exception):
                 terminate(proc, grace=2)
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         if self.head is not None:
             with contextlib.suppress(Exception):
                 self.head.stop()
@@ -328,6 +332,20 @@ class Lab:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
 
+    def pids(self, host: str) -> list[int]:
+        """Processes running in ``host``'s namespace."""
+        return [int(p) for p in _run(["ip", "netns", "pids", self.ns[host]], check=False).stdout.split()]
+
+    def node_hops(self) -> list[int]:
+        """The ssh -L hop processes of the node launchers."""
+        hops = []
+        for pid in self.pids(NODE):
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if cmdline and cmdline[0].endswith(b"ssh") and b"-L" in cmdline:
+                    hops.append(pid)
+        return hops
+
     @contextlib.contextmanager
     def fault(self, start: Callable[[], None], end: Callable[[], None]) -> Iterator[None]:
         """Apply a fault for the length of a block; the block's end heals it, even on error."""
@@ -338,7 +356,278 @@ class Lab:
             end()
 
 
+# -- driving the lab: the campus application, node workers, a head-side prober ------------
+
+
+def _python_env() -> dict[str, str]:
+    from .sandbox import debian_work_queue_path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, debian_work_queue_path(), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
+
+
+class CampusApp:
+    """A supervised master on ``campus`` (``python -m wqsupervisor.lab app``), driven from here.
+
+    It reports JSON lines (events with the engine's own timestamps, results,
+    stats every half second); this object collects them and waits on them.
+    """
+
+    def __init__(
+        self,
+        lab: Lab,
+        remote_port: int,
+        settings: dict[str, Any] | None = None,
+        binding: str = "debian",
+        tunnel: str = "wqsupervisor",
+    ) -> None:
+        self.lab = lab
+        self.remote_port = remote_port
+        self._cond = threading.Condition()
+        self.events: list[dict[str, Any]] = []
+        self.results: dict[str, list[str]] = {}
+        self.stats: list[tuple[float, dict[str, int]]] = []
+        self._replies: list[dict[str, Any]] = []
+        self.ready: dict[str, Any] | None = None
+        argv = [
+            sys.executable,
+            "-m",
+            "wqsupervisor.lab",
+            "app",
+            "--ssh-config",
+            str(lab.campus_ssh_config),
+            "--remote-port",
+            str(remote_port),
+            "--settings",
+            json.dumps(settings or {}),
+            "--binding",
+            binding,
+            "--tunnel",
+            tunnel,
+        ]
+        self.proc = lab.popen(
+            CAMPUS,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=_python_env(),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for(lambda: self.ready is not None, 60, "the campus application to start")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                kind = msg.get("kind")
+                if kind == "event":
+                    self.events.append(msg["data"])
+                elif kind == "result":
+                    self.results.setdefault(msg["tag"], []).append(msg["output"])
+                elif kind == "stats":
+                    self.stats.append((msg["t"], msg["stats"]))
+                elif kind == "ready":
+                    self.ready = msg
+                else:
+                    self._replies.append(msg)
+                self._cond.notify_all()
+
+    def send(self, command: str) -> None:
+        """Send one command line to the application."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Wait until ``predicate()`` is true (checked whenever a line arrives)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (value := predicate()):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise TimeoutError(f"waited {timeout} s for {what}")
+                self._cond.wait(min(left, 0.5))
+            return value
+
+    def submit(self, n: int, command: str = "echo out-{i}") -> None:
+        """Submit n tasks; ``{i}`` in the command becomes the task's tag."""
+        self.send(f"submit {n} {command}")
+
+    def named(self, name: str, after: float = 0.0) -> list[dict[str, Any]]:
+        """Events called ``name`` that happened after wall time ``after``."""
+        with self._cond:
+            return [e for e in self.events if e["event"] == name and e["at"] >= after]
+
+    def wait_event(self, name: str, timeout: float, after: float = 0.0) -> dict[str, Any]:
+        """The first event called ``name`` after ``after``, waiting up to ``timeout``."""
+        found: list[dict[str, Any]] = self.wait_for(lambda: self.named(name, after), timeout, f"event {name}")
+        return found[0]
+
+    def done(self) -> int:
+        """How many results came back."""
+        with self._cond:
+            return sum(len(v) for v in self.results.values())
+
+    def wait_done(self, n: int, timeout: float) -> None:
+        """Wait until n results came back."""
+        self.wait_for(lambda: self.done() >= n, timeout, f"{n} results")
+
+    def latest_stats(self) -> dict[str, int]:
+        """The last stats line."""
+        with self._cond:
+            return self.stats[-1][1] if self.stats else {}
+
+    def wait_workers(self, n: int, timeout: float, after: float = 0.0) -> float:
+        """Wall time of the first stats line after ``after`` with n workers connected."""
+
+        def seen() -> float | None:
+            for t, s in self.stats:
+                if t >= after and s.get("workers_connected", 0) >= n:
+                    return t
+            return None
+
+        found: float = self.wait_for(seen, timeout, f"{n} connected workers")
+        return found
+
+    def snapshot(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The supervisor's snapshot, as the application's handle sees it."""
+        with self._cond:
+            count = len(self._replies)
+        self.send("snapshot")
+        self.wait_for(lambda: len(self._replies) > count, timeout, "a snapshot")
+        with self._cond:
+            data: dict[str, Any] = self._replies[count]["data"]
+        return data
+
+    def close(self) -> None:
+        """Ask the application to close its supervisor and exit; kill it if it does not."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.send("quit")
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                terminate(self.proc, grace=2)
+
+
+class HeadProbe:
+    """Watches the head node's remote port from inside the head: when does it reach the master?"""
+
+    def __init__(self, lab: Lab, port: int, interval: float = 0.05) -> None:
+        self.transitions: list[tuple[float, bool]] = []
+        self._lock = threading.Lock()
+        self.proc = lab.popen(
+            HEAD,
+            [sys.executable, "-m", "wqsupervisor.lab", "probe", str(port), str(interval)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=_python_env(),
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError, KeyError):
+                msg = json.loads(line)
+                with self._lock:
+                    self.transitions.append((float(msg["t"]), bool(msg["answering"])))
+
+    def recovered(self, since: float) -> float | None:
+        """When the port answered again after ``since`` (``since`` itself if it never stopped).
+
+        Answering at ``since``: the end of the first break after it, if any.
+        Not answering at ``since``: the first answer after it. None: not yet.
+        """
+        with self._lock:
+            history = list(self.transitions)
+        before = [a for t, a in history if t < since]
+        after = [(t, a) for t, a in history if t >= since]
+        if before and before[-1]:
+            breaks = [t for t, a in after if not a]
+            if not breaks:
+                return since
+            after = [(t, a) for t, a in after if t > breaks[0]]
+        return next((t for t, a in after if a), None)
+
+    def close(self) -> None:
+        """Stop probing."""
+        terminate(self.proc, grace=1)
+
+
+def start_node_workers(
+    lab: Lab,
+    remote_port: int,
+    n: int = 1,
+    *,
+    idle_timeout: int = 600,
+    cores: int = 1,
+    extra: Sequence[str] = (),
+) -> list[subprocess.Popen[Any]]:
+    """n node launchers on ``node``, each an ssh -L hop to the head and a worker through it."""
+    from .launcher import NodeLauncher
+
+    launcher = NodeLauncher(
+        remote_port=remote_port,
+        via="headnode",
+        ssh_args=["-F", str(lab.node_ssh_config)],
+        idle_timeout=idle_timeout,
+        cores=cores,
+        memory_mb=512,
+        disk_mb=1024,
+        worker_args=tuple(extra),
+    )
+    script = launcher.write(lab.root / f"launch-{remote_port}.sh")
+    return [
+        lab.popen(
+            NODE,
+            ["sh", str(script)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
+
+
 # -- the campus-side application and a prober, run inside namespaces -----------------------
+
+
+def _autossh(monitor: bool) -> Callable[[str, int, int], tuple[list[str], dict[str, str]]]:
+    def command(ssh_config: str, remote_port: int, master_port: int) -> tuple[list[str], dict[str, str]]:
+        forward = [
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-N",
+            "-R",
+            f"127.0.0.1:{remote_port}:localhost:{master_port}",
+        ]
+        if monitor:
+            # (c) autossh's own monitor ports and its defaults (poll every 600 s).
+            return ["autossh", "-M", str(remote_port + 10000), "-F", ssh_config, *forward, "headnode"], {}
+        # (b) -M 0 with ssh's keepalives, restarted whatever the exit.
+        keepalive = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"]
+        argv = ["autossh", "-M", "0", "-F", ssh_config, *keepalive, *forward, "headnode"]
+        return argv, {"AUTOSSH_GATETIME": "0"}
+
+    return command
+
+
+# Who keeps a comparator's tunnel in the lab app: autossh as people run it today.
+TUNNELS: dict[str, Callable[[str, int, int], tuple[list[str], dict[str, str]]] | None] = {
+    "wqsupervisor": None,
+    "autossh-M0": _autossh(monitor=False),
+    "autossh-monitor": _autossh(monitor=True),
+}
 
 
 def _app(argv: list[str]) -> int:
@@ -351,6 +640,12 @@ def _app(argv: list[str]) -> int:
     parser.add_argument("--remote-port", type=int, required=True)
     parser.add_argument("--settings", default="{}", help="more supervisor settings, as JSON")
     parser.add_argument("--binding", default="debian", choices=("debian", "server"))
+    parser.add_argument(
+        "--tunnel",
+        default="wqsupervisor",
+        choices=sorted(TUNNELS),
+        help="who keeps the tunnel: wqsupervisor, or autossh as the HOWTO's users run it",
+    )
     args = parser.parse_args(argv)
 
     from .config import Settings
@@ -378,14 +673,28 @@ def _app(argv: list[str]) -> int:
             t.specify_tag(tag)
             return t
 
-    settings = Settings(
-        via="headnode",
-        ssh_config=args.ssh_config,
-        remote_port=args.remote_port,
-        allow_no_password=True,
-        **json.loads(args.settings),
-    )
-    sup = supervise(q, settings, on_event=lambda e: say("event", data=e.to_dict()), log_events=False)
+    sup: Any = None
+    autossh: subprocess.Popen[bytes] | None = None
+    if args.tunnel == "wqsupervisor":
+        settings = Settings(
+            via="headnode",
+            ssh_config=args.ssh_config,
+            remote_port=args.remote_port,
+            allow_no_password=True,
+            **json.loads(args.settings),
+        )
+        sup = supervise(q, settings, on_event=lambda e: say("event", data=e.to_dict()), log_events=False)
+    else:
+        make = TUNNELS[args.tunnel]
+        assert make is not None
+        argv_, env = make(args.ssh_config, args.remote_port, q.port)
+        autossh = subprocess.Popen(
+            owned_argv(argv_),
+            env=dict(os.environ, **env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     commands: queue.Queue[str] = queue.Queue()
 
     def read_commands() -> None:
@@ -393,7 +702,12 @@ def _app(argv: list[str]) -> int:
             commands.put(text)
 
     threading.Thread(target=read_commands, daemon=True).start()
-    say("ready", master_port=q.port, agent_pid=sup._agent.pid if sup._agent else None)
+    say(
+        "ready",
+        master_port=q.port,
+        agent_pid=sup._agent.pid if sup and sup._agent else None,
+        autossh_pid=autossh.pid if autossh else None,
+    )
     outstanding = 0
     next_tag = 0
     last_stats = 0.0
@@ -401,7 +715,10 @@ def _app(argv: list[str]) -> int:
         with contextlib.suppress(queue.Empty):
             while line := commands.get_nowait().split():
                 if line[0] == "quit":
-                    sup.close()
+                    if sup is not None:
+                        sup.close()
+                    if autossh is not None:
+                        terminate(autossh, grace=3)
                     say("closed")
                     return 0
                 if line[0] == "submit":
@@ -414,7 +731,7 @@ def _app(argv: list[str]) -> int:
                     say("busy", seconds=float(line[1]))
                     time.sleep(float(line[1]))
                     say("idle")
-                elif line[0] == "snapshot":
+                elif line[0] == "snapshot" and sup is not None:
                     say("snapshot", data=sup.snapshot())
         if outstanding:
             result = q.wait(1)

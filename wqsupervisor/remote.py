@@ -37,14 +37,18 @@ _END_SESSION = r"""
 pid=%(pid)d
 port=%(port)d
 me=$(id -u)
-[ -d "/proc/$pid" ] || { echo gone; exit 0; }
+running() {  # alive and not a zombie waiting for its parent
+    state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1)
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+running || { echo gone; exit 0; }
 [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = sshd ] || { echo "refused: not sshd"; exit 0; }
 [ "$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")" = "$me" ] || { echo "refused: not ours"; exit 0; }
 kill -TERM "$pid" 2>/dev/null || { echo "refused: kill failed"; exit 0; }
 kill -CONT "$pid" 2>/dev/null  # a hung (stopped) session takes TERM only once it runs
 i=0
-while [ -d "/proc/$pid" ] && [ $i -lt 40 ]; do sleep 0.05; i=$((i + 1)); done
-[ -d "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null
+while running && [ $i -lt 20 ]; do sleep 0.05; i=$((i + 1)); done
+running && kill -KILL "$pid" 2>/dev/null
 echo ended
 """
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import os
 import random
 import socket
@@ -57,7 +58,7 @@ from .wqproto import request_status
 
 # How long a silent session may take to answer once the head is reachable again:
 # about one capped retransmission when we own the socket, TCP's own backoff when not.
-GRACE_CAPPED = 2.5
+GRACE_CAPPED = 2.0
 GRACE_UNCAPPED = 12.0
 
 
@@ -128,6 +129,7 @@ class TunnelRecord:
     stalls: int = 0
     resumes: int = 0
     reclaims: int = 0
+    rto_lifted: bool = False
 
 
 DirectProbe = Callable[[float], Awaitable[list[dict[str, Any]] | None]]
@@ -243,7 +245,7 @@ class Tunnel:
             "remote_pid": rec.remote_pid,
             "recoveries": [round(r, 3) for r in rec.recoveries[-20:]],
             "socket": "owned" if self.owns_socket else "ssh",
-            "rto_capped": self.owns_socket and connection.rto_cap_supported(),
+            "rto_capped": self.owns_socket and connection.rto_cap_supported() and not rec.rto_lifted,
             "resume_grace": self.grace,
             "tcp": tcp,
         }
@@ -667,7 +669,7 @@ class Tunnel:
                 if stall is None and silent > s.stall_after:
                     self._transition(TunnelState.STALLED)
                     self.record.stalls += 1
-                    stall = _Stall(began=now, grace=self.grace)
+                    stall = _Stall(began=now, silent_since=last_pong, grace=self.grace)
                     lost_streak = 0
                     self._emit(
                         TunnelStalled, silent_for=round(silent, 2), reason="no answer through the session"
@@ -676,6 +678,8 @@ class Tunnel:
                     self._transition(TunnelState.UP)
                     self.record.resumes += 1
                     self._emit(TunnelResumed, stalled_for=round(now - stall.began, 2))
+                    if self.record.rto_lifted:
+                        self._cap_retransmissions(True)
                     stall.cancel()
                     stall = None
                     next_probe = now + s.probe_interval
@@ -707,9 +711,13 @@ class Tunnel:
 
     async def _head_reachable(self, timeout: float) -> bool:
         """True when a fresh TCP connection to the head's sshd gets an SSH banner."""
+        return await self._probe_head(timeout) is Reach.UP
+
+    async def _probe_head(self, timeout: float) -> Reach:
+        """Open a fresh connection to the head's sshd: does it greet us, and if not, is there a route?"""
         cfg = self._ssh_config
         if cfg is None or cfg.proxied:
-            return await self._head_reachable_via_ssh(timeout)
+            return Reach.UP if await self._head_reachable_via_ssh(timeout) else Reach.DOWN
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
@@ -719,9 +727,26 @@ class Tunnel:
                     banner = await reader.readline()
                 finally:
                     writer.close()
-            return banner.startswith(b"SSH-")
-        except (OSError, TimeoutError):
-            return False
+            return Reach.UP if banner.startswith(b"SSH-") else Reach.DOWN
+        except TimeoutError:
+            return Reach.DOWN
+        except OSError as exc:
+            return Reach.NO_ROUTE if exc.errno in _NO_ROUTE else Reach.DOWN
+
+    def _cap_retransmissions(self, on: bool) -> None:
+        """Cap (or uncap) the session socket's retransmission backoff.
+
+        With no route at all, Linux ends a connection after tcp_retries2 (15)
+        failed retransmissions whatever TCP_USER_TIMEOUT says, so a 1 s cap
+        would end the session after 15 s of a link that is down. Uncapped,
+        the same 15 stretch over minutes; the cap returns with the route.
+        """
+        session = self._session
+        if session is None or session.sock is None or not connection.rto_cap_supported():
+            return
+        with contextlib.suppress(OSError):
+            connection.set_rto_cap(session.sock, on)
+            self.record.rto_lifted = not on
 
     async def _head_reachable_via_ssh(self, timeout: float) -> bool:
         proc = await asyncio.create_subprocess_exec(
@@ -745,6 +770,17 @@ class Tunnel:
             return None
 
 
+class Reach(enum.Enum):
+    """What a fresh connection to the head's sshd found."""
+
+    UP = "up"
+    DOWN = "down"  # no answer, or refused
+    NO_ROUTE = "no route"  # this machine has no route there (link down, network gone)
+
+
+_NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+
+
 @dataclass
 class _Stall:
     """Keep or replace a silent session.
@@ -756,26 +792,34 @@ class _Stall:
     """
 
     began: float
+    silent_since: float
     grace: float
     reachable_at: float | None = None
-    probing: asyncio.Task[bool] | None = None
+    probing: asyncio.Task[Reach] | None = None
 
     def step(self, tunnel: Tunnel, now: float) -> str | None:
         """Advance the decision; returns the reason to replace the session, or None to keep it."""
         if self.probing is not None and self.probing.done():
-            ok = self.probing.exception() is None and self.probing.result()
+            reach = self.probing.result() if self.probing.exception() is None else Reach.DOWN
             self.probing = None
+            ok = reach is Reach.UP
+            if reach is Reach.NO_ROUTE and not tunnel.record.rto_lifted:
+                # Keep the session alive through the outage; it will resume on TCP's own schedule.
+                tunnel._cap_retransmissions(False)
+                self.grace = max(self.grace, GRACE_UNCAPPED)
+            elif ok and tunnel.record.rto_lifted:
+                tunnel._cap_retransmissions(True)
             if ok and self.reachable_at is None:
                 self.reachable_at = now
             elif ok and self.reachable_at is not None and now - self.reachable_at >= self.grace:
                 return (
-                    f"session silent for {now - self.began:.1f} s although the head node has answered fresh "
-                    f"connections for {now - self.reachable_at:.1f} s; replacing it"
+                    f"session silent for {now - self.silent_since:.1f} s although the head node has "
+                    f"answered fresh connections for {now - self.reachable_at:.1f} s; replacing it"
                 )
             elif not ok:
                 self.reachable_at = None
         if self.probing is None and (self.reachable_at is None or now - self.reachable_at >= self.grace):
-            self.probing = asyncio.create_task(tunnel._head_reachable(timeout=1.0))
+            self.probing = asyncio.create_task(tunnel._probe_head(timeout=1.0))
         return None
 
     def cancel(self) -> None:

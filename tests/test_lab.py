@@ -1,0 +1,278 @@
+"""The firewall lab: every way a tunnel dies, with real namespaces, sshd, masters and workers.
+
+Each fault runs while tasks flow from a master on ``campus`` to workers on
+``node`` that reach it only through their own ``ssh -L`` hop to ``head`` and
+the head's ``-R`` port. Whatever the fault, every task must come back exactly
+once with its output, no process may be left behind, and the supervisor's
+agent must not leak file descriptors. Timings are measured by
+``benchmarks/faults.py``, not asserted here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from wqsupervisor.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, CampusApp, Lab, start_node_workers
+
+pytestmark = pytest.mark.lab
+REMOTE_PORT = 10001
+TASKS = 240
+WORKERS = 2
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """A fresh campus/head/node lab, removed afterwards whatever happens."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (network namespaces, iptables, a lab user); CI runs as root")
+    with Lab() as built:
+        yield built
+
+
+def _persistent_fds(pid: int) -> int:
+    """How many of the agent's descriptors stay open for 3 s (longer than any probe lives)."""
+
+    def look() -> set[tuple[str, str]]:
+        found = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                found.add((fd, os.readlink(f"/proc/{pid}/fd/{fd}")))
+        return found
+
+    kept = look()
+    for _ in range(15):
+        time.sleep(0.2)
+        kept &= look()
+    return len(kept)
+
+
+class Run:
+    """A campus app with workers on node and a stream of tasks, checked at the end."""
+
+    def __init__(self, lab: Lab, settings: dict | None = None) -> None:
+        self.lab = lab
+        self.app = CampusApp(lab, REMOTE_PORT, settings)
+        self.app.wait_event("tunnel.up", 60)
+        self.launchers = start_node_workers(lab, REMOTE_PORT, n=WORKERS)
+        # The master takes workers in only from inside wait(), which it calls while it has tasks.
+        self.app.submit(TASKS, "sleep 0.2; echo out-{i}")
+        self.app.wait_workers(WORKERS, 90)
+        self.agent = int(self.app.ready["agent_pid"])
+        self.fds_before = _persistent_fds(self.agent)
+        self.app.wait_done(10, 60)
+        self.started = time.time()
+        self.removed_before = self.app.latest_stats().get("workers_removed", 0)
+
+    def tunnel(self) -> dict:
+        return self.app.snapshot()["masters"][0]["tunnel"]
+
+    def finish(self, timeout: float = 300) -> None:
+        """All tasks back exactly once with their output; nothing leaked, nothing left."""
+        self.app.wait_done(TASKS, timeout)
+        time.sleep(1.0)
+        assert sorted(self.app.results, key=int) == [str(i) for i in range(TASKS)]
+        for tag, outputs in self.app.results.items():
+            assert outputs == [f"out-{tag}"], (tag, outputs)
+        self.app.wait_for(lambda: self.tunnel()["state"] == "up", 60, "the tunnel to be up")
+        assert _persistent_fds(self.agent) == self.fds_before, "the agent leaked file descriptors"
+        self.app.close()
+        for proc in self.launchers:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+        deadline = time.monotonic() + 10
+        while (self.lab.pids(CAMPUS) or self.lab.pids(NODE)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not self.lab.pids(CAMPUS), "something outlived the campus application"
+        assert not self.lab.pids(NODE), "something outlived the node launchers"
+
+    def events(self, name: str) -> list[dict]:
+        return self.app.named(name, after=self.started)
+
+    def workers_removed(self) -> int:
+        return self.app.latest_stats().get("workers_removed", 0) - self.removed_before
+
+
+def test_lab_hosts_are_isolated(lab):
+    """node cannot reach campus, head cannot connect into campus, and no host routes anywhere else."""
+    for host in (CAMPUS, HEAD, NODE):
+        routes = lab.sh(lab.ns[host], "ip route")
+        assert "default" not in routes, (host, routes)
+    assert lab.sh(lab.ns[HEAD], "cat /proc/sys/net/ipv4/ip_forward").strip() == "0"
+    listener = lab.popen(
+        CAMPUS,
+        [
+            "python3",
+            "-c",
+            f"import socket,time;s=socket.socket();s.bind(('{CAMPUS_IP}',7777));s.listen();time.sleep(60)",
+        ],
+    )
+    try:
+        time.sleep(0.5)
+        probe = f"import socket;socket.create_connection(('{CAMPUS_IP}',7777),2)"
+        from_node = subprocess.run(lab.argv(NODE, ["python3", "-c", probe]), capture_output=True, text=True)
+        assert from_node.returncode != 0 and "unreachable" in from_node.stderr
+        from_head = subprocess.run(lab.argv(HEAD, ["python3", "-c", probe]), capture_output=True, text=True)
+        assert from_head.returncode != 0 and "timed out" in from_head.stderr
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_lab_removes_everything_even_when_the_test_fails():
+    """Namespaces, links, the lab user and files are gone after the block, also on an exception."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root")
+    with pytest.raises(RuntimeError), Lab() as lab:
+        names, user, root = list(lab.ns.values()), lab.user, lab.root
+        raise RuntimeError("a failing test")
+    existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in existing for name in names)
+    assert subprocess.run(["id", user], capture_output=True).returncode != 0
+    assert not root.exists()
+
+
+def test_workers_reach_the_master_only_through_their_hop(lab):
+    """Tasks run on node workers; node has no way to the master other than its hop to the head."""
+    run = Run(lab)
+    port = run.app.ready["master_port"]
+    probe = f"import socket;socket.create_connection(('{CAMPUS_IP}',{port}),2)"
+    direct = subprocess.run(lab.argv(NODE, ["python3", "-c", probe]), capture_output=True, text=True)
+    assert direct.returncode != 0
+    assert lab.node_hops(), "the workers use an ssh -L hop"
+    run.finish()
+    assert not run.events("tunnel.down")
+
+
+def _kill_ssh(run: Run) -> None:
+    os.kill(run.tunnel()["ssh_pid"], signal.SIGKILL)
+
+
+def _kill_session(run: Run) -> None:
+    pid = run.lab.port_holder(REMOTE_PORT)
+    assert pid is not None and pid == run.tunnel()["remote_pid"]
+    run.lab.kill_session(pid)
+
+
+def _restart_sshd(run: Run) -> None:
+    run.lab.restart_sshd(down_for=2.0)
+
+
+@pytest.mark.parametrize(
+    "cut", [_kill_ssh, _kill_session, _restart_sshd], ids=["ssh-killed", "session-killed", "sshd-restarted"]
+)
+def test_a_dead_tunnel_is_restarted(lab, cut: Callable[[Run], None]):
+    """The ssh client, the head's session, or the head's sshd dies: a new tunnel, nothing lost."""
+    run = Run(lab)
+    cut(run)
+    run.app.wait_event("tunnel.down", 10, after=run.started)
+    run.app.wait_event("tunnel.up", 60, after=run.started)
+    run.finish()
+
+
+def test_a_hung_peer_is_detected_and_replaced(lab):
+    """The head's session is SIGSTOPped: the session stalls, is replaced, and its port reclaimed."""
+    run = Run(lab)
+    hung = run.tunnel()["remote_pid"]
+    lab.stop_session(hung)
+    try:
+        run.app.wait_event("tunnel.stalled", 20, after=run.started)
+        reclaimed = run.app.wait_event("tunnel.port_reclaimed", 60, after=run.started)
+        assert reclaimed["pid"] == hung
+        run.app.wait_event("tunnel.up", 60, after=run.started)
+    finally:
+        lab.resume_session(hung)
+    run.finish()
+
+
+@pytest.mark.parametrize("seconds", [5, 90])
+def test_link_down_keeps_the_session(lab, seconds):
+    """The campus-head link goes down: the session is kept, stalls, and resumes when it returns."""
+    run = Run(lab)
+    with lab.fault(lab.link_down, lab.link_up):
+        run.app.wait_event("tunnel.stalled", 20, after=run.started)
+        time.sleep(seconds - 3)
+    run.app.wait_event("tunnel.resumed", 60, after=run.started)
+    assert not run.events("tunnel.down"), "a session that could resume was restarted"
+    run.finish()
+
+
+@pytest.mark.parametrize("seconds", [5, 20, 90])
+@pytest.mark.parametrize("forget", [False, True], ids=["kept", "forgotten"])
+def test_blackhole(lab, seconds, forget):
+    """All packets dropped, then healed: kept connections resume untouched; forgotten ones are replaced."""
+    run = Run(lab)
+    with lab.fault(lab.blackhole, lambda: lab.heal(forget=forget)):
+        if seconds >= 5:
+            run.app.wait_event("tunnel.stalled", 20, after=run.started)
+        time.sleep(max(0.0, seconds - (time.time() - run.started)))
+    healed = time.time()
+    if forget:
+        run.app.wait_event("tunnel.port_reclaimed", 60, after=healed)
+        run.app.wait_event("tunnel.up", 60, after=healed)
+    else:
+        run.app.wait_event("tunnel.resumed", 60, after=healed)
+        if seconds <= 20:
+            assert not run.events("tunnel.down"), "a session that could resume was restarted"
+            assert not run.events("tunnel.starting")
+    run.finish()
+    if not forget and seconds <= 20:
+        assert run.workers_removed() == 0, "a worker lost its connection"
+
+
+def test_flapping_link_is_rate_limited(lab):
+    """Down/up every 2 s for 30 s: the tunnel survives it without a restart storm."""
+    run = Run(lab)
+    lab.flap(period=2.0, duration=30.0)
+    starts = run.events("tunnel.starting")
+    assert len(starts) <= 5, f"{len(starts)} restarts in 30 s of flapping"
+    run.finish()
+
+
+def test_node_hop_killed_is_restored(lab):
+    """The node's ssh -L hop is killed: the launcher restarts it and the workers reconnect."""
+    run = Run(lab)
+    before = lab.node_hops()
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    run.app.wait_for(lambda: set(lab.node_hops()) - set(before), 60, "new hops")
+    run.app.wait_workers(WORKERS, 90, after=time.time())
+    run.finish()
+    assert not run.events("tunnel.down"), "the campus tunnel was not involved"
+
+
+def test_a_busy_application_is_not_a_fault(lab):
+    """The application stays out of wait() for 60 s: no stall, no restart, nothing lost."""
+    run = Run(lab)
+    run.app.send("busy 60")
+    run.app.wait_for(
+        lambda: run.app._replies and run.app._replies[-1].get("kind") == "idle",
+        90,
+        "the application to come back",
+    )
+    assert not run.events("tunnel.down")
+    assert not run.events("tunnel.stalled")
+    run.finish()
+
+
+def test_the_supervisor_socket_options(lab):
+    """The tunnel's TCP connection is ours: retransmission backoff capped where the kernel allows."""
+    run = Run(lab)
+    tunnel = run.tunnel()
+    assert tunnel["socket"] == "owned"
+    with socket.socket() as s:
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, 44, 1000)
+            capped = True
+        except OSError:
+            capped = False
+    assert tunnel["rto_capped"] is capped
+    assert tunnel["tcp"]["rtt_ms"] >= 0
+    run.finish()

@@ -1,0 +1,179 @@
+"""What every place that starts workers shares: jobs, their states, and where commands run.
+
+A :class:`BatchSystem` turns "start n workers" into jobs of its scheduler
+(or plain processes) and reports their states. It is an adapter: the
+decisions (how many, when) are the scaling policy's, the bookkeeping is the
+job tracker's. Commands run through a :class:`Runner`: on this machine, or on
+the head node over the tunnel's own ssh settings.
+
+Every job runs the node launcher (:mod:`wqsupervisor.launcher`), which the
+system writes once (mode 0700) into a private directory on the side where the
+jobs start.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Settings
+from ..errors import WQSupervisorError
+from ..launcher import NodeLauncher
+from ..openssh import remote_argv
+
+
+class JobState(enum.Enum):
+    """Where a job is, in every scheduler's words."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        """True while the job holds, or waits for, resources."""
+        return self in (JobState.PENDING, JobState.RUNNING)
+
+
+class SubmitError(WQSupervisorError):
+    """The scheduler refused a submission; ``message`` carries its own error text."""
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A finished command."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_text(self) -> str:
+        """What the command said when it failed, for a person."""
+        text = (self.stderr.strip() or self.stdout.strip() or f"exit status {self.returncode}").splitlines()
+        return " / ".join(line.strip() for line in text[-3:])
+
+
+class Runner(abc.ABC):
+    """Where a batch system's commands run."""
+
+    @abc.abstractmethod
+    async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
+        """Run one command and collect its output."""
+
+    async def write(self, path: str, content: str, mode: int = 0o600) -> None:
+        """Write ``content`` to ``path`` (creating its directory 0700), atomically, with ``mode``."""
+        script = (
+            'set -e; umask 077; d=$(dirname "$1"); mkdir -p "$d"; chmod 700 "$d"; '
+            't=$(mktemp "$1.XXXXXX"); cat > "$t"; chmod "$2" "$t"; mv -f "$t" "$1"'
+        )
+        done = await self.run(["sh", "-c", script, "sh", path, format(mode, "o")], input=content)
+        if done.returncode != 0:
+            raise WQSupervisorError(f"cannot write {path}: {done.error_text}")
+
+    async def home(self) -> str:
+        """The home directory on that side."""
+        done = await self.run(["sh", "-c", 'printf %s "$HOME"'])
+        return done.stdout.strip() or "/tmp"
+
+
+async def _communicate(argv: Sequence[str], input: str | None, timeout: float) -> Completed:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(input.encode() if input is not None else None), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return Completed(124, "", f"{argv[0]} timed out after {timeout:g} s")
+    assert proc.returncode is not None
+    return Completed(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+class LocalRunner(Runner):
+    """Commands on this machine."""
+
+    async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
+        """Run ``argv`` here."""
+        return await _communicate(argv, input, timeout)
+
+
+class SshRunner(Runner):
+    """Commands on the head node, through ssh with the tunnel's settings (its own connection)."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.env = dict(env or {})
+
+    async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
+        """Run ``argv`` on the head node (a login shell is not needed, nor started)."""
+        command = " ".join(shlex.quote(a) for a in argv)
+        if self.env:
+            command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
+        return await _communicate(remote_argv(self.settings, command), input, timeout)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What a job asks of its scheduler; each system uses the fields it knows."""
+
+    partition: str | None = None
+    account: str | None = None
+    walltime: str | None = None  # HH:MM:SS
+    cores: int = 1
+    memory_mb: int | None = None
+    disk_mb: int | None = None
+    directives: tuple[str, ...] = ()  # extra lines for the job script's header, as they are
+    env: Mapping[str, str] = field(default_factory=dict)  # environment for the scheduler's commands
+
+
+class BatchSystem(abc.ABC):
+    """Starts worker jobs, cancels them, and reports their states."""
+
+    name: str = "batch"
+
+    def __init__(self, runner: Runner, options: BatchOptions | None = None) -> None:
+        self.runner = runner
+        self.options = options or BatchOptions()
+        self.workdir: str | None = None
+        self.launcher_path: str | None = None
+
+    async def prepare(self, launcher: NodeLauncher) -> None:
+        """Write the node launcher (0700) into a private directory where jobs start."""
+        home = await self.runner.home()
+        self.workdir = f"{home}/.wqsupervisor/{launcher.remote_port}"
+        self.launcher_path = f"{self.workdir}/launcher.sh"
+        await self.runner.write(self.launcher_path, launcher.script(), 0o700)
+
+    @abc.abstractmethod
+    async def submit(self, count: int) -> list[str]:
+        """Start ``count`` worker jobs; their ids. Raises :class:`SubmitError` with the scheduler's words."""
+
+    @abc.abstractmethod
+    async def cancel(self, ids: Sequence[str]) -> None:
+        """Stop these jobs (already finished ones are ignored)."""
+
+    @abc.abstractmethod
+    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """The state of each job; ids the scheduler no longer knows are left out."""
+
+    async def close(self) -> None:
+        """Remove what :meth:`prepare` wrote."""
+        if self.workdir:
+            await self.runner.run(["rm", "-rf", self.workdir])
+
+    def describe(self) -> dict[str, Any]:
+        """For status output."""
+        return {"system": self.name, "workdir": self.workdir}

@@ -1,0 +1,273 @@
+"""Per-fault detection and recovery in the firewall lab: wqsupervisor against autossh.
+
+For each fault, one lab runs three tunnels side by side, each with its own
+master and two node workers: (a) wqsupervisor with its defaults, (b)
+``autossh -M 0`` with ``ServerAliveInterval=15 ServerAliveCountMax=3``, and
+(c) ``autossh -M <port>`` with its defaults. The fault hits all three at once
+(a tunnel-specific fault hits each tunnel's own ssh or session). Figures per
+tool:
+
+* detection: wqsupervisor's first ``tunnel.stalled`` or ``tunnel.down``;
+  autossh's ssh exiting (autossh acts only when ssh exits);
+* forward: when the head's remote port reaches the master again, watched
+  from inside the head (from the fault for instant faults, from the heal for
+  outages); None when it did not within the window;
+* workers: when every worker is connected again;
+* lost: worker connections the master lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..lab import CampusApp, HeadProbe, Lab, start_node_workers
+from ..process import pid_alive
+from ..sandbox import children_of
+from .harness import machine, summary
+
+TOOLS = {"wqsupervisor": 10001, "autossh-M0": 10002, "autossh-monitor": 10003}
+WINDOW = 150.0
+
+
+@dataclass
+class _Tool:
+    name: str
+    app: CampusApp
+    probe: HeadProbe
+    port: int
+
+    def ssh_pid(self) -> int | None:
+        if self.name == "wqsupervisor":
+            pid = self.app.snapshot()["masters"][0]["tunnel"]["ssh_pid"]
+            return int(pid) if pid else None
+        autossh = self.app.ready["autossh_pid"] if self.app.ready else None
+        kids = [p for p in children_of(int(autossh or 0)) if _comm(p) == "ssh"] if autossh else []
+        return kids[0] if kids else None
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+Fault = tuple[Callable[[Lab, list[_Tool]], None], bool]
+
+
+def _per_tunnel(act: Callable[[Lab, _Tool], None]) -> Callable[[Lab, list[_Tool]], None]:
+    def apply(lab: Lab, tools: list[_Tool]) -> None:
+        for tool in tools:
+            act(lab, tool)
+
+    return apply
+
+
+def _outage(
+    start: Callable[[Lab], None], end: Callable[[Lab], None], seconds: float
+) -> Callable[[Lab, list[_Tool]], None]:
+    def apply(lab: Lab, _tools: list[_Tool]) -> None:
+        start(lab)
+        time.sleep(seconds)
+        end(lab)
+
+    return apply
+
+
+def _kill_ssh(lab: Lab, tool: _Tool) -> None:
+    pid = tool.ssh_pid()
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _session(lab: Lab, tool: _Tool) -> int | None:
+    return lab.port_holder(tool.port)
+
+
+def _kill_session(lab: Lab, tool: _Tool) -> None:
+    pid = _session(lab, tool)
+    if pid:
+        lab.kill_session(pid)
+
+
+def _hang_session(lab: Lab, tool: _Tool) -> None:
+    pid = _session(lab, tool)
+    if pid:
+        lab.stop_session(pid)
+
+
+def _flap(lab: Lab, _tools: list[_Tool]) -> None:
+    lab.flap(period=2.0, duration=30.0)
+
+
+def _kill_hops(lab: Lab, _tools: list[_Tool]) -> None:
+    for pid in lab.node_hops():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _busy(lab: Lab, tools: list[_Tool]) -> None:
+    for tool in tools:
+        tool.app.send("busy 60")
+    time.sleep(62)
+
+
+def faults() -> dict[str, Fault]:
+    """Every fault of the lab: (apply it and block until healed, instant?)."""
+    table: dict[str, Fault] = {
+        "ssh-killed": (_per_tunnel(_kill_ssh), True),
+        "session-killed": (_per_tunnel(_kill_session), True),
+        "sshd-restarted": (lambda lab, _t: lab.restart_sshd(down_for=2.0), True),
+        "peer-hung": (_per_tunnel(_hang_session), True),
+        "link-down-5s": (_outage(Lab.link_down, Lab.link_up, 5), False),
+        "link-down-90s": (_outage(Lab.link_down, Lab.link_up, 90), False),
+        "flapping-30s": (_flap, False),
+        "node-hop-killed": (_kill_hops, True),
+        "busy-app-60s": (_busy, False),
+    }
+    for seconds in (5, 20, 90):
+        for forget in (False, True):
+            name = f"blackhole-{seconds}s-{'forgotten' if forget else 'kept'}"
+            table[name] = (
+                _outage(Lab.blackhole, lambda lab, f=forget: lab.heal(forget=f), seconds),  # type: ignore[misc]
+                False,
+            )
+    return table
+
+
+def _one(name: str, fault: Fault, n_workers: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    apply, instant = fault
+    with Lab() as lab:
+        tools: list[_Tool] = []
+        for tool_name, port in TOOLS.items():
+            app = CampusApp(lab, port, tunnel=tool_name)
+            start_node_workers(lab, port, n=n_workers)
+            app.submit(100_000, "sleep 0.2; echo out-{i}")
+            tools.append(_Tool(tool_name, app, HeadProbe(lab, port), port))
+        for tool in tools:
+            tool.app.wait_workers(n_workers, 120)
+            tool.app.wait_for(functools.partial(_answering_now, tool), 60, "the forward")
+        time.sleep(3)
+        ssh_before = {t.name: t.ssh_pid() for t in tools}
+        removed_before = {t.name: t.app.latest_stats().get("workers_removed", 0) for t in tools}
+        began = time.time()
+        detected: dict[str, float | None] = dict.fromkeys(TOOLS)
+        watch = _DetectionWatch(tools, ssh_before, detected, began)
+        try:
+            apply(lab, tools)
+            healed = time.time()
+            since = began if instant else healed
+            deadline = time.monotonic() + WINDOW
+            result: dict[str, Any] = {}
+            pending = {t.name for t in tools}
+            while pending and time.monotonic() < deadline:
+                watch.poll()
+                for tool in tools:
+                    if (
+                        tool.name in pending
+                        and tool.probe.recovered(since)
+                        and _workers_back(tool, n_workers, since)
+                    ):
+                        pending.discard(tool.name)
+                time.sleep(0.1)
+            watch.poll()
+        finally:
+            for tool in tools:
+                with contextlib.suppress(Exception):
+                    tool.probe.close()
+                    tool.app.close()
+        for tool in tools:
+            back = tool.probe.recovered(since)
+            workers = _workers_back(tool, n_workers, since)
+            noticed = detected[tool.name]
+            result[tool.name] = {
+                "detected_s": None if noticed is None else noticed - began,
+                "forward_s": None if back is None else back - since,
+                "workers_s": None if workers is None else workers - since,
+                "lost": tool.app.latest_stats().get("workers_removed", 0) - removed_before[tool.name],
+            }
+        progress(f"{name}: " + "; ".join(f"{k} {_fmt(v)}" for k, v in result.items()))
+        return result
+
+
+def _answering_now(tool: _Tool) -> float | None:
+    return tool.probe.recovered(time.time())
+
+
+def _workers_back(tool: _Tool, n: int, since: float) -> float | None:
+    for t, s in tool.app.stats:
+        if t >= since and s.get("workers_connected", 0) >= n:
+            return t
+    return None
+
+
+class _DetectionWatch:
+    """When each tool noticed the fault."""
+
+    def __init__(
+        self,
+        tools: list[_Tool],
+        ssh_before: dict[str, int | None],
+        detected: dict[str, float | None],
+        began: float,
+    ) -> None:
+        self.tools, self.ssh_before, self.detected, self.began = tools, ssh_before, detected, began
+
+    def poll(self) -> None:
+        for tool in self.tools:
+            if self.detected[tool.name] is not None:
+                continue
+            if tool.name == "wqsupervisor":
+                seen = tool.app.named("tunnel.stalled", self.began) + tool.app.named(
+                    "tunnel.down", self.began
+                )
+                if seen:
+                    self.detected[tool.name] = min(e["at"] for e in seen)
+            else:
+                pid = self.ssh_before[tool.name]
+                if pid is not None and not pid_alive(pid):
+                    self.detected[tool.name] = time.time()
+
+
+def _fmt(figures: dict[str, Any]) -> str:
+    def s(v: float | None) -> str:
+        return "never" if v is None else f"{v:.1f}s"
+
+    return (
+        f"detect {s(figures['detected_s'])} forward {s(figures['forward_s'])} "
+        f"workers {s(figures['workers_s'])} lost {figures['lost']}"
+    )
+
+
+def run(
+    only: list[str] | None = None, reps: int = 1, n_workers: int = 2, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Every fault (or ``only`` these), ``reps`` times each."""
+    table = faults()
+    names = only or list(table)
+    raw: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(reps):
+        for name in names:
+            raw.setdefault(name, []).append(_one(name, table[name], n_workers, progress))
+    out: dict[str, Any] = {"machine": machine(), "reps": reps, "window_s": WINDOW, "faults": {}}
+    for name, runs in raw.items():
+        per_tool: dict[str, Any] = {}
+        for tool in TOOLS:
+            rows = [r[tool] for r in runs]
+            per_tool[tool] = {
+                key: {
+                    **summary([r[key] for r in rows if r[key] is not None]),
+                    "never": sum(r[key] is None for r in rows),
+                }
+                for key in ("detected_s", "forward_s", "workers_s")
+            } | {"lost": summary([r["lost"] for r in rows])}
+        out["faults"][name] = {"tools": per_tool, "raw": runs}
+    return out

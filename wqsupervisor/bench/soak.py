@@ -1,0 +1,158 @@
+"""Soak: tasks flow for M minutes while a random fault from the lab hits every K seconds.
+
+Every fault is healed before the next one; after the last, the run waits for
+every task and checks that each came back exactly once with its output. The
+figures: tasks, faults by kind, recoveries (forward working again, seen from
+the head node), the worst recovery, and losses (which must be zero).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..lab import CampusApp, HeadProbe, Lab, start_node_workers
+from .harness import machine, summary
+
+REMOTE_PORT = 10001
+
+
+def _faults(lab: Lab, app: CampusApp) -> dict[str, tuple[Callable[[], None], bool]]:
+    """Each fault: (apply it, blocking until healed; True when it is instant)."""
+
+    def tunnel() -> dict[str, Any]:
+        data: dict[str, Any] = app.snapshot()["masters"][0]["tunnel"]
+        return data
+
+    def hung() -> None:
+        pid = tunnel()["remote_pid"]
+        lab.stop_session(pid)
+        time.sleep(8)
+        lab.resume_session(pid)
+
+    def blackhole(seconds: float, forget: bool) -> Callable[[], None]:
+        def apply() -> None:
+            lab.blackhole()
+            time.sleep(seconds)
+            lab.heal(forget=forget)
+
+        return apply
+
+    def link_down() -> None:
+        lab.link_down()
+        time.sleep(5)
+        lab.link_up()
+
+    def kill_hops() -> None:
+        for pid in lab.node_hops():
+            os.kill(pid, signal.SIGKILL)
+
+    return {
+        "ssh-killed": (lambda: os.kill(tunnel()["ssh_pid"], signal.SIGKILL), True),
+        "session-killed": (lambda: lab.kill_session(tunnel()["remote_pid"]), True),
+        "sshd-restarted": (lambda: lab.restart_sshd(down_for=1.0), True),
+        "peer-hung": (hung, True),
+        "link-down-5s": (link_down, False),
+        "blackhole-5s-kept": (blackhole(5, False), False),
+        "blackhole-20s-kept": (blackhole(20, False), False),
+        "blackhole-5s-forgotten": (blackhole(5, True), False),
+        "blackhole-20s-forgotten": (blackhole(20, True), False),
+        "node-hop-killed": (kill_hops, True),
+    }
+
+
+def run(
+    minutes: float = 2.0,
+    every: float = 25.0,
+    workers: int = 2,
+    seed: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Soak the supervised tunnel; returns the figures (``lost`` and ``duplicated`` must be 0)."""
+    rng = random.Random(seed)
+    deadline = time.monotonic() + minutes * 60
+    submitted = 0
+    faults: list[dict[str, Any]] = []
+    with Lab() as lab:
+        app = CampusApp(lab, REMOTE_PORT)
+        app.wait_event("tunnel.up", 60)
+        start_node_workers(lab, REMOTE_PORT, n=workers)
+        probe = HeadProbe(lab, REMOTE_PORT)
+        kinds = _faults(lab, app)
+        try:
+            while time.monotonic() < deadline:
+                app.submit(100, "sleep 0.1; echo out-{i}")
+                submitted += 100
+                app.wait_workers(workers, 120)
+                time.sleep(max(1.0, every - 15))
+                kind = rng.choice(sorted(kinds))
+                apply, instant = kinds[kind]
+                began = time.time()
+                apply()
+                healed = time.time()
+                since = began if instant else healed
+                # Recovery: the head's port reaches the master again (it may never have stopped).
+                recovered = _wait(functools.partial(probe.recovered, since), 120)
+                back = app.wait_workers(workers, 120, after=healed)
+                faults.append(
+                    {
+                        "kind": kind,
+                        "began": began,
+                        "healed": healed,
+                        "forward_back_s": (recovered - since) if recovered else None,
+                        "workers_back_s": back - since,
+                    }
+                )
+                progress(
+                    f"{kind}: forward answering {faults[-1]['forward_back_s']} s after the heal, "
+                    f"workers back after {back - healed:.1f} s"
+                )
+            app.wait_done(submitted, 600)
+            time.sleep(1)
+            restarts = len(app.named("tunnel.starting")) - 1
+        finally:
+            probe.close()
+            app.close()
+    lost = [str(i) for i in range(submitted) if str(i) not in app.results]
+    duplicated = [t for t, v in app.results.items() if len(v) > 1]
+    wrong = [t for t, v in app.results.items() if v[0] != f"out-{t}"]
+    recoveries = [f["forward_back_s"] for f in faults if f["forward_back_s"] is not None]
+    return {
+        "machine": machine(),
+        "minutes": minutes,
+        "every": every,
+        "seed": seed,
+        "tasks": submitted,
+        "faults": len(faults),
+        "by_kind": _count(f["kind"] for f in faults),
+        "tunnel_restarts": restarts,
+        "forward_back": summary(recoveries),
+        "worst_forward_back_s": max(recoveries) if recoveries else None,
+        "workers_back": summary([f["workers_back_s"] for f in faults]),
+        "lost": len(lost),
+        "duplicated": len(duplicated),
+        "wrong_output": len(wrong),
+        "raw": faults,
+    }
+
+
+def _wait(predicate: Callable[[], float | None], timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return None
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
