@@ -80,8 +80,10 @@ class Runner(abc.ABC):
 
     async def home(self) -> str:
         """The home directory on that side."""
-        done = await self.run(["sh", "-c", 'printf %s "$HOME"'])
-        return done.stdout.strip() or "/tmp"
+        done = await self.run(["sh", "-c", 'printf %s "${HOME:?}"'])
+        if done.returncode != 0 or not done.stdout.strip():
+            raise WQSupervisorError(f"cannot find the home directory there: {done.error_text}")
+        return done.stdout.strip()
 
 
 async def _communicate(argv: Sequence[str], input: str | None, timeout: float) -> Completed:
@@ -93,7 +95,8 @@ async def _communicate(argv: Sequence[str], input: str | None, timeout: float) -
         start_new_session=True,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input.encode() if input is not None else None), timeout)
+        data = input.encode() if input is not None else None
+        out, err = await asyncio.wait_for(proc.communicate(data), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
