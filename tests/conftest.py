@@ -13,32 +13,42 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from wqsupervisor.events import Event
-from wqsupervisor.process import terminate
+from wqsupervisor.process import pid_alive, terminate
 from wqsupervisor.sandbox import HeadNode, start_worker
 from wqsupervisor.server import WorkQueueServer
 
-from support import free_port, processes_matching
+from support import free_port
 
-# What a test may start; none of it may outlive the test.
-_OWNED = (
-    "wqsupervisor.agent",
-    "wqs-session",
-    "work_queue_worker",
-    "work_queue_server",
-    "wqs-head-",
-    "wqsupervisor._bootstrap",
-)
+# Every process this test run starts inherits this marker, orphans included, so the
+# leak check below looks at our own processes, not at whatever else the machine runs.
+RUN_ID = uuid.uuid4().hex
+os.environ["WQS_TEST_RUN"] = RUN_ID
+
+
+def _ours() -> set[int]:
+    needle = f"WQS_TEST_RUN={RUN_ID}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return {pid for pid in found if pid_alive(pid)}
 
 
 @pytest.fixture(autouse=True)
 def no_orphans() -> Iterator[None]:
-    """Fail the test if a process it started (ssh, agent, worker, master, sshd) survives it."""
-    before = {pid for needle in _OWNED for pid in processes_matching(needle)}
+    """Fail the test if a process it started (ssh, agent, worker, master, sshd...) survives it."""
+    before = _ours()
     yield
     deadline = time.monotonic() + 10
     left: set[int] = set()
     while time.monotonic() < deadline:
-        left = {pid for needle in _OWNED for pid in processes_matching(needle)} - before
+        left = _ours() - before
         if not left:
             return
         time.sleep(0.1)

@@ -17,7 +17,7 @@ from .errors import WQSupervisorError
 from .logs import configure_cli_logging
 
 # The settings the brief names, with the flag spellings users already know.
-_FLAG_NAMES = {"ssh_options": "--ssh-option"}
+_FLAG_NAMES = {"ssh_options": "--ssh-option", "batch_directives": "--batch-directive"}
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         if f.default not in (None, (), False):
             help_text += f" (default: {f.default})"
-        if f.name == "ssh_options":
+        if kind.startswith("tuple[tuple[str, str]"):
             group.add_argument(
                 flag,
                 dest=f.name,
@@ -43,6 +43,15 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
                 default=None,
                 metavar="KEY=VALUE",
                 type=parse_ssh_option,
+                help=help_text,
+            )
+        elif kind == "tuple[str, ...]":
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action="append",
+                default=None,
+                metavar=f.metadata["metavar"],
                 help=help_text,
             )
         elif kind.startswith("bool"):

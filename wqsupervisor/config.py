@@ -82,6 +82,41 @@ class Settings:
     backoff_cap: float = _setting(20.0, "longest delay between restarts", metavar="S")
     log_format: str = _setting("console", "log lines as console text or json", metavar="FORMAT")
 
+    # -- starting workers -------------------------------------------------------------
+    workers: str | None = _setting(
+        None,
+        "start workers with: local, ssh (on the head node), slurm, condor, pbs, torque, sge, factory",
+        metavar="SYSTEM",
+    )
+    min_workers: int = _setting(0, "workers to keep even without work", metavar="N")
+    max_workers: int = _setting(4, "most workers at once, jobs on their way included", metavar="N")
+    tasks_per_worker: int = _setting(1, "backlog tasks that call for one more worker", metavar="N")
+    max_pending: int = _setting(4, "most jobs submitted but not yet connected", metavar="N")
+    max_per_cycle: int = _setting(2, "most jobs submitted at once", metavar="N")
+    scale_cooldown: float = _setting(10.0, "seconds between two submissions", metavar="S")
+    idle_time: float = _setting(60.0, "seconds without work before a worker leaves (scale-in)", metavar="S")
+    worker_cores: int = _setting(1, "cores each worker offers and each job asks for", metavar="N")
+    worker_memory: int | None = _setting(None, "memory per worker in MB", metavar="MB")
+    worker_disk: int | None = _setting(None, "disk per worker in MB", metavar="MB")
+    worker_program: str = _setting("work_queue_worker", "the worker program on the nodes", metavar="PATH")
+    node_via: str | None = _setting(
+        None,
+        "how compute nodes reach the head node for their hop (default: its own hostname)",
+        metavar="[USER@]HOST",
+    )
+    node_ssh_args: str | None = _setting(
+        None, "extra ssh arguments for the compute nodes' hop", metavar="ARGS"
+    )
+    partition: str | None = _setting(None, "batch partition or queue", metavar="NAME")
+    account: str | None = _setting(None, "batch account or project", metavar="NAME")
+    walltime: str | None = _setting(None, "batch wall time per worker job, HH:MM:SS", metavar="TIME")
+    batch_directives: tuple[str, ...] = _setting(
+        (), "extra line for the job script header, as it is (repeatable)", metavar="LINE"
+    )
+    batch_env: tuple[tuple[str, str], ...] = _setting(
+        (), "environment for the batch commands on the head node, KEY=VALUE (repeatable)", metavar="KEY=VALUE"
+    )
+
     def __post_init__(self) -> None:
         _validate(self)
 
@@ -101,8 +136,27 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping that :func:`resolve` reads back."""
         data = dataclasses.asdict(self)
-        data["ssh_options"] = [f"{k}={v}" for k, v in self.ssh_options]
+        for f in setting_fields():
+            if _is_pairs(f):
+                data[f.name] = [f"{k}={v}" for k, v in getattr(self, f.name)]
+            elif _is_strings(f):
+                data[f.name] = list(getattr(self, f.name))
         return data
+
+    @property
+    def scaling(self) -> Any:
+        """The scaling policy's settings."""
+        from .policy import ScalingSettings
+
+        return ScalingSettings(
+            min_workers=self.min_workers,
+            max_workers=self.max_workers,
+            tasks_per_worker=self.tasks_per_worker,
+            max_pending=self.max_pending,
+            max_per_cycle=self.max_per_cycle,
+            cooldown=self.scale_cooldown,
+            idle_time=self.idle_time,
+        )
 
     def require_tunnel(self) -> None:
         """Raise unless the settings name a head node and a remote port."""
@@ -150,6 +204,15 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{name} must be positive, not {getattr(s, name)}")
     if s.start_attempts < 0:
         raise ConfigError("start_attempts must be 0 (no bound) or more")
+    if s.workers is not None:
+        from .batch import SYSTEMS
+
+        if s.workers not in SYSTEMS:
+            raise ConfigError(f"unknown worker system {s.workers!r}", f"use one of: {', '.join(SYSTEMS)}")
+    try:
+        s.scaling  # noqa: B018 - validates the limits
+    except ValueError as exc:
+        raise ConfigError(f"worker limits: {exc}", "check --min-workers/--max-workers") from None
     for key, value in s.ssh_options:
         if not key or not key.isalnum() or "\n" in value:
             raise ConfigError(
@@ -169,10 +232,18 @@ def parse_ssh_option(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _is_pairs(f: dataclasses.Field[Any]) -> bool:
+    return str(f.type).startswith("tuple[tuple[str, str]")
+
+
+def _is_strings(f: dataclasses.Field[Any]) -> bool:
+    return str(f.type) == "tuple[str, ...]"
+
+
 def _coerce(f: dataclasses.Field[Any], value: Any, origin: str) -> Any:
     kind = str(f.type)
     try:
-        if f.name == "ssh_options":
+        if _is_pairs(f):
             if isinstance(value, Mapping):
                 return tuple((str(k), str(v)) for k, v in value.items())
             if isinstance(value, str):
@@ -181,6 +252,10 @@ def _coerce(f: dataclasses.Field[Any], value: Any, origin: str) -> Any:
                 tuple(item) if isinstance(item, list | tuple) else parse_ssh_option(str(item))
                 for item in value
             )
+        if _is_strings(f):
+            if isinstance(value, str):
+                value = [p for p in value.split("\n") if p.strip()]
+            return tuple(str(item) for item in value)
         if value is None:
             return None
         if kind.startswith("bool"):
@@ -230,8 +305,7 @@ def from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for raw_key, value in table.items():
         key = raw_key.replace("-", "_")
-        if key == "ssh_option":
-            key = "ssh_options"
+        key = {"ssh_option": "ssh_options", "batch_directive": "batch_directives"}.get(key, key)
         if key not in known:
             if isinstance(value, dict):
                 continue  # a section of a later feature
@@ -253,11 +327,14 @@ def resolve(
         merged.update(from_toml(config_file))
     known = {f.name: f for f in setting_fields()}
     for key, value in (flags or {}).items():
-        if value is None or (key == "ssh_options" and not value):
+        if value is None or (isinstance(value, list | tuple) and not value):
             continue
         merged[key] = _coerce(known[key], value, "command line")
-    if "ssh_options" in merged:
-        merged["ssh_options"] = tuple(tuple(p) for p in merged["ssh_options"])
+    for f in setting_fields():
+        if _is_pairs(f) and f.name in merged:
+            merged[f.name] = tuple(tuple(p) for p in merged[f.name])
+        elif _is_strings(f) and f.name in merged:
+            merged[f.name] = tuple(merged[f.name])
     return Settings(**merged)
 
 
@@ -269,7 +346,7 @@ def settings_from_kwargs(kwargs: Mapping[str, Any], base: Settings | None = None
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}", f"known settings: {', '.join(known)}")
     data: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
     for key, value in kwargs.items():
-        given = tuple(value.items()) if key == "ssh_options" and isinstance(value, Mapping) else value
+        given = tuple(value.items()) if _is_pairs(known[key]) and isinstance(value, Mapping) else value
         data[key] = _coerce(known[key], given, "argument") if given is not None else None
     return Settings(**data)
 

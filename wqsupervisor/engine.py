@@ -35,7 +35,8 @@ from ._version import __version__
 from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import ConfigError, WQSupervisorError
-from .events import Event, MasterUnreachable, TunnelDown, event_from_dict
+from .events import Event, JobSubmitFailed, MasterUnreachable, TunnelDown, event_from_dict
+from .jobs import JobTracker, build_tracker
 from .logs import redact
 from .master import MasterInfo, MasterStats
 from .tunnel import Tunnel, TunnelState
@@ -59,6 +60,7 @@ class Supervised:
     stats_at: float | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     master_gone: bool = False
+    jobs: JobTracker | None = None
 
     def snapshot(self, clock: Clock) -> dict[str, Any]:
         st = self.stats or MasterStats()
@@ -80,6 +82,7 @@ class Supervised:
                 "submitted": st.tasks_submitted,
             },
             "stats_age": round(clock.monotonic() - self.stats_at, 2) if self.stats_at else None,
+            **({"jobs": self.jobs.snapshot()} if self.jobs is not None else {}),
         }
 
 
@@ -158,13 +161,46 @@ class Engine:
         self.masters[sup_id] = sup
         sup.tasks.append(asyncio.create_task(tunnel.run(), name=f"tunnel-{sup_id}"))
         sup.tasks.append(asyncio.create_task(self._sample(sup, password, emit), name=f"stats-{sup_id}"))
+        if settings.workers:
+            sup.tasks.append(asyncio.create_task(self._scale(sup, emit), name=f"jobs-{sup_id}"))
         return sup
+
+    async def _scale(self, sup: Supervised, emit: Callable[[Event], None]) -> None:
+        """Start workers for one master once its tunnel has been up (the remote port is known)."""
+        await sup.tunnel.up_event.wait()
+        try:
+            sup.jobs = await build_tracker(
+                sup.settings,
+                sup.master.port,
+                sup.tunnel.remote_port,
+                emit=emit,
+                stats=lambda: sup.stats,
+                tunnel_up=lambda: sup.tunnel.state is TunnelState.UP,
+                source=f"workers:{sup.settings.workers}",
+                clock=self.clock,
+            )
+        except WQSupervisorError as exc:
+            emit(
+                JobSubmitFailed(
+                    at=self.clock.wall(),
+                    source=f"workers:{sup.settings.workers}",
+                    system=str(sup.settings.workers),
+                    error=exc.message,
+                    hint=exc.hint or "",
+                )
+            )
+            return
+        await sup.jobs.run()
 
     async def detach(self, sup_id: str) -> None:
         """Stop supervising one master: close its tunnel and stop its sampler."""
         sup = self.masters.get(sup_id)
         if sup is None:
             return
+        if sup.jobs is not None:
+            # Cancel every job it submitted while its scheduler is still reachable.
+            with contextlib.suppress(Exception):
+                await sup.jobs.close()
         await sup.tunnel.close()
         runner, *others = sup.tasks
         for task in others:
@@ -298,7 +334,7 @@ class Engine:
             if op == "attach":
                 from .config import settings_from_kwargs
 
-                settings = settings_from_kwargs(_settings_kwargs(request.get("settings", {})))
+                settings = settings_from_kwargs(request.get("settings", {}))
                 sup = self.attach(MasterInfo.from_dict(request["master"]), settings, owner)
                 return {"reply": "attach", "id": sup.id, "remote_port": sup.tunnel.remote_port}
             if op == "detach":
@@ -310,6 +346,16 @@ class Engine:
                 sup = self.masters[str(request["id"])]
                 self._observe(sup, MasterStats.from_any(request["stats"]), self._emit_for(sup.id))
                 return {"reply": "stats"}
+            if op == "adapt":
+                sup = self.masters[str(request["id"])]
+                if sup.jobs is None:
+                    return {
+                        "reply": "error",
+                        "error": "this supervisor starts no workers",
+                        "hint": "pass workers='slurm' (or another system) when attaching",
+                    }
+                sup.jobs.adapt(request.get("minimum"), request.get("maximum"))
+                return {"reply": "adapt"}
             if op == "ping":
                 return {"reply": "ping"}
         except WQSupervisorError as exc:
@@ -317,16 +363,6 @@ class Engine:
         except (KeyError, TypeError, ValueError) as exc:
             return {"reply": "error", "error": f"bad request: {exc}"}
         return {"reply": "error", "error": f"unknown op {op!r}"}
-
-
-def _settings_kwargs(data: dict[str, Any]) -> dict[str, Any]:
-    out = dict(data)
-    if "ssh_options" in out:
-        out["ssh_options"] = tuple(
-            tuple(p) if isinstance(p, list | tuple) else tuple(str(p).split("=", 1))
-            for p in out["ssh_options"]
-        )
-    return out
 
 
 def _read_password(path: str | None) -> bytes | None:

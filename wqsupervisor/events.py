@@ -48,7 +48,11 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
     if cls is None:
         raise ValueError(f"unknown event {data.get('event')!r}")
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
+    # JSON has no tuples: give sequence fields their frozen form back.
+    fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names
+    }
+    return cls(**fields)
 
 
 def event_types() -> dict[str, type[Event]]:
@@ -219,6 +223,55 @@ class WorkerRejected(Event):
     name: ClassVar[str] = "workers.rejected"
     level: ClassVar[str] = "error"
     detail: str = ""
+
+
+# -- worker jobs ------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True)
+class JobsSubmitted(Event):
+    """``count`` worker jobs were submitted to ``system``."""
+
+    name: ClassVar[str] = "jobs.submitted"
+    system: str = ""
+    count: int = 0
+    ids: tuple[str, ...] = ()
+    why: str = ""
+
+
+@_register
+@dataclass(frozen=True)
+class JobSubmitFailed(Event):
+    """The scheduler refused a submission; ``error`` is its own text, ``retry_in`` the backoff."""
+
+    name: ClassVar[str] = "jobs.submit_failed"
+    level: ClassVar[str] = "error"
+    system: str = ""
+    error: str = ""
+    hint: str = ""
+    retry_in: float = 0.0
+
+
+@_register
+@dataclass(frozen=True)
+class JobStateChanged(Event):
+    """A worker job moved from ``previous`` to ``state``."""
+
+    name: ClassVar[str] = "jobs.state"
+    job: str = ""
+    previous: str = ""
+    state: str = ""
+
+
+@_register
+@dataclass(frozen=True)
+class JobsCancelled(Event):
+    """Worker jobs were cancelled: no longer needed, or the supervisor is closing."""
+
+    name: ClassVar[str] = "jobs.cancelled"
+    ids: tuple[str, ...] = ()
+    why: str = ""
 
 
 Listener = Callable[[Event], None]

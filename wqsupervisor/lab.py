@@ -44,12 +44,20 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WQSupervisorError
-from .process import owned_argv, terminate
+from .process import owned_argv, pid_alive, terminate
 from .sandbox import HeadNode
 
 CAMPUS, HEAD, NODE = "campus", "head", "node"
 CAMPUS_IP, HEAD_CAMPUS_IP = "10.250.0.1", "10.250.0.2"
 HEAD_NODE_IP, NODE_IP = "10.250.1.1", "10.250.1.2"
+
+
+_SLURMD_CGROUPS = (
+    "mount -t tmpfs none /sys/fs/cgroup && "
+    "for c in cpu cpuacct cpuset memory devices freezer pids; do "
+    "mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c none /sys/fs/cgroup/$c; done; "
+    "mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd none /sys/fs/cgroup/systemd;"
+)
 
 
 def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -85,6 +93,9 @@ class Lab:
         self._blackholed = False
         self._forgotten: list[list[str]] = []
         self._procs: list[subprocess.Popen[Any]] = []
+        self._slurm: list[subprocess.Popen[Any]] = []
+        self._munged: int | None = None
+        self.slurm_conf = ""
         self._started = False
 
     # -- building and tearing down --------------------------------------------------
@@ -158,13 +169,33 @@ class Lab:
         )
         self.head.client_config(HEAD_CAMPUS_IP, self.campus_ssh_config)
         self.head.client_config(HEAD_NODE_IP, self.node_ssh_config)
+        self._user_ssh(home)
         self.head.start()
+
+    def _user_ssh(self, home: Path) -> None:
+        """The lab user's own ~/.ssh, as on a cluster: jobs on node reach ``headnode`` with it."""
+        assert self.head is not None
+        account = pwd.getpwnam(self.user)
+        ssh_dir = home / ".ssh"
+        ssh_dir.mkdir(mode=0o700)
+        key = ssh_dir / "id_ed25519"
+        key.write_bytes(self.head.identity.read_bytes())
+        (ssh_dir / "known_hosts").write_bytes(self.head.known_hosts.read_bytes())
+        (ssh_dir / "config").write_text(
+            f"Host headnode\n    HostName {HEAD_NODE_IP}\n    IdentityFile ~/.ssh/id_ed25519\n"
+            "    IdentitiesOnly yes\n    StrictHostKeyChecking yes\n"
+        )
+        for path in (ssh_dir, key, ssh_dir / "known_hosts", ssh_dir / "config"):
+            os.chown(path, account.pw_uid, account.pw_gid)
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
     def stop(self) -> None:
         """Remove everything the lab made, whatever state it is in."""
         if not self._started:
             return
         self._started = False
+        with contextlib.suppress(Exception):
+            self.stop_slurm()
         for proc in self._procs:
             with contextlib.suppress(Exception):
                 terminate(proc, grace=2)
@@ -346,6 +377,150 @@ class Lab:
                     hops.append(pid)
         return hops
 
+    # -- a real single-node Slurm on the node ------------------------------------------
+
+    def start_slurm(self, cpus: int = 4) -> str:
+        """Start munged (if needed), slurmctld and slurmd on ``node``; returns the slurm.conf path.
+
+        slurmctld listens on the node's link, so ``sbatch`` on the head reaches it
+        (clients need ``SLURM_CONF``); jobs run on ``node`` as the lab user.
+        """
+        for tool in ("slurmctld", "slurmd", "munged"):
+            if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+                raise WQSupervisorError(f"{tool} is not installed", "apt-get install slurm-wlm munge")
+        self._start_munge()
+        d = self.root / "slurm"
+        for sub in ("state", "spool", "log"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)  # noqa: S103 - the lab user's sbatch reads slurm.conf
+        host = os.uname().nodename.split(".")[0]
+        conf = d / "slurm.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=wqslab",
+                    f"SlurmctldHost={host}({NODE_IP})",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "MailProg=/bin/true",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    "MpiDefault=none",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/filetxt",
+                    f"JobCompLoc={d}/log/jobcomp.txt",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "SchedulerParameters=batch_sched_delay=0",
+                    "ReturnToService=2",
+                    # More CPUs than the machine has, so that several one-core workers run at once.
+                    "SlurmdParameters=config_overrides",
+                    f"SlurmctldPidFile={d}/slurmctld.pid",
+                    f"SlurmdPidFile={d}/slurmd.pid",
+                    f"StateSaveLocation={d}/state",
+                    f"SlurmdSpoolDir={d}/spool",
+                    f"SlurmctldLogFile={d}/log/slurmctld.log",
+                    f"SlurmdLogFile={d}/log/slurmd.log",
+                    f"NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} RealMemory=4000 "
+                    "State=UNKNOWN",
+                    f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
+        os.chmod(conf, 0o644)
+        # glibc's AI_ADDRCONFIG ignores loopback: slurmctld needs another IPv4 address here.
+        self.sh(self.ns[NODE], "ip addr add 10.254.254.1/32 dev lo")
+        env = dict(os.environ, SLURM_CONF=str(conf))
+        self._slurm = [
+            self.popen(
+                NODE,
+                ["slurmctld", "-D", "-f", str(conf)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            # `ip netns exec` remounts /sys and hides the cgroup mounts slurmd initializes.
+            self.popen(
+                NODE,
+                ["sh", "-c", _SLURMD_CGROUPS + f' exec slurmd -D -f "{conf}"'],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+        ]
+        self.slurm_conf = str(conf)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            res = subprocess.run(
+                self.argv(HEAD, ["sinfo", "-h", "-N", "-o", "%t"]),
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if res.stdout.strip() in ("idle", "mix", "alloc"):
+                return str(conf)
+            time.sleep(0.3)
+        raise WQSupervisorError(f"slurm did not come up: {(d / 'log' / 'slurmctld.log').read_text()[-500:]}")
+
+    def _start_munge(self) -> None:
+        run = Path("/run/munge")
+        pidfile = run / "munged.pid"
+        if pidfile.exists() and pid_alive(int(pidfile.read_text().strip() or 0)):
+            return
+        munge = pwd.getpwnam("munge")
+        run.mkdir(mode=0o755, exist_ok=True)
+        os.chown(run, munge.pw_uid, munge.pw_gid)
+        _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
+        self._munged = int(pidfile.read_text().strip())
+
+    def stop_slurm(self) -> None:
+        """Cancel every job, wait for the queue to empty, stop the daemons (and the lab's munged)."""
+        if not self._slurm:
+            return
+        env = dict(os.environ, SLURM_CONF=self.slurm_conf)
+        subprocess.run(
+            self.argv(HEAD, ["scancel", "--full", "--quiet", f"--user={self.user}"]),
+            env=env,
+            check=False,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            res = subprocess.run(
+                self.argv(HEAD, ["squeue", "-h", "-t", "PD,R,CG,S"]),
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if res.returncode != 0 or not res.stdout.strip():
+                break
+            time.sleep(0.3)
+        for proc in self._slurm:
+            terminate(proc, grace=10)
+        self._slurm = []
+        if self._munged:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._munged, signal.SIGTERM)
+            self._munged = None
+
+    def squeue(self) -> list[str]:
+        """Jobs Slurm still holds (pending, running, completing, suspended)."""
+        env = dict(os.environ, SLURM_CONF=self.slurm_conf)
+        res = subprocess.run(
+            self.argv(HEAD, ["squeue", "-h", "-t", "PD,R,CG,S", "-o", "%i %T"]),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return res.stdout.split("\n") if res.stdout.strip() else []
+
     @contextlib.contextmanager
     def fault(self, start: Callable[[], None], end: Callable[[], None]) -> Iterator[None]:
         """Apply a fault for the length of a block; the block's end heals it, even on error."""
@@ -406,15 +581,17 @@ class CampusApp:
             "--tunnel",
             tunnel,
         ]
-        self.proc = lab.popen(
-            CAMPUS,
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=_python_env(),
-        )
+        self.log = lab.root / f"campus-{remote_port}.log"
+        with open(self.log, "ab") as log:
+            self.proc = lab.popen(
+                CAMPUS,
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=_python_env(),
+            )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.wait_for(lambda: self.ready is not None, 60, "the campus application to start")
@@ -453,7 +630,8 @@ class CampusApp:
             while not (value := predicate()):
                 left = deadline - time.monotonic()
                 if left <= 0 or self.proc.poll() is not None:
-                    raise TimeoutError(f"waited {timeout} s for {what}")
+                    tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
+                    raise TimeoutError(f"waited {timeout} s for {what}; the application's stderr:\n{tail}")
                 self._cond.wait(min(left, 0.5))
             return value
 
@@ -648,7 +826,7 @@ def _app(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from .config import Settings
+    from .config import settings_from_kwargs
     from .master import read_stats
     from .supervisor import supervise
 
@@ -676,12 +854,14 @@ def _app(argv: list[str]) -> int:
     sup: Any = None
     autossh: subprocess.Popen[bytes] | None = None
     if args.tunnel == "wqsupervisor":
-        settings = Settings(
-            via="headnode",
-            ssh_config=args.ssh_config,
-            remote_port=args.remote_port,
-            allow_no_password=True,
-            **json.loads(args.settings),
+        settings = settings_from_kwargs(
+            {
+                "via": "headnode",
+                "ssh_config": args.ssh_config,
+                "remote_port": args.remote_port,
+                "allow_no_password": True,
+                **json.loads(args.settings),
+            }
         )
         sup = supervise(q, settings, on_event=lambda e: say("event", data=e.to_dict()), log_events=False)
     else:

@@ -198,6 +198,10 @@ class Supervisor:
             if deadline is not None and _now() >= deadline:
                 return False
 
+    def adapt(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        """Change how many workers the supervisor keeps (``workers=`` must be set)."""
+        self._request({"op": "adapt", "id": self.id, "minimum": minimum, "maximum": maximum})
+
     def snapshot(self) -> dict[str, Any]:
         """The engine's view: tunnel, workers, tasks, recent events."""
         data: dict[str, Any] = self._request({"op": "snapshot"})["data"]

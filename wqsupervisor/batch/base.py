@@ -46,6 +46,10 @@ class SubmitError(WQSupervisorError):
     """The scheduler refused a submission; ``message`` carries its own error text."""
 
 
+class Unavailable(WQSupervisorError):
+    """The scheduler could not be asked (head node unreachable, command failing): states unknown."""
+
+
 @dataclass(frozen=True)
 class Completed:
     """A finished command."""
@@ -170,7 +174,11 @@ class BatchSystem(abc.ABC):
 
     @abc.abstractmethod
     async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
-        """The state of each job; ids the scheduler no longer knows are left out."""
+        """The state of each job; ids the scheduler no longer knows are left out.
+
+        Raises :class:`Unavailable` when the scheduler cannot be asked, so that
+        an unreachable head node is never taken for jobs that have finished.
+        """
 
     async def close(self) -> None:
         """Remove what :meth:`prepare` wrote."""

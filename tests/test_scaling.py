@@ -1,0 +1,117 @@
+"""Workers started through a real Slurm in the firewall lab, scaled with the backlog.
+
+slurmctld and slurmd run on ``node``; ``sbatch`` runs on ``head`` over ssh, as
+the lab's unprivileged user; every job runs the node launcher (its own ssh -L
+hop to the head, then a worker), so workers reach the master only through
+the supervised tunnel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from wqsupervisor.lab import CampusApp, Lab
+
+pytestmark = pytest.mark.lab
+REMOTE_PORT = 10001
+
+
+@pytest.fixture
+def slurm_lab() -> Iterator[Lab]:
+    """The lab with a single-node Slurm on ``node``; everything removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root; CI runs as root")
+    with Lab() as lab:
+        lab.start_slurm(cpus=4)
+        yield lab
+
+
+def _settings(lab: Lab, **changes: object) -> dict:
+    settings = {
+        "workers": "slurm",
+        "min_workers": 0,
+        "max_workers": 4,
+        "max_per_cycle": 1,
+        "scale_cooldown": 1.0,
+        "max_pending": 4,
+        "idle_time": 10.0,
+        "node_via": "headnode",
+        "batch_env": [f"SLURM_CONF={lab.slurm_conf}"],
+    }
+    settings.update(changes)
+    return settings
+
+
+def _submitted(app: CampusApp, after: float = 0.0) -> int:
+    return sum(e["count"] for e in app.named("jobs.submitted", after))
+
+
+def _ended(app: CampusApp) -> int:
+    return len({e["job"] for e in app.named("jobs.state") if e["state"] in ("done", "cancelled")})
+
+
+def test_a_backlog_brings_up_slurm_workers_that_scale_back_to_zero(slurm_lab):
+    """200 tasks, 0..4 workers: 4 come up through Slurm and the tunnel, all tasks once, back to 0, none left."""
+    lab = slurm_lab
+    app = CampusApp(lab, REMOTE_PORT, _settings(lab))
+    try:
+        app.wait_event("tunnel.up", 60)
+        app.submit(200, "sleep 0.5; echo out-{i}")
+        app.wait_workers(2, 120)
+        # Cut the tunnel while the backlog still calls for workers: no submission until it is back.
+        lab.link_down()
+        app.wait_event("tunnel.stalled", 30)
+        cut = time.time()
+        time.sleep(15)
+        assert _submitted(app, after=cut + 0.5) == 0, "a job was submitted while the tunnel was down"
+        lab.link_up()
+        app.wait_event("tunnel.resumed", 60, after=cut)
+        app.wait_workers(4, 180)
+        app.wait_done(200, 300)
+        assert sorted(app.results, key=int) == [str(i) for i in range(200)]
+        assert all(v == [f"out-{k}"] for k, v in app.results.items())
+        assert _submitted(app) <= 6, "more jobs than the backlog needed"
+        # Idle workers leave after idle_time, so their jobs end: back to 0, nothing left in Slurm.
+        app.wait_for(lambda: _ended(app) >= _submitted(app), 120, "every worker job to end")
+        assert not lab.squeue()
+    finally:
+        app.close()
+    assert not lab.squeue(), "the supervisor left jobs in Slurm"
+
+
+def test_closing_the_supervisor_cancels_every_job(slurm_lab):
+    """The application quits while workers run and queue: every job is cancelled, none left."""
+    lab = slurm_lab
+    app = CampusApp(lab, REMOTE_PORT, _settings(lab, max_per_cycle=4, idle_time=600))
+    app.wait_event("tunnel.up", 60)
+    app.submit(50, "sleep 30")
+    app.wait_for(lambda: len(lab.squeue()) >= 4, 120, "jobs in Slurm")
+    app.close()
+    assert app.named("jobs.cancelled"), "no cancellation was reported"
+    deadline = time.monotonic() + 30
+    while lab.squeue() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not lab.squeue(), "jobs outlived the supervisor"
+
+
+def test_a_refused_submission_is_explained_and_not_repeated_in_a_storm(slurm_lab):
+    """A partition that does not exist: sbatch's own error in the event, and backed-off retries."""
+    lab = slurm_lab
+    app = CampusApp(lab, REMOTE_PORT, _settings(lab, partition="nosuchpartition"))
+    try:
+        app.wait_event("tunnel.up", 60)
+        app.submit(20, "echo out-{i}")
+        failed = app.wait_event("jobs.submit_failed", 60)
+        assert "invalid partition" in failed["error"].lower(), failed
+        assert "--partition" in failed["hint"]
+        time.sleep(30)
+        attempts = app.named("jobs.submit_failed")
+        assert 1 <= len(attempts) <= 4, f"{len(attempts)} submissions in 30 s"
+        assert not app.named("jobs.submitted")
+    finally:
+        app.close()
+    assert not lab.squeue()

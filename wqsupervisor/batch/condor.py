@@ -1,0 +1,226 @@
+"""HTCondor: ``condor_submit`` on the head node, ``condor_rm``, states from ``condor_q``/``condor_history``.
+
+One submission queues ``count`` jobs as one cluster, so the ids are
+``CLUSTER.0`` .. ``CLUSTER.(count-1)``. Each job runs ``/bin/sh <launcher>``
+from the shared home (``should_transfer_files = NO``: HTCondor then matches only
+machines of the submit host's ``FileSystemDomain``); its output, error and
+event log go to the private work directory.
+
+Options: ``cores``, ``memory_mb`` and ``disk_mb`` become ``request_cpus``,
+``request_memory`` and ``request_disk``; ``account`` becomes
+``accounting_group``; ``walltime`` becomes a ``periodic_remove`` of a job
+running longer than that. HTCondor has no partitions: a ``partition`` is
+refused (choose machines with a ``requirements = ...`` directive). Directives
+go in verbatim just before ``queue``, so they can override any line above.
+
+``JobStatus`` (HTCondor manual, "Job Status Codes") to :class:`JobState`:
+
+* 1 Idle -> PENDING; 2 Running -> RUNNING; 6 Transferring Output -> RUNNING;
+* 7 Suspended -> PENDING: it holds no worker now and may resume;
+* 3 Removed -> CANCELLED;
+* 4 Completed -> DONE when ``ExitCode`` is 0, else FAILED (the launcher exits
+  with the worker's status);
+* 5 Held -> FAILED. A held job never runs again unless a person releases it,
+  and HTCondor holds a job only for an error (a limit exceeded, a file
+  missing, a policy). As PENDING it would count among the jobs "on their way"
+  for ever and stop scale-out. It stays in the queue with its ``HoldReason``
+  for a person to read; :meth:`Condor.close` removes the held jobs it saw.
+
+A completed job leaves the queue at once, so ids that ``condor_q`` no longer
+lists are looked up in ``condor_history``, bounded by ``-limit`` (as many ads
+as ids asked) and ``-scanlimit`` (so a long history stays cheap). Ids in
+neither are left out; the job tracker deals with those.
+
+Not run against a real HTCondor here (none runs on the test machine): the
+parsers are tested on published outputs (``tests/data/batch``), the adapter on
+the exact command lines it sends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ..errors import ConfigError, WQSupervisorError
+from .base import BatchOptions, BatchSystem, JobState, Runner, SubmitError
+
+# JobStatus codes whose meaning does not depend on the exit code.
+_STATUS = {
+    "1": JobState.PENDING,
+    "2": JobState.RUNNING,
+    "3": JobState.CANCELLED,
+    "5": JobState.FAILED,
+    "6": JobState.RUNNING,
+    "7": JobState.PENDING,
+}
+_COMPLETED = "4"
+_AUTOFORMAT = ("-af:j", "JobStatus", "ExitCode")
+_JOB_ID = re.compile(r"^\d+\.\d+$")
+_SUBMITTED = re.compile(r"^\s*(\d+) job\(s\) submitted to cluster (\d+)\.", re.MULTILINE)
+_WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
+# How many history ads condor_history may read before it gives up on the rest.
+HISTORY_SCAN_LIMIT = 10000
+
+
+def walltime_seconds(walltime: str) -> int:
+    """``HH:MM:SS`` (hours may pass 24) as seconds; :class:`ValueError` for anything else."""
+    match = _WALLTIME.match(walltime.strip())
+    if not match:
+        raise ValueError(f"walltime {walltime!r} is not HH:MM:SS")
+    hours, minutes, seconds = (int(part) for part in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _argument(path: str) -> str:
+    # condor_submit's new argument syntax: the whole list in double quotes, one
+    # argument in single quotes, each quote doubled inside.
+    return '"' + "'" + path.replace('"', '""').replace("'", "''") + "'" + '"'
+
+
+def submit_description(options: BatchOptions, workdir: str, launcher_path: str, count: int) -> str:
+    """The submit description that queues ``count`` worker jobs, each running the node launcher once."""
+    lines = [
+        "# wqsupervisor worker jobs: each runs the node launcher once",
+        "universe = vanilla",
+        "executable = /bin/sh",
+        f"arguments = {_argument(launcher_path)}",
+        "transfer_executable = false",
+        "should_transfer_files = NO",
+        "batch_name = wqs-worker",
+        f"output = {workdir}/condor-$(ClusterId).$(ProcId).out",
+        f"error = {workdir}/condor-$(ClusterId).$(ProcId).err",
+        f"log = {workdir}/condor.log",
+        f"request_cpus = {options.cores}",
+    ]
+    if options.memory_mb:
+        lines.append(f"request_memory = {options.memory_mb}")  # MiB, HTCondor's unit for memory
+    if options.disk_mb:
+        lines.append(f"request_disk = {options.disk_mb * 1024}")  # KiB, HTCondor's unit for disk
+    if options.account:
+        lines.append(f"accounting_group = {options.account}")
+    if options.walltime:
+        seconds = walltime_seconds(options.walltime)
+        lines.append(f"periodic_remove = JobStatus == 2 && time() - EnteredCurrentStatus > {seconds}")
+    lines += list(options.directives)
+    lines.append(f"queue {count}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_submit(text: str) -> list[str]:
+    """The job ids in ``condor_submit`` output (``N job(s) submitted to cluster C.``): C.0 to C.N-1."""
+    match = _SUBMITTED.search(text)
+    if not match:
+        raise ValueError(f"condor_submit printed no cluster: {text.strip()!r}")
+    count, cluster = int(match.group(1)), match.group(2)
+    return [f"{cluster}.{proc}" for proc in range(count)]
+
+
+def parse_autoformat(text: str) -> dict[str, list[str]]:
+    """Lines of ``-af:j`` output (``CLUSTER.PROC value ...``) as {job id: values}; other lines are skipped."""
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and _JOB_ID.match(fields[0]):
+            rows[fields[0]] = fields[1:]
+    return rows
+
+
+def job_state(status: str, exit_code: str = "undefined") -> JobState | None:
+    """A ``JobStatus`` code, with ``ExitCode`` as ``-af`` prints it, as a :class:`JobState` or None."""
+    if status == _COMPLETED:
+        return JobState.DONE if exit_code == "0" else JobState.FAILED
+    return _STATUS.get(status)
+
+
+def parse_states(text: str) -> dict[str, JobState]:
+    """Read ``condor_q``/``condor_history ... -af:j JobStatus ExitCode`` output."""
+    out: dict[str, JobState] = {}
+    for job, values in parse_autoformat(text).items():
+        if not values:
+            continue
+        state = job_state(values[0], values[1] if len(values) > 1 else "undefined")
+        if state is not None:
+            out[job] = state
+    return out
+
+
+class Condor(BatchSystem):
+    """Worker jobs in an HTCondor pool, submitted on the head node (the access point)."""
+
+    name = "condor"
+
+    def __init__(self, runner: Runner, options: BatchOptions | None = None) -> None:
+        super().__init__(runner, options)
+        if self.options.partition:
+            raise ConfigError(
+                f"HTCondor has no partitions, so partition {self.options.partition!r} cannot be used",
+                "remove it; choose machines with a directive such as 'requirements = (Arch == \"X86_64\")'",
+            )
+        if self.options.walltime:
+            try:
+                walltime_seconds(self.options.walltime)
+            except ValueError as exc:
+                raise ConfigError(str(exc), "write the walltime as HH:MM:SS, for example 04:00:00") from None
+        self._held: set[str] = set()
+
+    def _paths(self) -> tuple[str, str]:
+        if self.workdir is None or self.launcher_path is None:
+            raise WQSupervisorError("the node launcher is not written yet; call prepare() before submit()")
+        return self.workdir, self.launcher_path
+
+    def submit_description(self, count: int) -> str:
+        """The submit description for ``count`` worker jobs."""
+        workdir, launcher = self._paths()
+        return submit_description(self.options, workdir, launcher, count)
+
+    async def submit(self, count: int) -> list[str]:
+        """Queue ``count`` worker jobs with one ``condor_submit``."""
+        if count <= 0:
+            return []
+        workdir, _ = self._paths()
+        path = f"{workdir}/worker.sub"
+        await self.runner.write(path, self.submit_description(count), 0o600)
+        done = await self.runner.run(["condor_submit", path])
+        if done.returncode != 0:
+            raise SubmitError(
+                f"condor_submit refused the worker jobs: {done.error_text}",
+                f"check the account and directives in {path}; 'condor_submit -dry-run - {path}' shows more",
+            )
+        try:
+            return parse_submit(done.stdout)
+        except ValueError as exc:
+            raise SubmitError(str(exc)) from None
+
+    async def cancel(self, ids: Sequence[str]) -> None:
+        """``condor_rm`` the jobs (it complains about jobs already gone; that is ignored)."""
+        if ids:
+            await self.runner.run(["condor_rm", *ids])
+
+    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """States from ``condor_q``, and from ``condor_history`` for jobs that left the queue."""
+        if not ids:
+            return {}
+        wanted = list(dict.fromkeys(ids))
+        # Ids go before -af: every word after it, up to the next option, is an attribute.
+        done = await self.runner.run(["condor_q", *wanted, *_AUTOFORMAT])
+        if done.returncode != 0:
+            return {}
+        found = {job: state for job, state in parse_states(done.stdout).items() if job in wanted}
+        # Still queued yet failed means held (or kept completed): remove those on close.
+        self._held.update(job for job, state in found.items() if state is JobState.FAILED)
+        missing = [job for job in wanted if job not in found]
+        if missing:
+            limits = ["-limit", str(len(missing)), "-scanlimit", str(HISTORY_SCAN_LIMIT)]
+            history = await self.runner.run(["condor_history", *limits, *missing, *_AUTOFORMAT])
+            if history.returncode == 0:
+                found.update(
+                    (job, state) for job, state in parse_states(history.stdout).items() if job in missing
+                )
+        return found
+
+    async def close(self) -> None:
+        """Remove the held jobs seen, then the work directory."""
+        if self._held:
+            await self.cancel(sorted(self._held))
+            self._held.clear()
+        await super().close()

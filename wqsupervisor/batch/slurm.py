@@ -1,0 +1,134 @@
+"""Slurm: ``sbatch`` on the head node over ssh, ``scancel``, states from ``squeue``.
+
+Run against a real single-node Slurm (Debian's slurm-wlm 22.05) in the
+firewall lab: see ``tests/test_scaling.py``. Finished jobs stay listed by
+``squeue -t all`` for ``MinJobAge`` (300 s by default); ``sacct`` is used only
+when accounting is configured, since it fails without slurmdbd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import WQSupervisorError
+from .base import BatchSystem, JobState, SubmitError, Unavailable
+
+# squeue's %T names, in Slurm's words.
+_STATES = {
+    "PENDING": JobState.PENDING,
+    "CONFIGURING": JobState.PENDING,
+    "REQUEUED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING,
+    "SUSPENDED": JobState.PENDING,
+    "STOPPED": JobState.PENDING,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "COMPLETED": JobState.DONE,
+    "CANCELLED": JobState.CANCELLED,
+    "REVOKED": JobState.CANCELLED,
+    "FAILED": JobState.FAILED,
+    "TIMEOUT": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "DEADLINE": JobState.FAILED,
+    "PREEMPTED": JobState.FAILED,
+    "SPECIAL_EXIT": JobState.FAILED,
+}
+
+
+def parse_states(text: str) -> dict[str, JobState]:
+    """Read ``squeue -h -o '%i %T'`` output (array tasks such as 12_3 keep their full id)."""
+    out: dict[str, JobState] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] in _STATES:
+            out[parts[0]] = _STATES[parts[1]]
+    return out
+
+
+def parse_submit(text: str) -> str:
+    """Read ``sbatch --parsable`` output: ``JOBID`` or ``JOBID;CLUSTER``."""
+    job = text.strip().splitlines()[-1].split(";")[0].strip() if text.strip() else ""
+    if not job.isdigit():
+        raise ValueError(f"sbatch printed no job id: {text.strip()!r}")
+    return job
+
+
+class Slurm(BatchSystem):
+    """Worker jobs on a Slurm cluster."""
+
+    name = "slurm"
+
+    def job_script(self) -> str:
+        """The batch script of one worker job."""
+        o = self.options
+        lines = [
+            "#!/bin/sh",
+            "#SBATCH --job-name=wqs-worker",
+            f"#SBATCH --output={self.workdir}/slurm-%j.out",
+            "#SBATCH --ntasks=1",
+            f"#SBATCH --cpus-per-task={o.cores}",
+        ]
+        if o.memory_mb:
+            lines.append(f"#SBATCH --mem={o.memory_mb}M")
+        if o.partition:
+            lines.append(f"#SBATCH --partition={o.partition}")
+        if o.account:
+            lines.append(f"#SBATCH --account={o.account}")
+        if o.walltime:
+            lines.append(f"#SBATCH --time={o.walltime}")
+        lines += list(o.directives)
+        lines += ["", f"exec sh {self.launcher_path}", ""]
+        return "\n".join(lines)
+
+    async def submit(self, count: int) -> list[str]:
+        """``sbatch --parsable`` the job script ``count`` times."""
+        script = f"{self.workdir}/job.sh"
+        try:
+            await self.runner.write(script, self.job_script(), 0o700)
+        except WQSupervisorError as exc:
+            raise SubmitError(f"cannot write the job script on the head node: {exc.message}") from None
+        ids: list[str] = []
+        for _ in range(count):
+            done = await self.runner.run(["sbatch", "--parsable", script])
+            if done.returncode != 0:
+                if ids:
+                    break  # keep what was accepted; the next round asks again
+                raise SubmitError(
+                    f"sbatch refused the worker job: {done.error_text}",
+                    "check --partition, --account and --walltime against the cluster's limits",
+                )
+            try:
+                ids.append(parse_submit(done.stdout))
+            except ValueError as exc:
+                raise SubmitError(str(exc)) from None
+        return ids
+
+    async def cancel(self, ids: Sequence[str]) -> None:
+        """``scancel`` the jobs."""
+        if ids:
+            await self.runner.run(["scancel", *ids])
+
+    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """Every listed job of ours, from ``squeue -t all``."""
+        if not ids:
+            return {}
+        done = await self.runner.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i %T"])
+        if done.returncode == 255 or "Unable to contact slurm controller" in done.stderr:
+            raise Unavailable(f"squeue failed: {done.error_text}")
+        if done.returncode != 0:
+            # squeue refuses the whole list when one id is unknown; ask for ours one by one.
+            found: dict[str, JobState] = {}
+            for job in ids:
+                one = await self.runner.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T"])
+                if one.returncode == 0:
+                    found.update(parse_states(one.stdout))
+            return found
+        wanted = set(ids)
+        return {k: v for k, v in parse_states(done.stdout).items() if k in wanted}

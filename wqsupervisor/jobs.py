@@ -1,0 +1,306 @@
+"""Job tracking: the scaling policy's decisions carried out on a batch system, and accounted for.
+
+Every job the supervisor submits has an id and a state (pending, running,
+done, failed, cancelled). The tracker polls the scheduler, asks the policy
+what to do, submits or withdraws, and says what happened in events. A refused
+submission is not retried at once: it backs off (capped, jittered) and the
+event carries the scheduler's own words. On close, every job it submitted and
+that is still queued or running is cancelled, and the tracker waits until the
+scheduler confirms it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .backoff import Backoff
+from .batch.base import (
+    BatchOptions,
+    BatchSystem,
+    JobState,
+    LocalRunner,
+    Runner,
+    SshRunner,
+    SubmitError,
+    Unavailable,
+)
+from .clock import Clock, SystemClock
+from .config import Settings
+from .errors import WQSupervisorError
+from .events import Event, JobsCancelled, JobsSubmitted, JobStateChanged, JobSubmitFailed
+from .launcher import NodeLauncher
+from .logs import get_logger
+from .master import MasterStats
+from .policy import Observation, PolicyState, ScalingSettings, decide
+
+# A job the scheduler stops listing is taken as finished after this long.
+_FORGOTTEN_AFTER = 30.0
+# A job that ends sooner than this after submission counts as a failed submission.
+_EARLY_EXIT = 20.0
+
+
+@dataclass
+class Job:
+    """One worker job."""
+
+    id: str
+    state: JobState
+    submitted_at: float
+    changed_at: float
+    last_seen: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """For status output."""
+        return {"id": self.id, "state": self.state.value, "submitted_at": self.submitted_at}
+
+
+@dataclass
+class JobTracker:
+    """Runs the policy against one batch system for one master."""
+
+    system: BatchSystem
+    scaling: ScalingSettings
+    launcher: NodeLauncher
+    emit: Callable[[Event], None]
+    stats: Callable[[], MasterStats | None]
+    tunnel_up: Callable[[], bool]
+    source: str
+    clock: Clock = field(default_factory=SystemClock)
+    interval: float = 2.0
+    submit_backoff: Backoff = field(default_factory=lambda: Backoff(initial=5.0, cap=300.0))
+    rng: random.Random = field(default_factory=random.Random)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    submitted: int = 0
+    _policy: PolicyState = field(default_factory=PolicyState)
+    _failures: int = 0
+    _retry_at: float = 0.0
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def adapt(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        """Change the worker limits while running (like dask-jobqueue's ``adapt``)."""
+        self.scaling = replace(
+            self.scaling,
+            min_workers=self.scaling.min_workers if minimum is None else minimum,
+            max_workers=self.scaling.max_workers if maximum is None else maximum,
+        )
+        self._wake.set()
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state."""
+        out = {state.value: 0 for state in JobState}
+        for job in self.jobs.values():
+            out[job.state.value] += 1
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """For status output."""
+        return {
+            **self.system.describe(),
+            **self.counts(),
+            "submitted": self.submitted,
+            "min_workers": self.scaling.min_workers,
+            "max_workers": self.scaling.max_workers,
+            "submit_failures": self._failures,
+        }
+
+    def _emit(self, cls: type[Event], **fields: Any) -> None:
+        self.emit(cls(at=self.clock.wall(), source=self.source, **fields))
+
+    async def run(self) -> None:
+        """Prepare the system, then poll, decide and act until cancelled."""
+        await self.system.prepare(self.launcher)
+        while True:
+            try:
+                await self.step()
+            except Exception:
+                get_logger().exception("jobs.step_failed", source=self.source)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    async def step(self) -> None:
+        """One round: refresh job states, ask the policy, carry out its decision."""
+        await self.refresh()
+        stats = self.stats()
+        if stats is None:
+            return
+        now = self.clock.monotonic()
+        pending = tuple(
+            j.id
+            for j in sorted(self.jobs.values(), key=lambda j: j.submitted_at)
+            if j.state is JobState.PENDING
+        )
+        running = sum(j.state is JobState.RUNNING for j in self.jobs.values())
+        obs = Observation(
+            now=now,
+            tunnel_up=self.tunnel_up(),
+            tasks_waiting=stats.tasks_waiting,
+            tasks_on_workers=stats.tasks_on_workers,
+            workers_connected=stats.workers_connected,
+            pending_jobs=pending,
+            running_jobs=running,
+        )
+        self._policy, decision = decide(self.scaling, self._policy, obs)
+        if decision.cancel:
+            await self.system.cancel(list(decision.cancel))
+            for job_id in decision.cancel:
+                self._set(job_id, JobState.CANCELLED, now)
+            self._emit(JobsCancelled, ids=tuple(decision.cancel), why=decision.why)
+        if decision.submit and now >= self._retry_at:
+            await self._submit(decision.submit, decision.why, now)
+
+    async def _submit(self, count: int, why: str, now: float) -> None:
+        try:
+            ids = await self.system.submit(count)
+        except WQSupervisorError as exc:
+            self._failures += 1
+            delay = self.submit_backoff.delay(self._failures, self.rng.random())
+            self._retry_at = now + delay
+            self._emit(
+                JobSubmitFailed,
+                system=self.system.name,
+                error=exc.message,
+                hint=exc.hint or "",
+                retry_in=round(delay, 1),
+            )
+            return
+        for job_id in ids:
+            self.jobs[job_id] = Job(job_id, JobState.PENDING, now, now, now)
+        self.submitted += len(ids)
+        self._emit(JobsSubmitted, system=self.system.name, count=len(ids), ids=tuple(ids), why=why)
+
+    def _set(self, job_id: str, state: JobState, now: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state is state:
+            return
+        previous = job.state
+        job.state, job.changed_at = state, now
+        self._emit(JobStateChanged, job=job_id, previous=previous.value, state=state.value)
+        if state in (JobState.FAILED, JobState.DONE) and now - job.submitted_at < _EARLY_EXIT:
+            # A job that ends right away will not do better when submitted again at
+            # once (a bad node, a missing program): back off as after a refusal.
+            self._failures += 1
+            delay = self.submit_backoff.delay(self._failures, self.rng.random())
+            self._retry_at = now + delay
+            self._emit(
+                JobSubmitFailed,
+                system=self.system.name,
+                error=f"worker job {job_id} ended ({state.value}) {now - job.submitted_at:.0f} s after "
+                "submission",
+                hint=f"look at its output in {self.system.workdir}",
+                retry_in=round(delay, 1),
+            )
+
+    async def refresh(self) -> None:
+        """Ask the scheduler for the states of our active jobs."""
+        active = [j.id for j in self.jobs.values() if j.state.active]
+        if not active:
+            return
+        try:
+            states = await self.system.states(active)
+        except Unavailable:
+            return  # unknown is not finished: ask again next round
+        now = self.clock.monotonic()
+        for job_id in active:
+            job = self.jobs[job_id]
+            if job_id in states:
+                job.last_seen = now
+                self._set(job_id, states[job_id], now)
+            elif now - job.last_seen > _FORGOTTEN_AFTER:
+                # Finished long enough ago for the scheduler to forget it.
+                self._set(job_id, JobState.DONE, now)
+            if job.state is JobState.RUNNING and now - job.submitted_at >= _EARLY_EXIT:
+                self._failures = 0  # jobs work again
+
+    async def close(self, timeout: float = 60.0) -> None:
+        """Cancel every job still queued or running, wait for the scheduler to agree, clean up."""
+        deadline = self.clock.monotonic() + timeout
+        active = [j.id for j in self.jobs.values() if j.state.active]
+        if active:
+            await self.system.cancel(active)
+            self._emit(JobsCancelled, ids=tuple(active), why="the supervisor is closing")
+        while active and self.clock.monotonic() < deadline:
+            try:
+                states = await self.system.states(active)
+            except Unavailable:
+                await self.clock.sleep(1.0)
+                continue
+            active = [i for i in active if i in states and states[i].active]
+            if active:
+                await self.clock.sleep(0.5)
+        for job in self.jobs.values():
+            if job.state.active:
+                self._set(job.id, JobState.CANCELLED, self.clock.monotonic())
+        await self.system.close()
+
+
+async def build_tracker(
+    settings: Settings,
+    master_port: int,
+    remote_port: int,
+    *,
+    emit: Callable[[Event], None],
+    stats: Callable[[], MasterStats | None],
+    tunnel_up: Callable[[], bool],
+    source: str,
+    clock: Clock,
+) -> JobTracker:
+    """The tracker for ``settings.workers``, with its runner and the launcher its jobs run."""
+    from .batch import system_class
+
+    assert settings.workers is not None
+    name = settings.workers
+    runner: Runner = LocalRunner() if name == "local" else SshRunner(settings, dict(settings.batch_env))
+    options = BatchOptions(
+        partition=settings.partition,
+        account=settings.account,
+        walltime=settings.walltime,
+        cores=settings.worker_cores,
+        memory_mb=settings.worker_memory,
+        disk_mb=settings.worker_disk,
+        directives=settings.batch_directives,
+        env=dict(settings.batch_env),
+    )
+    system = system_class(name)(runner, options)
+    if name == "local":
+        # Workers on this machine need no tunnel: they go to the master's own port.
+        via, port = None, master_port
+    elif name in ("ssh", "factory"):
+        via, port = None, remote_port
+    else:
+        via, port = settings.node_via or await _head_hostname(runner), remote_port
+    launcher = NodeLauncher(
+        remote_port=port,
+        via=via,
+        ssh_args=tuple(shlex.split(settings.node_ssh_args or "")),
+        worker=settings.worker_program,
+        cores=settings.worker_cores,
+        memory_mb=settings.worker_memory,
+        disk_mb=settings.worker_disk,
+        idle_timeout=max(1, round(settings.idle_time)),
+    )
+    return JobTracker(
+        system=system,
+        scaling=settings.scaling,
+        launcher=launcher,
+        emit=emit,
+        stats=stats,
+        tunnel_up=tunnel_up,
+        source=source,
+        clock=clock,
+    )
+
+
+async def _head_hostname(runner: Runner) -> str:
+    """The head node's own name: what its compute nodes call it."""
+    done = await runner.run(["hostname"])
+    name = done.stdout.strip()
+    if done.returncode != 0 or not name:
+        raise SubmitError(f"cannot ask the head node its name: {done.error_text}", "set --node-via")
+    return name
