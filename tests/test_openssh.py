@@ -48,7 +48,7 @@ def test_the_tunnel_command_line():
 def test_user_options_win_over_our_defaults():
     """ssh keeps the first value of an option: the user's come before our ServerAlive defaults."""
     opts = _options(tunnel_argv(S, master_port=1, remote_port=2, probe_path=None))
-    assert opts.index("ServerAliveInterval=30") < opts.index("ServerAliveInterval=10")
+    assert opts.index("ServerAliveInterval=30") < opts.index("ServerAliveInterval=15")
 
 
 def test_the_remote_command_ends_with_its_session_and_names_its_sshd():

@@ -95,6 +95,11 @@ class Settings:
     max_per_cycle: int = _setting(2, "most jobs submitted at once", metavar="N")
     scale_cooldown: float = _setting(10.0, "seconds between two submissions", metavar="S")
     idle_time: float = _setting(60.0, "seconds without work before a worker leaves (scale-in)", metavar="S")
+    factory_type: str = _setting(
+        "local",
+        "with --workers factory: the factory's own batch type (local, slurm, condor...)",
+        metavar="TYPE",
+    )
     worker_cores: int = _setting(1, "cores each worker offers and each job asks for", metavar="N")
     worker_memory: int | None = _setting(None, "memory per worker in MB", metavar="MB")
     worker_disk: int | None = _setting(None, "disk per worker in MB", metavar="MB")

@@ -36,7 +36,7 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import ConfigError, WQSupervisorError
 from .events import Event, JobSubmitFailed, MasterUnreachable, TunnelDown, event_from_dict
-from .jobs import JobTracker, build_tracker
+from .jobs import FactoryTracker, JobTracker, build_tracker
 from .logs import redact
 from .master import MasterInfo, MasterStats
 from .tunnel import Tunnel, TunnelState
@@ -60,7 +60,7 @@ class Supervised:
     stats_at: float | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     master_gone: bool = False
-    jobs: JobTracker | None = None
+    jobs: JobTracker | FactoryTracker | None = None
 
     def snapshot(self, clock: Clock) -> dict[str, Any]:
         st = self.stats or MasterStats()

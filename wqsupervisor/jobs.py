@@ -240,6 +240,73 @@ class JobTracker:
         await self.system.close()
 
 
+@dataclass
+class FactoryTracker:
+    """Keeps one ``work_queue_factory`` running on the head node; it scales by itself."""
+
+    system: Any  # batch.factory.Factory
+    launcher: NodeLauncher
+    emit: Callable[[Event], None]
+    source: str
+    clock: Clock = field(default_factory=SystemClock)
+    interval: float = 5.0
+    ids: list[str] = field(default_factory=list)
+    restarts: int = 0
+
+    async def run(self) -> None:
+        """Start the factory, and start it again (with a backoff) if it ends."""
+        await self.system.prepare(self.launcher)
+        backoff = Backoff(initial=5.0, cap=120.0)
+        while True:
+            self.ids = await self.system.submit(1)
+            self.emit(
+                JobsSubmitted(
+                    at=self.clock.wall(),
+                    source=self.source,
+                    system="factory",
+                    count=1,
+                    ids=tuple(self.ids),
+                    why="work_queue_factory on the head node",
+                )
+            )
+            while (await self.system.states(self.ids)).get(self.ids[0]) is JobState.RUNNING:
+                await self.clock.sleep(self.interval)
+            self.restarts += 1
+            delay = backoff.delay(min(self.restarts, 8), random.random())
+            self.emit(
+                JobSubmitFailed(
+                    at=self.clock.wall(),
+                    source=self.source,
+                    system="factory",
+                    error="work_queue_factory ended",
+                    hint="see its scratch directory",
+                    retry_in=round(delay, 1),
+                )
+            )
+            await self.clock.sleep(delay)
+
+    def adapt(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        """New limits for the factory; they take effect when it is restarted."""
+        if minimum is not None:
+            self.system.min_workers = minimum
+        if maximum is not None:
+            self.system.max_workers = maximum
+
+    def snapshot(self) -> dict[str, Any]:
+        """For status output."""
+        return {
+            **self.system.describe(),
+            "factory_restarts": self.restarts,
+            "min_workers": self.system.min_workers,
+            "max_workers": self.system.max_workers,
+        }
+
+    async def close(self, timeout: float = 60.0) -> None:
+        """Stop the factory (it takes its own workers down with their idle timeout)."""
+        await self.system.cancel(self.ids)
+        await self.system.close()
+
+
 async def build_tracker(
     settings: Settings,
     master_port: int,
@@ -250,9 +317,10 @@ async def build_tracker(
     tunnel_up: Callable[[], bool],
     source: str,
     clock: Clock,
-) -> JobTracker:
+) -> JobTracker | FactoryTracker:
     """The tracker for ``settings.workers``, with its runner and the launcher its jobs run."""
     from .batch import system_class
+    from .batch.factory import Factory
 
     assert settings.workers is not None
     name = settings.workers
@@ -271,7 +339,8 @@ async def build_tracker(
     if name == "local":
         # Workers on this machine need no tunnel: they go to the master's own port.
         via, port = None, master_port
-    elif name in ("ssh", "factory"):
+    elif name == "ssh" or (name == "factory" and settings.factory_type == "local"):
+        # Workers on the head node itself reach the remote port on its loopback.
         via, port = None, remote_port
     else:
         via, port = settings.node_via or await _head_hostname(runner), remote_port
@@ -285,6 +354,11 @@ async def build_tracker(
         disk_mb=settings.worker_disk,
         idle_timeout=max(1, round(settings.idle_time)),
     )
+    if isinstance(system, Factory):
+        system.batch_type = settings.factory_type
+        system.min_workers, system.max_workers = settings.min_workers, settings.max_workers
+        system.idle_timeout = launcher.idle_timeout
+        return FactoryTracker(system=system, launcher=launcher, emit=emit, source=source, clock=clock)
     return JobTracker(
         system=system,
         scaling=settings.scaling,

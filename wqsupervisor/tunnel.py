@@ -382,6 +382,16 @@ class Tunnel:
     ) -> openssh.OpenSSHSession:
         """Start one ssh, on a connection of our own when we can; raises _NoConnection."""
         port = self.remote_port if remote_port is None else remote_port
+        # --- paramiko backend hook (see wqsupervisor/paramiko_backend.py) ---
+        if self.settings.backend == "paramiko":
+            from .paramiko_backend import ParamikoSession
+
+            assert self._ssh_config is not None
+            master_port = self.master.port if reverse else None
+            return await ParamikoSession.start(  # type: ignore[return-value]  # same surface
+                self.settings, self._ssh_config, master_port=master_port, remote_port=port
+            )
+        # --- end of the paramiko backend hook ---
         argv = openssh.tunnel_argv(
             self.settings,
             master_port=self.master.port if reverse else None,
@@ -425,9 +435,8 @@ class Tunnel:
                     await asyncio.sleep(0.02)
             return port
         except (openssh.SessionEnded, TimeoutError):
-            failure = openssh.SshFailure.from_output(
-                session.stderr, session.proc.returncode, self.settings, ever_up=False
-            )
+            code = await session.close()
+            failure = openssh.SshFailure.from_output(session.stderr, code, self.settings, ever_up=False)
             raise failure.as_error() from None
         finally:
             await session.close()

@@ -1,0 +1,93 @@
+"""cctools' ``work_queue_factory``, run on the head node and pointed at the forwarded port.
+
+For people who already use the factory: it keeps its own worker count (its
+``--min-workers``/``--max-workers``), asks the master for its backlog through
+the remote port on the head's loopback, and submits to its own batch type.
+Its workers would connect to the address it queries (``127.0.0.1`` on the
+head, wrong on a compute node), so it is given the node launcher as its
+``--worker-binary``: each worker job builds its own ``ssh -L`` hop to the head
+and runs the real worker through it, whatever arguments the factory passes.
+
+The factory process is owned like an ssh worker: it runs in an ssh session
+and stops when the session ends (cancelled, or the supervisor gone). It is not
+driven by wqsupervisor's scaling policy; ``adapt`` restarts it with new limits.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from typing import Any
+
+from ..launcher import NodeLauncher
+from ..openssh import remote_argv
+from .base import JobState, SshRunner
+from .local import Processes
+
+_WRAPPER = """\
+#!/bin/sh
+# wqsupervisor: run work_queue_factory for as long as this ssh session lasts.
+exec 3<&0
+%(factory)s </dev/null &
+factory=$!
+( cat <&3 >/dev/null 2>&1; kill "$factory" 2>/dev/null ) &
+wait "$factory"
+"""
+
+
+class Factory(Processes):
+    """One ``work_queue_factory`` on the head node (its "job" is the factory itself)."""
+
+    name = "factory"
+    batch_type = "local"
+    min_workers = 0
+    max_workers = 4
+    idle_timeout = 60
+
+    def factory_argv(self, remote_port: int) -> list[str]:
+        """The factory's command line on the head node."""
+        assert self.workdir is not None
+        argv = [
+            "work_queue_factory",
+            "-T",
+            self.batch_type,
+            "--min-workers",
+            str(self.min_workers),
+            "--max-workers",
+            str(self.max_workers),
+            "--timeout",
+            str(self.idle_timeout),
+            "--cores",
+            str(self.options.cores),
+            "--worker-binary",
+            f"{self.workdir}/launcher.sh",
+            "--scratch-dir",
+            f"{self.workdir}/factory",
+        ]
+        if self.options.memory_mb:
+            argv += ["--memory", str(self.options.memory_mb)]
+        batch = [d for d in self.options.directives]
+        if self.options.partition:
+            batch.append(f"--partition={self.options.partition}")
+        if batch:
+            argv += ["--batch-options", " ".join(batch)]
+        return [*argv, "127.0.0.1", str(remote_port)]
+
+    async def prepare(self, launcher: NodeLauncher) -> None:
+        """Write the launcher (the factory's worker binary) and the session wrapper."""
+        await super().prepare(launcher)
+        factory = " ".join(shlex.quote(a) for a in self.factory_argv(launcher.remote_port))
+        await self.runner.write(f"{self.workdir}/factory-job.sh", _WRAPPER % {"factory": factory}, 0o700)
+
+    def command(self) -> list[str]:
+        """ssh to the head node running the factory in its wrapper."""
+        assert isinstance(self.runner, SshRunner)
+        return remote_argv(self.runner.settings, f"exec sh {self.workdir}/factory-job.sh")
+
+    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """The factory process's state."""
+        return await super().states(ids)
+
+    def describe(self) -> dict[str, Any]:
+        """For status output."""
+        return {**super().describe(), "batch_type": self.batch_type}
