@@ -227,7 +227,8 @@ _APP = textwrap.dedent(
     from wqsupervisor import Settings, WorkQueueServer, supervise
     cfg, port = sys.argv[1], int(sys.argv[2])
     q = WorkQueueServer()
-    sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port), log_events=False)
+    sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port, allow_no_password=True),
+                    log_events=False)
     assert sup.wait_until_up(20)
     snap = sup.snapshot()["masters"][0]["tunnel"]
     print(sup._agent.pid, snap["ssh_pid"], flush=True)

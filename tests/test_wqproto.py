@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from wqsupervisor.errors import AuthenticationFailed, ProtocolError
-from wqsupervisor.wqproto import make_cookie, request_status, response_for
+from wqsupervisor.wqproto import Credentials, make_cookie, request_status, response_for
 
 from support import debian_work_queue_path, python_env, wait_for
 
@@ -33,7 +33,9 @@ def _status(port: int, password: bytes | None, request: str = "queue_status"):
     async def connect():
         return await asyncio.open_connection("127.0.0.1", port)
 
-    return asyncio.run(request_status(connect, request, password=password, timeout=5))
+    return asyncio.run(
+        request_status(connect, request, credentials=Credentials(password=password), timeout=5)
+    )
 
 
 @pytest.fixture

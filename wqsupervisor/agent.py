@@ -21,6 +21,7 @@ async def _serve(sock: socket.socket) -> None:
     engine = Engine()
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock)
+    await engine.serve_status()
     serving = asyncio.create_task(engine.serve_connection(reader, writer))
     loop.add_signal_handler(signal.SIGTERM, serving.cancel)
     loop.add_signal_handler(signal.SIGHUP, serving.cancel)

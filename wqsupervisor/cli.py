@@ -94,8 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds the script gets to exit after Ctrl-C/SIGTERM before it is killed (default: 10)",
     )
+    run.add_argument(
+        "--no-view", action="store_true", help="log lines instead of the live view, even on a terminal"
+    )
     run.add_argument("script", help="the master script to run")
     run.add_argument("args", nargs="*", metavar="ARG", help="arguments passed to the script, as they are")
+
+    status = sub.add_parser(
+        "status",
+        help="show what every running supervisor of this user is doing",
+        description="Ask each running supervisor of this user (drop-in or run) for its state: tunnels, "
+        "workers, tasks, jobs, last events.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--pid", type=int, help="only the supervisor of this process")
 
     demo = sub.add_parser(
         "demo",
@@ -157,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = resolve(_settings_flags(ns), ns.config)
             configure_cli_logging(settings.log_format)
-            return run_script(settings, ns.script, ns.args, grace=ns.grace)
+            return run_script(settings, ns.script, ns.args, grace=ns.grace, view=not ns.no_view)
+        if ns.command == "status":
+            from .status import main as status_main
+
+            return status_main(as_json=ns.json, pid=ns.pid)
         if ns.command == "demo":
             from .demo import run_demo
 

@@ -60,9 +60,22 @@ class Settings:
         "off automatically with ProxyJump/ProxyCommand",
     )
     password_file: str | None = _setting(
-        None, "Work Queue password file shared by master, workers and probes", metavar="FILE"
+        None,
+        "Work Queue password file for master, workers and probes (created if missing; 'auto')",
+        metavar="FILE",
     )
     allow_no_password: bool = _setting(False, "allow a tunnel for a master that has no password")
+    ssl: bool = _setting(
+        False,
+        "the master uses SSL (ssl=(key, cert)): probes speak TLS, workers get --ssl (found by itself "
+        "on ndcctools masters)",
+    )
+    metrics_port: int | None = _setting(
+        None, "serve Prometheus metrics on this port (127.0.0.1 unless --metrics-host)", metavar="N"
+    )
+    metrics_host: str = _setting(
+        "127.0.0.1", "address for --metrics-port (anything else exposes it)", metavar="ADDR"
+    )
     keepalive_interval: float = _setting(
         1.0, "seconds between round trips through the ssh session", metavar="S"
     )

@@ -28,20 +28,20 @@ import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .clock import Clock, SystemClock
 from .config import Settings
-from .errors import ConfigError, WQSupervisorError
+from .errors import WQSupervisorError
 from .events import Event, JobSubmitFailed, MasterUnreachable, TunnelDown, event_from_dict
 from .jobs import FactoryTracker, JobTracker, build_tracker
 from .logs import redact
 from .master import MasterInfo, MasterStats
+from .passwords import read_password
 from .tunnel import Tunnel, TunnelState
 from .watch import WorkerWatch
-from .wqproto import request_status
+from .wqproto import Credentials, request_status, tls_context
 
 _RECENT_EVENTS = 50
 
@@ -99,7 +99,7 @@ class Engine:
         self.finished: list[dict[str, Any]] = []
         self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT_EVENTS)
         self._sinks: list[Callable[[Event, str], None]] = []
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[tuple[asyncio.AbstractServer, str]] = []
         self.started = self.clock.wall()
         self.closed = asyncio.Event()
 
@@ -136,10 +136,13 @@ class Engine:
             settings = settings.replace(remote_port=port)
         sup_id = f"m{next(self._ids)}"
         emit = self._emit_for(sup_id)
-        password = _read_password(settings.password_file)
+        credentials = Credentials(
+            password=read_password(settings.password_file) if settings.password_file else None,
+            tls=tls_context() if settings.ssl else None,
+        )
 
         async def direct(timeout: float) -> list[dict[str, Any]] | None:
-            return await self._ask_master(master.port, password, timeout=timeout)
+            return await self._ask_master(master.port, credentials, timeout=timeout)
 
         tunnel = Tunnel(
             settings,
@@ -148,7 +151,7 @@ class Engine:
             rundir=self.rundir,
             direct_probe=direct,
             clock=self.clock,
-            password=password,
+            credentials=credentials,
         )
         sup = Supervised(
             id=sup_id,
@@ -160,7 +163,7 @@ class Engine:
         )
         self.masters[sup_id] = sup
         sup.tasks.append(asyncio.create_task(tunnel.run(), name=f"tunnel-{sup_id}"))
-        sup.tasks.append(asyncio.create_task(self._sample(sup, password, emit), name=f"stats-{sup_id}"))
+        sup.tasks.append(asyncio.create_task(self._sample(sup, credentials, emit), name=f"stats-{sup_id}"))
         if settings.workers:
             sup.tasks.append(asyncio.create_task(self._scale(sup, emit), name=f"jobs-{sup_id}"))
         return sup
@@ -216,10 +219,12 @@ class Engine:
         """Detach everything, stop serving, remove the run directory."""
         for sup_id in list(self.masters):
             await self.detach(sup_id)
-        if self._server is not None:
-            self._server.close()
+        for server, path in self._servers:
+            server.close()
             with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+                await server.wait_closed()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if self._own_rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
         self.closed.set()
@@ -230,22 +235,22 @@ class Engine:
             sup.tunnel.kill_now()
 
     @staticmethod
-    async def _ask_master(port: int, password: bytes | None, timeout: float) -> list[dict[str, Any]] | None:
+    async def _ask_master(port: int, credentials: Credentials, timeout: float) -> list[dict[str, Any]] | None:
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await asyncio.open_connection("127.0.0.1", port)
 
         try:
-            return await request_status(connect, password=password, timeout=timeout)
+            return await request_status(connect, credentials=credentials, timeout=timeout)
         except TimeoutError:
             return None
 
-    async def _sample(self, sup: Supervised, password: bytes | None, emit: Callable[[Event], None]) -> None:
+    async def _sample(self, sup: Supervised, credentials: Credentials, emit: Callable[[Event], None]) -> None:
         """Sample the master's stats on its own port and feed the worker watch."""
         refused = 0
         while True:
             try:
                 reply = await self._ask_master(
-                    sup.master.port, password, timeout=sup.settings.stats_interval * 2
+                    sup.master.port, credentials, timeout=sup.settings.stats_interval * 2
                 )
                 refused = 0
                 sup.master_gone = False
@@ -291,10 +296,19 @@ class Engine:
         """Accept handles on a unix socket only this user can open."""
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._client, path)
+            server = await asyncio.start_unix_server(self._client, path)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        self._servers.append((server, path))
+
+    async def serve_status(self) -> str:
+        """Answer ``python -m wqsupervisor status`` on this process's socket in the status directory."""
+        from .status import new_socket_path
+
+        path = str(new_socket_path())
+        await self.serve_unix(path)
+        return path
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one handle until it hangs up (the agent's only connection)."""
@@ -363,21 +377,6 @@ class Engine:
         except (KeyError, TypeError, ValueError) as exc:
             return {"reply": "error", "error": f"bad request: {exc}"}
         return {"reply": "error", "error": f"unknown op {op!r}"}
-
-
-def _read_password(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    from .logs import register_secret
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read password file {path}: {exc.strerror}", "check password_file"
-        ) from None
-    register_secret(data)
-    return data
 
 
 async def _send_lines(writer: asyncio.StreamWriter, out: asyncio.Queue[dict[str, Any] | None]) -> None:

@@ -37,6 +37,7 @@ from .events import Event, JobsCancelled, JobsSubmitted, JobStateChanged, JobSub
 from .launcher import NodeLauncher
 from .logs import get_logger
 from .master import MasterStats
+from .passwords import read_password
 from .policy import Observation, PolicyState, ScalingSettings, decide
 
 # A job the scheduler stops listing is taken as finished after this long.
@@ -73,6 +74,7 @@ class JobTracker:
     source: str
     clock: Clock = field(default_factory=SystemClock)
     interval: float = 2.0
+    password: bytes | None = None
     submit_backoff: Backoff = field(default_factory=lambda: Backoff(initial=5.0, cap=300.0))
     rng: random.Random = field(default_factory=random.Random)
     jobs: dict[str, Job] = field(default_factory=dict)
@@ -114,7 +116,7 @@ class JobTracker:
 
     async def run(self) -> None:
         """Prepare the system, then poll, decide and act until cancelled."""
-        await self.system.prepare(self.launcher)
+        await self.system.prepare(self.launcher, self.password)
         while True:
             try:
                 await self.step()
@@ -250,12 +252,13 @@ class FactoryTracker:
     source: str
     clock: Clock = field(default_factory=SystemClock)
     interval: float = 5.0
+    password: bytes | None = None
     ids: list[str] = field(default_factory=list)
     restarts: int = 0
 
     async def run(self) -> None:
         """Start the factory, and start it again (with a backoff) if it ends."""
-        await self.system.prepare(self.launcher)
+        await self.system.prepare(self.launcher, self.password)
         backoff = Backoff(initial=5.0, cap=120.0)
         while True:
             self.ids = await self.system.submit(1)
@@ -353,16 +356,21 @@ async def build_tracker(
         memory_mb=settings.worker_memory,
         disk_mb=settings.worker_disk,
         idle_timeout=max(1, round(settings.idle_time)),
+        ssl=settings.ssl,
     )
+    password = read_password(settings.password_file) if settings.password_file else None
     if isinstance(system, Factory):
         system.batch_type = settings.factory_type
         system.min_workers, system.max_workers = settings.min_workers, settings.max_workers
         system.idle_timeout = launcher.idle_timeout
-        return FactoryTracker(system=system, launcher=launcher, emit=emit, source=source, clock=clock)
+        return FactoryTracker(
+            system=system, launcher=launcher, emit=emit, source=source, clock=clock, password=password
+        )
     return JobTracker(
         system=system,
         scaling=settings.scaling,
         launcher=launcher,
+        password=password,
         emit=emit,
         stats=stats,
         tunnel_up=tunnel_up,

@@ -86,6 +86,8 @@ class Lab:
             (NODE, HEAD): f"n{self.tag}h",
         }
         self.user = f"wqs{self.tag}"
+        # Another user of the same head node, created on demand (see add_other_user).
+        self.other_user = f"wqo{self.tag}"
         self.root = Path(workdir or tempfile.mkdtemp(prefix="wqs-lab-"))
         self.head: HeadNode | None = None
         self.campus_ssh_config = self.root / "ssh_config.campus"
@@ -172,6 +174,33 @@ class Lab:
         self._user_ssh(home)
         self.head.start()
 
+    def add_other_user(self) -> str:
+        """A second unprivileged user on the head node: someone else who shares the machine."""
+        _run(
+            [
+                "useradd",
+                "--no-create-home",
+                "--no-user-group",
+                "--password",
+                "*",
+                "--shell",
+                "/bin/sh",
+                "--home-dir",
+                "/nonexistent",
+                self.other_user,
+            ]
+        )
+        return self.other_user
+
+    def as_other_user(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` on the head node as the other user."""
+        return subprocess.run(
+            self.argv(HEAD, ["runuser", "-u", self.other_user, "--", *argv]),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
     def _user_ssh(self, home: Path) -> None:
         """The lab user's own ~/.ssh, as on a cluster: jobs on node reach ``headnode`` with it."""
         assert self.head is not None
@@ -215,11 +244,13 @@ class Lab:
             _run(["pkill", "-KILL", "-u", self.user], check=False)
         for ns in self.ns.values():
             _run(["ip", "netns", "delete", ns], check=False)
-        with contextlib.suppress(KeyError):
-            pwd.getpwnam(self.user)
-            deadline = time.monotonic() + 5
-            while _run(["userdel", self.user], check=False).returncode == 8 and time.monotonic() < deadline:
-                time.sleep(0.1)  # userdel refuses while a process of the user is still exiting
+        for user in (self.user, self.other_user):
+            with contextlib.suppress(KeyError):
+                pwd.getpwnam(user)
+                _run(["pkill", "-KILL", "-u", user], check=False)
+                deadline = time.monotonic() + 5
+                while _run(["userdel", user], check=False).returncode == 8 and time.monotonic() < deadline:
+                    time.sleep(0.1)  # userdel refuses while a process of the user is still exiting
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Lab:

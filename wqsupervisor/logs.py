@@ -101,11 +101,30 @@ def _fallback_logger() -> Any:
     ).bind(logger="wqsupervisor")
 
 
+class _Redacting:
+    """A logger facade that redacts every call before the real logger sees it.
+
+    The application's structlog pipeline knows nothing of our secrets, so the
+    library redacts its own lines on the way in, whoever configured logging.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._real, name)
+
+        def call(event: str, *args: Any, **kw: Any) -> Any:
+            return method(redact_text(event), *args, **redact(kw))
+
+        return call
+
+
 def get_logger() -> Any:
-    """The application's structlog logger if it configured structlog, else a private one."""
+    """The application's structlog logger if it configured structlog, else a private one; redacting."""
     if structlog.is_configured():
-        return structlog.get_logger("wqsupervisor")
-    return _fallback_logger()
+        return _Redacting(structlog.get_logger("wqsupervisor"))
+    return _Redacting(_fallback_logger())
 
 
 def configure_cli_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:

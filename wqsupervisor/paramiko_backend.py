@@ -462,6 +462,12 @@ class ParamikoSession:
             # Wakes paramiko's thread; everything else unwinds from there.
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        transport = self._transport
+        if transport is not None:
+            # In the middle of its handshake a transport may not notice the
+            # shutdown before its own timeouts; closing it ends that wait too.
+            with contextlib.suppress(Exception):
+                transport.close()
 
     async def _join_threads(self, timeout: float) -> None:
         deadline = self._loop.time() + timeout
@@ -614,9 +620,12 @@ class ParamikoSession:
         options.key_types = sorted(algorithms, key=lambda a: _key_type_of(a) not in known)
         if not any(k.lower() == "ciphers" for k, _ in s.ssh_options) and FAST_CIPHER in options.ciphers:
             options.ciphers = [FAST_CIPHER, *(c for c in options.ciphers if c != FAST_CIPHER)]
-        transport.start_client(timeout=s.connect_timeout)
         with self._lock:
             self._threads.append(transport)
+        if self._stopped_by is not None:
+            # close() came between the connection and the handshake: do not start it.
+            raise _Refused("")
+        transport.start_client(timeout=s.connect_timeout)
         check_host_key(transport.get_remote_server_key(), known, name)
         self._authenticate(transport, identities)
         self._authenticated = True

@@ -47,6 +47,7 @@ class EngineThread:
         self.engine: Engine = self.call(self._make())
         self.socket_path = os.path.join(self.engine.rundir, "engine.sock")
         self.call(self.engine.serve_unix(self.socket_path))
+        self.call(self.engine.serve_status())
         if log:
             self.engine.add_sink(lambda event, _state: log_event(event))
 
@@ -114,22 +115,52 @@ class _Signals:
         timer.start()
 
 
-def run_script(settings: Settings, script: str, args: list[str], *, grace: float = 10.0) -> int:
-    """Run ``script`` supervised; returns the exit status to leave with."""
+def run_script(
+    settings: Settings, script: str, args: list[str], *, grace: float = 10.0, view: bool = True
+) -> int:
+    """Run ``script`` supervised; returns the exit status to leave with.
+
+    With ``view`` and a terminal on stdout, a live view replaces the log lines
+    and the script's own output is printed above it.
+    """
     path = Path(script)
     if not path.is_file():
         raise ConfigError(f"no such script: {script}", "give the path of a Python master script")
     settings.require_tunnel()
+    if settings.password_file is None and not settings.allow_no_password:
+        from .passwords import prepare
+
+        prepare(settings, None)  # raises the explanation, before the script starts
     started = time.monotonic()
-    host = EngineThread()
+    from .view import should_use_live_view
+
+    use_live = view and should_use_live_view(sys.stdout)
+    host = EngineThread(log=not use_live)
+    live = None
+    if use_live:
+        from .view import LiveView
+
+        live = LiveView(host.snapshot)
     watch = _StartWatch()
     host.add_sink(watch)
+    metrics = None
+    if settings.metrics_port is not None:
+        from .metrics import MetricsServer
+
+        metrics = MetricsServer(host.snapshot, host=settings.metrics_host, port=settings.metrics_port)
+        metrics.start()
     env = dict(os.environ)
     env[ENGINE_ENV] = host.socket_path
     env[SETTINGS_ENV] = json.dumps(settings.to_dict())
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    child = subprocess.Popen([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], env=env)
+    argv = [sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args]
+    if live is None:
+        child = subprocess.Popen(argv, env=env)
+    else:
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        live.start()
+        threading.Thread(target=_relay, args=(child, live), name="wqsupervisor-output", daemon=True).start()
     handler = _Signals(child, grace)
     watch.on_fatal = lambda: handler(signal.SIGTERM, None)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -143,6 +174,10 @@ def run_script(settings: Settings, script: str, args: list[str], *, grace: float
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if live is not None:
+            live.stop()
+        if metrics is not None:
+            metrics.stop()
         snapshot = host.snapshot()
         host.stop()
     status = exit_status(code)
@@ -154,6 +189,13 @@ def run_script(settings: Settings, script: str, args: list[str], *, grace: float
         status, signum = 2, None
     print(summary_line(path.name, status, time.monotonic() - started, snapshot, signum), file=sys.stderr)
     return status
+
+
+def _relay(child: subprocess.Popen[bytes], live: Any) -> None:
+    """The script's output, printed above the live view instead of across it."""
+    assert child.stdout is not None
+    for raw in child.stdout:
+        live.console.print(raw.decode(errors="replace").rstrip("\n"), markup=False, highlight=False)
 
 
 class _StartWatch:

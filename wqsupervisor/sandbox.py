@@ -163,7 +163,12 @@ class HeadNode:
         return path
 
     def settings(self, **options: Any) -> Settings:
-        """Supervisor settings that reach this head node by its alias."""
+        """Supervisor settings that reach this head node by its alias.
+
+        A sandbox head node is this machine and its user alone, so masters
+        without a password are allowed here unless ``allow_no_password=False``.
+        """
+        options.setdefault("allow_no_password", True)
         return Settings(via=ALIAS, ssh_config=str(self.ssh_config), **options)
 
     def ssh_argv(self, *args: str) -> list[str]:

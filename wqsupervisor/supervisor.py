@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import passwords
 from .config import Settings, settings_from_kwargs
 from .engine import decode_event
 from .errors import WQSupervisorError
@@ -63,8 +64,9 @@ class Supervisor:
         self.settings.require_tunnel()
         self.info: MasterInfo = describe(master)
         read_stats(master)  # fail now, in the caller's thread, if the contract is not met
-        if self.settings.password_file and hasattr(master, "specify_password_file"):
-            master.specify_password_file(self.settings.password_file)
+        if getattr(master, "_using_ssl", False) and not self.settings.ssl:
+            self.settings = self.settings.replace(ssl=True)  # ndcctools master with ssl=(key, cert)
+        self.settings = passwords.prepare(self.settings, master)
         self.info = MasterInfo(
             port=self.info.port,
             name=self.info.name,

@@ -54,7 +54,7 @@ from .events import (
 from .logs import get_logger
 from .master import MasterIdentity, MasterInfo
 from .remote import end_stale_session, inspect_port
-from .wqproto import request_status
+from .wqproto import NO_CREDENTIALS, Credentials, request_status
 
 # How long a silent session may take to answer once the head is reachable again:
 # about one capped retransmission when we own the socket, TCP's own backoff when not.
@@ -152,7 +152,7 @@ class Tunnel:
         direct_probe: DirectProbe,
         clock: Clock | None = None,
         rng: random.Random | None = None,
-        password: bytes | None = None,
+        credentials: Credentials = NO_CREDENTIALS,
         label: str | None = None,
     ) -> None:
         settings.require_tunnel()
@@ -164,7 +164,7 @@ class Tunnel:
         self._direct_probe = direct_probe
         self._clock = clock or SystemClock()
         self._rng = rng or random.Random()
-        self._password = password
+        self._credentials = credentials
         self._state = TunnelState.NEW
         self._since = self._clock.monotonic()
         self._restart = RestartState()
@@ -575,7 +575,7 @@ class Tunnel:
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 await session.established()
-            reply = await request_status(session.open_probe, password=self._password, timeout=2.0)
+            reply = await request_status(session.open_probe, credentials=self._credentials, timeout=2.0)
             return MasterIdentity.from_status(reply[0]) if reply else None
         except (openssh.SessionEnded, TimeoutError, OSError, ProtocolError, AuthenticationFailed):
             return None
@@ -616,7 +616,7 @@ class Tunnel:
         as the master's listening socket.
         """
         through = asyncio.create_task(
-            request_status(session.open_probe, password=self._password, timeout=timeout)
+            request_status(session.open_probe, credentials=self._credentials, timeout=timeout)
         )
         direct = asyncio.create_task(self._direct(timeout))
         try:

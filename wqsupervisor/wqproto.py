@@ -19,8 +19,10 @@ import asyncio
 import hashlib
 import json
 import secrets
+import ssl
 import string
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import AuthenticationFailed, ProtocolError
@@ -83,11 +85,38 @@ async def authenticate(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         )
 
 
+def tls_context() -> ssl.SSLContext:
+    """TLS as a Work Queue worker speaks it to an ``ssl=(key, cert)`` master.
+
+    Workers do not verify the master's (usually self-signed) certificate, and
+    neither do the probes: they run inside the SSH tunnel or on loopback, and
+    TLS here is the master's protocol, not the channel's protection.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # see the docstring
+    return ctx
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What it takes to talk to a master: its password, and TLS if it uses SSL."""
+
+    password: bytes | None = None
+    tls: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        return f"Credentials(password={'set' if self.password else None}, tls={self.tls is not None})"
+
+
+NO_CREDENTIALS = Credentials()
+
+
 async def request_status(
     connect: Connector,
     request: str = "queue_status",
     *,
-    password: bytes | None = None,
+    credentials: Credentials = NO_CREDENTIALS,
     timeout: float = 3.0,
 ) -> list[dict[str, Any]]:
     """Send one status request over a fresh connection and return the parsed reply.
@@ -101,8 +130,10 @@ async def request_status(
     reader, writer = await asyncio.wait_for(connect(), timeout)
     try:
         async with asyncio.timeout(timeout):
-            if password is not None:
-                await authenticate(reader, writer, password)
+            if credentials.tls is not None:
+                await writer.start_tls(credentials.tls)
+            if credentials.password is not None:
+                await authenticate(reader, writer, credentials.password)
             elif await _peek_auth(reader):
                 raise AuthenticationFailed(
                     "the master asks for a password",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import enum
 import shlex
 from collections.abc import Mapping, Sequence
@@ -156,11 +157,18 @@ class BatchSystem(abc.ABC):
         self.options = options or BatchOptions()
         self.workdir: str | None = None
         self.launcher_path: str | None = None
+        self.launcher: NodeLauncher | None = None
 
-    async def prepare(self, launcher: NodeLauncher) -> None:
-        """Write the node launcher (0700) into a private directory where jobs start."""
+    async def prepare(self, launcher: NodeLauncher, password: bytes | None = None) -> None:
+        """Write the node launcher (0700), and the password file (0600), into a private directory
+        on the side where jobs start."""
         home = await self.runner.home()
         self.workdir = f"{home}/.wqsupervisor/{launcher.remote_port}"
+        if password is not None:
+            path = f"{self.workdir}/password"
+            await self.runner.write(path, password.decode("utf-8", "surrogateescape"), 0o600)
+            launcher = dataclasses.replace(launcher, password_file=path)
+        self.launcher = launcher
         self.launcher_path = f"{self.workdir}/launcher.sh"
         await self.runner.write(self.launcher_path, launcher.script(), 0o700)
 

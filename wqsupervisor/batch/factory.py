@@ -73,9 +73,9 @@ class Factory(Processes):
             argv += ["--batch-options", " ".join(batch)]
         return [*argv, "127.0.0.1", str(remote_port)]
 
-    async def prepare(self, launcher: NodeLauncher) -> None:
+    async def prepare(self, launcher: NodeLauncher, password: bytes | None = None) -> None:
         """Write the launcher (the factory's worker binary) and the session wrapper."""
-        await super().prepare(launcher)
+        await super().prepare(launcher, password)
         factory = " ".join(shlex.quote(a) for a in self.factory_argv(launcher.remote_port))
         await self.runner.write(f"{self.workdir}/factory-job.sh", _WRAPPER % {"factory": factory}, 0o700)
 

@@ -33,9 +33,9 @@ class HeadNodeWorkers(Processes):
 
     name = "ssh"
 
-    async def prepare(self, launcher: NodeLauncher) -> None:
+    async def prepare(self, launcher: NodeLauncher, password: bytes | None = None) -> None:
         """Write the launcher and its session wrapper on the head node."""
-        await super().prepare(launcher)
+        await super().prepare(launcher, password)
         await self.runner.write(f"{self.workdir}/ssh-job.sh", _WRAPPER, 0o700)
 
     def command(self) -> list[str]:

@@ -1,0 +1,150 @@
+"""Secure by default: passwords required, made safely, handed to workers; secrets never shown."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from structlog.testing import capture_logs
+
+from wqsupervisor import Settings, supervise
+from wqsupervisor.errors import ConfigError
+from wqsupervisor.events import EventBus, TunnelFailed
+from wqsupervisor.logs import REDACTED, redact, redact_text, register_secret
+from wqsupervisor.passwords import create_password_file, read_password
+
+from support import debian_work_queue_path, python_env, wait_for
+
+
+def test_a_master_without_a_password_is_refused_unless_the_user_opts_out(master, remote_port, head):
+    """No password and no opt-out: a clear refusal that says how to fix it; opting out works."""
+    settings = Settings(via="headnode", ssh_config=str(head.ssh_config), remote_port=remote_port)
+    with pytest.raises(ConfigError) as info:
+        supervise(master, settings)
+    assert "without a password" in info.value.message
+    assert "password_file" in info.value.hint and "allow_no_password" in info.value.hint
+    with supervise(master, settings.replace(allow_no_password=True), log_events=False) as sup:
+        assert sup.wait_until_up(30)
+
+
+def test_password_files_are_made_private_and_never_overwritten(tmp_path):
+    """A created file is 0600 and random; an existing one is kept; a readable one is refused."""
+    path = create_password_file(tmp_path / "sub" / "pw")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = path.read_bytes()
+    assert len(first.strip()) >= 32
+    with pytest.raises(ConfigError, match="already exists"):
+        create_password_file(path)
+    assert path.read_bytes() == first
+    assert read_password(path) == first
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError) as info:
+        read_password(path)
+    assert "chmod 600" in info.value.hint
+    assert first.decode().strip() not in str(info.value)
+
+
+_PASSWORD_MASTER = textwrap.dedent(
+    """
+    import json, sys, time
+    from work_queue import Task, WorkQueue
+    from wqsupervisor import Settings, supervise
+    cfg, port, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    q = WorkQueue(port=0, name="pw-test")
+    sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port, password_file=pw),
+                    log_events=False)
+    assert sup.wait_until_up(30), sup.failure
+    for i in range(6):
+        q.submit(Task(f"echo secret-task-{i}"))
+    print("ready", flush=True)
+    done = []
+    while len(done) < 6:
+        t = q.wait(1)
+        if t:
+            done.append(t.output.strip())
+    print(json.dumps({"done": sorted(done), "snapshot": sup.snapshot()}), flush=True)
+    sup.close()
+    """
+)
+
+
+def test_only_workers_with_the_password_join_through_the_tunnel(head, remote_port, workers, tmp_path):
+    """The supervisor creates the password and sets it on the master; a worker without it is kept out."""
+    pw = tmp_path / "wq.pw"
+    argv = [sys.executable, "-c", _PASSWORD_MASTER, str(head.ssh_config), str(remote_port), str(pw)]
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, text=True, env=python_env(debian_work_queue_path())
+    ) as app:
+        try:
+            assert wait_for(app.stdout.readline, 60, "the master").startswith("ready")
+            assert stat.S_IMODE(pw.stat().st_mode) == 0o600
+            intruder = workers(remote_port)[0]
+            allowed = workers(remote_port, password_file=str(pw))[0]
+            result = json.loads(wait_for(app.stdout.readline, 120, "the tasks"))
+        finally:
+            app.kill()
+            app.wait()
+    assert result["done"] == sorted(f"secret-task-{i}" for i in range(6))
+    assert intruder.poll() is None or intruder.returncode != 0
+    assert allowed is not None
+    secret = pw.read_text().strip()
+    assert secret not in json.dumps(result["snapshot"]), "the status output shows the password"
+
+
+SECRETS_TRIED = [
+    "the password file's contents, as read (with its newline)",
+    "the same password without the newline",
+    "the password embedded in an error message",
+    "an OpenSSH private key block",
+    "values of fields named password, token, secret, cookie, passphrase, private_key",
+]
+
+
+def test_secrets_never_reach_logs_events_or_status(tmp_path):
+    """Every kind of secret in SECRETS_TRIED comes out of the structlog pipeline as [REDACTED]."""
+    pw_path = create_password_file(tmp_path / "pw")
+    password = pw_path.read_text()
+    key = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    key_text = (tmp_path / "k").read_text()
+    register_secret(password)
+    bus = EventBus()
+    with capture_logs() as logs:
+        bus.emit(
+            TunnelFailed(at=1.0, source="h:1", error=f"master refused {password}", hint=f"key was {key_text}")
+        )
+        bus.emit(TunnelFailed(at=2.0, source="h:1", error=f"stripped {password.strip()} here", hint=""))
+        from wqsupervisor.logs import get_logger
+
+        get_logger().info(
+            "custom",
+            password="hunter2x",
+            token="tok-123456",
+            secret="s3cr3t!",
+            cookie="c00kie-abc",
+            passphrase="open sesame",
+            private_key="---",
+            note="fine",
+        )
+    dumped = json.dumps(logs)
+    for value in (
+        password,
+        password.strip(),
+        "hunter2x",
+        "tok-123456",
+        "s3cr3t!",
+        "c00kie-abc",
+        "open sesame",
+        "BEGIN OPENSSH PRIVATE KEY",
+    ):
+        assert value not in dumped, f"{value[:12]!r}... reached the logs"
+    assert REDACTED in dumped and "fine" in dumped
+    assert key is not None
+    assert redact({"status": f"error: {password}"})["status"] == f"error: {REDACTED}"
+    assert password.strip() not in redact_text(f"x {password.strip()} y")
