@@ -274,6 +274,9 @@ class Engine:
             await self.clock.sleep(sup.settings.stats_interval)
 
     def _observe(self, sup: Supervised, stats: MasterStats, emit: Callable[[Event], None]) -> None:
+        backlog_grew = sup.stats is None or stats.tasks_waiting > sup.stats.tasks_waiting
+        if backlog_grew and isinstance(sup.jobs, JobTracker):
+            sup.jobs.nudge()  # decide now, not at the next poll
         sup.stats = stats
         sup.stats_at = self.clock.monotonic()
         for event in sup.watch.observe(stats, self.clock.monotonic(), self.clock.wall()):

@@ -93,6 +93,10 @@ class JobTracker:
         )
         self._wake.set()
 
+    def nudge(self) -> None:
+        """Run the next step now (the backlog changed)."""
+        self._wake.set()
+
     def counts(self) -> dict[str, int]:
         """Jobs by state."""
         out = {state.value: 0 for state in JobState}

@@ -127,10 +127,14 @@ class SshRunner(Runner):
 
     async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
         """Run ``argv`` on the head node (a login shell is not needed, nor started)."""
+        return await _communicate(self.argv(argv), input, timeout)
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """The local ssh command line that runs ``argv`` on the head node, with ``env``."""
         command = " ".join(shlex.quote(a) for a in argv)
         if self.env:
             command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
-        return await _communicate(remote_argv(self.settings, command), input, timeout)
+        return remote_argv(self.settings, command)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..launcher import NodeLauncher
-from ..openssh import remote_argv
 from .base import JobState, SshRunner
 from .local import Processes
 
@@ -82,7 +81,7 @@ class Factory(Processes):
     def command(self) -> list[str]:
         """ssh to the head node running the factory in its wrapper."""
         assert isinstance(self.runner, SshRunner)
-        return remote_argv(self.runner.settings, f"exec sh {self.workdir}/factory-job.sh")
+        return self.runner.argv(["sh", f"{self.workdir}/factory-job.sh"])
 
     async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
         """The factory process's state."""

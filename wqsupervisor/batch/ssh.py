@@ -10,7 +10,6 @@ Nothing is left on the head node.
 from __future__ import annotations
 
 from ..launcher import NodeLauncher
-from ..openssh import remote_argv
 from .base import SshRunner
 from .local import Processes
 
@@ -41,4 +40,4 @@ class HeadNodeWorkers(Processes):
     def command(self) -> list[str]:
         """ssh to the head node running the wrapper."""
         assert isinstance(self.runner, SshRunner)
-        return remote_argv(self.runner.settings, f"exec sh {self.workdir}/ssh-job.sh")
+        return self.runner.argv(["sh", f"{self.workdir}/ssh-job.sh"])
