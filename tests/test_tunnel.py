@@ -257,7 +257,7 @@ def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_por
             wait_for(lambda: not any(p in head.sessions() for p in sessions), 10, "the head's session to end")
             wait_for(lambda: not listening(remote_port), 10, "the remote port to close")
             if victim == "application":
-                wait_for(lambda: not processes_matching("wqsupervisor.agent"), 10, "the agent to exit")
+                wait_for(lambda: not pid_alive(agent_pid), 10, "the agent to exit")
         finally:
             app.kill()
             app.wait()

@@ -5,8 +5,10 @@
 * ``workers K T`` -- wait (in ``wait()``, so status requests are answered) until
   K workers are connected, at most T seconds; prints ``ok N`` or ``timeout N``;
 * ``serve T`` -- sit in ``wait()`` for T seconds (keeps status answered);
-* ``run N CMD...`` -- submit N tasks running CMD, wait for all, print a JSON line
-  with the submit time, each completion time, and how many came back;
+* ``run N CMD... [--input PATH]`` -- submit N tasks running CMD (each sent the
+  file PATH as ``input.dat``, uncached, so every task moves its bytes), wait for
+  all, print a JSON line with the submit time, each completion time, and how
+  many failed;
 * ``quit``.
 
 BINDING is ``debian`` (Debian's SWIG ``work_queue``), ``ndcctools``, or
@@ -33,6 +35,25 @@ def _open(binding: str) -> tuple[Any, Any]:
         return WorkQueueServer(name="wqs-bench"), Task
     module = importlib.import_module("ndcctools.work_queue" if binding == "ndcctools" else "work_queue")
     return module.WorkQueue(port=0, name="wqs-bench"), module.Task
+
+
+def _task(task_type: Any, command: str, input_path: str | None) -> Any:
+    """One task; with ``input_path``, the file goes to the worker for every task (no cache)."""
+    if input_path is None:
+        return task_type(command)
+    if hasattr(task_type, "specify_input_file"):
+        task = task_type(command)
+        task.specify_input_file(input_path, "input.dat", cache=False)
+        return task
+    return task_type(command, input_files=[(input_path, "input.dat")])
+
+
+def split_run(words: list[str]) -> tuple[int, str, str | None]:
+    """``run N CMD... [--input PATH]`` -> (N, CMD, PATH or None)."""
+    rest, input_path = words[2:], None
+    if len(rest) >= 2 and rest[-2] == "--input":
+        rest, input_path = rest[:-2], rest[-1]
+    return int(words[1]), " ".join(rest), input_path
 
 
 def _say(what: object) -> None:
@@ -64,15 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                 q.wait(1)
             _say("ok")
         elif words[0] == "run":
-            n, command = int(words[1]), " ".join(words[2:])
+            n, command, input_path = split_run(words)
             submitted = time.monotonic()
             for _ in range(n):
-                q.submit(task_type(command))
+                q.submit(_task(task_type, command, input_path))
             done: list[float] = []
+            failed = 0
             while not q.empty():
-                if q.wait(5) is not None:
+                task = q.wait(5)
+                if task is not None:
                     done.append(time.monotonic())
-            _say(json.dumps({"submitted": submitted, "done": done}))
+                    # A task whose input did not arrive comes back, but failed.
+                    failed += bool(getattr(task, "result", 0) or getattr(task, "return_status", 0))
+            _say(json.dumps({"submitted": submitted, "done": done, "failed": failed}))
     if hasattr(q, "close"):
         q.close()
     return 0

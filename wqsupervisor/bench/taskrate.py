@@ -7,21 +7,43 @@ the last, which leaves out the master's own one-second dispatch stall at the
 start (see the facts file); the whole-run rate counts from submission. Paths
 are interleaved inside each round, and each path's rate is divided by the
 direct rate of the same round.
+
+:func:`run_sizes` does the same for tasks that carry an input file (sent
+uncached to every task, so each one moves its bytes through the path), with
+one master, path and set of workers per path and round serving every size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import statistics
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..sandbox import HeadNode
 from .harness import MasterProcess, PlainSsh, Supervised, machine, summary, workers
+from .paths import TwoHop
+from .report import compare, interleaved
 
 PATHS = ("direct", "wqsupervisor", "ssh -N -R")
 # The same forward as the HOWTO's, with a session: the ceiling an ssh relay allows.
 SESSION = "ssh -T -R cat"
+# The HOWTO's whole chain: ssh -N -R from the campus, the node's own ssh -N -L to it.
+TWO_HOP = "two-hop"
+# What each path's rate is divided by, round by round.
+COMPARATORS = {
+    "wqsupervisor": ("direct", "ssh -N -R"),
+    "ssh -N -R": ("direct",),
+    SESSION: ("direct", "ssh -N -R"),
+    TWO_HOP: ("direct", "ssh -N -R"),
+}
+MB = 1_000_000
+# (label, input bytes per task, tasks per run)
+SIZES = (("empty", 0, 200), ("1 MB", MB, 50), ("100 MB", 100 * MB, 8))
 
 
 def _path(kind: str, head: HeadNode, master: MasterProcess) -> Any:
@@ -29,7 +51,45 @@ def _path(kind: str, head: HeadNode, master: MasterProcess) -> Any:
         return None
     if kind == "wqsupervisor":
         return Supervised(head, master.port)
+    if kind == TWO_HOP:
+        return TwoHop(head, master.port)
     return PlainSsh(head, master.port, session=kind == SESSION)
+
+
+@contextlib.contextmanager
+def _connected(
+    kind: str,
+    head: HeadNode,
+    n_workers: int,
+    binding: str,
+    pythonpath: str | None,
+    worker_program: str | None,
+) -> Iterator[MasterProcess]:
+    """A fresh master, the path ``kind`` to it, and ``n_workers`` connected through that path."""
+    with contextlib.ExitStack() as stack:
+        master = MasterProcess(binding, pythonpath)
+        stack.callback(master.close)
+        path = _path(kind, head, master)
+        if path is not None:
+            stack.callback(path.close)
+        port = master.port if path is None else path.remote_port
+        stack.enter_context(workers(port, n_workers, program=worker_program))
+        answer = master.send(f"workers {n_workers} 60")
+        if not answer.startswith("ok"):
+            raise RuntimeError(f"{kind}: workers did not connect ({answer})")
+        yield master
+
+
+def rates(result: dict[str, Any], tasks: int, kind: str = "") -> dict[str, float]:
+    """Steady (first to last completion) and whole-run (from submission) tasks/s of one run."""
+    done = sorted(result["done"])
+    if len(done) != tasks:
+        raise RuntimeError(f"{kind}: {len(done)} of {tasks} tasks came back")
+    if result.get("failed"):
+        raise RuntimeError(f"{kind}: {result['failed']} of {tasks} tasks failed")
+    steady = (len(done) - 1) / (done[-1] - done[0]) if done[-1] > done[0] else float("inf")
+    whole = len(done) / (done[-1] - result["submitted"])
+    return {"steady": steady, "whole": whole}
 
 
 def _one(
@@ -42,24 +102,9 @@ def _one(
     pythonpath: str | None,
     worker_program: str | None,
 ) -> dict[str, float]:
-    with contextlib.ExitStack() as stack:
-        master = MasterProcess(binding, pythonpath)
-        stack.callback(master.close)
-        path = _path(kind, head, master)
-        if path is not None:
-            stack.callback(path.close)
-        port = master.port if path is None else path.remote_port
-        stack.enter_context(workers(port, n_workers, program=worker_program))
-        answer = master.send(f"workers {n_workers} 60")
-        if not answer.startswith("ok"):
-            raise RuntimeError(f"{kind}: workers did not connect ({answer})")
+    with _connected(kind, head, n_workers, binding, pythonpath, worker_program) as master:
         result = master.run(tasks, command)
-    done = sorted(result["done"])
-    if len(done) != tasks:
-        raise RuntimeError(f"{kind}: {len(done)} of {tasks} tasks came back")
-    steady = (len(done) - 1) / (done[-1] - done[0]) if done[-1] > done[0] else float("inf")
-    whole = len(done) / (done[-1] - result["submitted"])
-    return {"steady": steady, "whole": whole}
+    return rates(result, tasks, kind)
 
 
 def run(
@@ -112,4 +157,72 @@ def run(
         out["steady_ratio_wqs_over_plain"] = statistics.median(
             w["steady"] / p["steady"] for w, p in zip(rows["wqsupervisor"], rows["ssh -N -R"], strict=True)
         )
+    return out
+
+
+def _input_files(folder: str, sizes: Sequence[tuple[str, int, int]]) -> dict[str, str | None]:
+    """One file per input size (sparse: the bytes the master sends are real, the disk reads are not)."""
+    files: dict[str, str | None] = {}
+    for label, nbytes, _ in sizes:
+        if nbytes <= 0:
+            files[label] = None
+            continue
+        path = os.path.join(folder, f"input-{nbytes}")
+        with open(path, "wb") as fh:
+            fh.truncate(nbytes)
+        files[label] = path
+    return files
+
+
+def run_sizes(
+    rounds: int = 5,
+    sizes: Sequence[tuple[str, int, int]] = SIZES,
+    n_workers: int = 2,
+    command: str = "true",
+    paths: Sequence[str] = (*PATHS, TWO_HOP),
+    binding: str = "debian",
+    pythonpath: str | None = None,
+    worker_program: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Task rates per input size and path, paths interleaved in every round.
+
+    ``sizes`` are ``(label, input bytes, tasks)``. Each path's steady and
+    whole-run rates are divided by its comparators' (see ``COMPARATORS``) of
+    the same round and size.
+    """
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {
+        label: {p: [] for p in paths} for label, _, _ in sizes
+    }
+    with tempfile.TemporaryDirectory(prefix="wqs-bench-inputs-") as folder, HeadNode() as head:
+        files = _input_files(folder, sizes)
+        for r in range(rounds):
+            for kind in interleaved(paths, r):
+                with _connected(kind, head, n_workers, binding, pythonpath, worker_program) as master:
+                    for label, _, tasks in sizes:
+                        run_command = f"run {tasks} {command}"
+                        if files[label] is not None:
+                            run_command += f" --input {files[label]}"
+                        result = json.loads(master.send(run_command))
+                        figures = rates(result, tasks, f"{kind}, {label}")
+                        raw[label][kind].append(figures)
+                        progress(
+                            f"tasks round {r + 1}/{rounds} {kind}, {label} inputs: steady "
+                            f"{figures['steady']:.1f} tasks/s, whole run {figures['whole']:.1f} tasks/s"
+                        )
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "workers": n_workers,
+        "command": command,
+        "binding": binding,
+        "paths": list(paths),
+        "sizes": {},
+    }
+    for label, nbytes, tasks in sizes:
+        per_path: dict[str, Any] = {}
+        for which in ("steady", "whole"):
+            table = {k: [f[which] for f in v] for k, v in raw[label].items()}
+            for kind, entry in compare(table, COMPARATORS).items():
+                per_path.setdefault(kind, {})[which] = entry
+        out["sizes"][label] = {"input_bytes": nbytes, "tasks": tasks, "paths": per_path}
     return out
