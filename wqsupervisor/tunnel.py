@@ -156,6 +156,13 @@ class Tunnel:
         label: str | None = None,
     ) -> None:
         settings.require_tunnel()
+        if settings.remote_bind not in ("127.0.0.1", "localhost", "::1"):
+            get_logger().warning(
+                "tunnel.remote_port_exposed",
+                bind=settings.remote_bind,
+                remote_port=settings.remote_port,
+                note="every host that reaches the head node can connect to the master through this port",
+            )
         self.settings = settings
         self.master = master
         self.label = label or f"{settings.via}:{settings.remote_port}"
