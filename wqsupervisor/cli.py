@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script", help="the master script to run")
     run.add_argument("args", nargs="*", metavar="ARG", help="arguments passed to the script, as they are")
 
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmarks: throughput, latency, task rates and recovery by path (bench --help for options)",
+    )
+
     status = sub.add_parser(
         "status",
         help="show what every running supervisor of this user is doing",
@@ -153,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
     tokens = list(sys.argv[1:] if argv is None else argv)
+    if tokens[:1] == ["bench"]:
+        from .bench.suite import main as bench_main
+
+        return bench_main(tokens[1:], command=" ".join(["python -m wqsupervisor", *tokens]))
     script_args: list[str] = []
     if tokens[:1] == ["run"]:
         # Everything from the script on belongs to the script, even words

@@ -143,14 +143,21 @@ def faults() -> dict[str, Fault]:
     return table
 
 
-def _one(name: str, fault: Fault, n_workers: int, progress: Callable[[str], None]) -> dict[str, Any]:
+# Tasks queued per master: enough to keep two workers busy through the longest fault,
+# few enough that the master answers queue_status fast (about 25 us per queued task).
+BACKLOG = 5000
+
+
+def _one(
+    name: str, fault: Fault, n_workers: int, progress: Callable[[str], None], backlog: int = BACKLOG
+) -> dict[str, Any]:
     apply, instant = fault
     with Lab() as lab:
         tools: list[_Tool] = []
         for tool_name, port in TOOLS.items():
             app = CampusApp(lab, port, tunnel=tool_name)
             start_node_workers(lab, port, n=n_workers)
-            app.submit(100_000, "sleep 0.2; echo out-{i}")
+            app.submit(backlog, "sleep 0.2; echo out-{i}")
             tools.append(_Tool(tool_name, app, HeadProbe(lab, port), port))
         for tool in tools:
             tool.app.wait_workers(n_workers, 120)
@@ -203,10 +210,22 @@ def _answering_now(tool: _Tool) -> float | None:
 
 
 def _workers_back(tool: _Tool, n: int, since: float) -> float | None:
-    for t, s in tool.app.stats:
-        if t >= since and s.get("workers_connected", 0) >= n:
-            return t
-    return None
+    """When every worker was connected again after losing any (``since`` if none was lost).
+
+    A worker loss shows as a fall of ``workers_connected`` or a rise of
+    ``workers_removed``; the master may notice it a moment after the fault, so
+    the count is only trusted once the loss has been seen or the fault is old.
+    """
+    stats = [(t, s) for t, s in tool.app.stats if t >= since]
+    before = [s for t, s in tool.app.stats if t < since]
+    removed0 = before[-1].get("workers_removed", 0) if before else 0
+    lost_at = next(
+        (t for t, s in stats if s.get("workers_connected", 0) < n or s.get("workers_removed", 0) > removed0),
+        None,
+    )
+    if lost_at is None:
+        return since if stats and stats[-1][0] - since > 10 else None
+    return next((t for t, s in stats if t >= lost_at and s.get("workers_connected", 0) >= n), None)
 
 
 class _DetectionWatch:
