@@ -10,10 +10,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from wqsupervisor.process import pid_alive
 from wqsupervisor.sandbox import debian_work_queue_path  # noqa: F401 - re-exported for the tests
+from wqsupervisor.server import Task
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -96,3 +97,28 @@ def popen(argv: list[str], **kwargs: object) -> Iterator[subprocess.Popen[str]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def run_tasks(q: Any, n: int, on_progress=None, timeout: float = 120) -> dict[str, list[str]]:
+    """Submit n tasks with distinct outputs and collect every result by tag."""
+    for i in range(n):
+        q.submit(Task(f"echo out-{i}-$(({i}*7))", tag=str(i)))
+    results: dict[str, list[str]] = {}
+    deadline = time.monotonic() + timeout
+    while not q.empty():
+        assert time.monotonic() < deadline, f"tasks not done in {timeout} s: {len(results)} of {n}"
+        r = q.wait(1)
+        if r is None:
+            continue
+        assert r.ok, r
+        results.setdefault(r.tag, []).append(r.output.strip())
+        if on_progress:
+            on_progress(sum(len(v) for v in results.values()))
+    return results
+
+
+def assert_exactly_once(results: dict[str, list[str]], n: int) -> None:
+    """Every task came back once, with the output of ``run_tasks``' commands."""
+    assert sorted(results, key=int) == [str(i) for i in range(n)], "a task is missing"
+    for tag, outputs in results.items():
+        assert outputs == [f"out-{tag}-{int(tag) * 7}"], f"task {tag} returned {outputs}"

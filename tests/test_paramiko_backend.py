@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,31 +22,7 @@ from wqsupervisor.process import pid_alive
 from wqsupervisor.sandbox import HeadNode
 from wqsupervisor.server import Task, WorkQueueServer
 
-from support import listening, processes_matching, python_env, wait_for
-
-
-def run_tasks(q: WorkQueueServer, n: int, on_progress=None, timeout: float = 120) -> dict[str, list[str]]:
-    """Submit n tasks with distinct outputs and collect every result by tag (as in test_tunnel)."""
-    for i in range(n):
-        q.submit(Task(f"echo out-{i}-$(({i}*7))", tag=str(i)))
-    results: dict[str, list[str]] = {}
-    deadline = time.monotonic() + timeout
-    while not q.empty():
-        assert time.monotonic() < deadline, f"tasks not done in {timeout} s: {len(results)} of {n}"
-        r = q.wait(1)
-        if r is None:
-            continue
-        assert r.ok, r
-        results.setdefault(r.tag, []).append(r.output.strip())
-        if on_progress:
-            on_progress(sum(len(v) for v in results.values()))
-    return results
-
-
-def assert_exactly_once(results: dict[str, list[str]], n: int) -> None:
-    assert sorted(results, key=int) == [str(i) for i in range(n)], "a task is missing"
-    for tag, outputs in results.items():
-        assert outputs == [f"out-{tag}-{int(tag) * 7}"], f"task {tag} returned {outputs}"
+from support import assert_exactly_once, listening, processes_matching, python_env, run_tasks, wait_for
 
 
 def paramiko_settings(head: HeadNode, remote_port: int, **options: Any) -> Settings:

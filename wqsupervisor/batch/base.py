@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import enum
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +175,40 @@ class BatchSystem(abc.ABC):
         self.launcher = launcher
         self.launcher_path = f"{self.workdir}/launcher.sh"
         await self.runner.write(self.launcher_path, launcher.script(), 0o700)
+
+    async def submit_script(
+        self,
+        script: str,
+        text: str,
+        count: int,
+        command: Sequence[str],
+        parse: Callable[[str], str],
+        hint: str,
+    ) -> list[str]:
+        """Write ``text`` to ``script`` (0700) and run ``command`` (which ends with it) ``count`` times.
+
+        Returns the ids ``parse`` reads from each submission's output. A first
+        refusal raises :class:`SubmitError` with the scheduler's words; a later
+        one keeps what was accepted, and the next round asks again.
+        """
+        if count <= 0:
+            return []
+        try:
+            await self.runner.write(script, text, 0o700)
+        except WQSupervisorError as exc:
+            raise SubmitError(f"cannot write the job script: {exc.message}") from None
+        ids: list[str] = []
+        for _ in range(count):
+            done = await self.runner.run(command)
+            if done.returncode != 0:
+                if ids:
+                    break
+                raise SubmitError(f"{command[0]} refused the worker job: {done.error_text}", hint)
+            try:
+                ids.append(parse(done.stdout))
+            except ValueError as exc:
+                raise SubmitError(str(exc)) from None
+        return ids
 
     @abc.abstractmethod
     async def submit(self, count: int) -> list[str]:

@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import WQSupervisorError
-from .base import BatchOptions, BatchSystem, JobState, SubmitError
+from .base import BatchOptions, BatchSystem, JobState
 
 _ACTIVE = {
     "Q": JobState.PENDING,
@@ -200,27 +200,17 @@ class Pbs(BatchSystem):
 
     async def submit(self, count: int) -> list[str]:
         """``qsub`` the job script ``count`` times."""
-        if count <= 0:
-            return []
         workdir, _ = self._paths()
         script = f"{workdir}/{self.name}-job.sh"
-        await self.runner.write(script, self.job_script(), 0o700)
-        ids: list[str] = []
-        for _ in range(count):
-            done = await self.runner.run(["qsub", script])
-            if done.returncode != 0:
-                if ids:
-                    break  # keep what was accepted; the next round asks again
-                raise SubmitError(
-                    f"qsub refused the worker job: {done.error_text}",
-                    f"check the queue, account, walltime and resources in {script} against "
-                    "the cluster's limits ('qstat -Q' lists the queues)",
-                )
-            try:
-                ids.append(parse_submit(done.stdout))
-            except ValueError as exc:
-                raise SubmitError(str(exc)) from None
-        return ids
+        return await self.submit_script(
+            script,
+            self.job_script(),
+            count,
+            ["qsub", script],
+            parse_submit,
+            f"check the queue, account, walltime and resources in {script} against "
+            "the cluster's limits ('qstat -Q' lists the queues)",
+        )
 
     async def cancel(self, ids: Sequence[str]) -> None:
         """``qdel`` the jobs (it complains about jobs already finished or gone; that is ignored)."""

@@ -42,7 +42,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
 from ..errors import WQSupervisorError
-from .base import BatchOptions, BatchSystem, JobState, Runner, SubmitError
+from .base import BatchOptions, BatchSystem, JobState, Runner
 
 _PE_DIRECTIVE = re.compile(r"^#\$\s+-pe\s")
 # qsub -terse prints the id (arrays: 123.1-10:1); without -terse, "Your job 123 ("name") has been submitted".
@@ -145,27 +145,17 @@ class Sge(BatchSystem):
 
     async def submit(self, count: int) -> list[str]:
         """``qsub -terse`` the job script ``count`` times."""
-        if count <= 0:
-            return []
         workdir, _ = self._paths()
         script = f"{workdir}/sge-job.sh"
-        await self.runner.write(script, self.job_script(), 0o700)
-        ids: list[str] = []
-        for _ in range(count):
-            done = await self.runner.run(["qsub", "-terse", script])
-            if done.returncode != 0:
-                if ids:
-                    break  # keep what was accepted; the next round asks again
-                raise SubmitError(
-                    f"qsub refused the worker job: {done.error_text}",
-                    f"check the queue, project, walltime and parallel environment in {script} "
-                    "('qconf -sql' and 'qconf -spl' list queues and parallel environments)",
-                )
-            try:
-                ids.append(parse_submit(done.stdout))
-            except ValueError as exc:
-                raise SubmitError(str(exc)) from None
-        return ids
+        return await self.submit_script(
+            script,
+            self.job_script(),
+            count,
+            ["qsub", "-terse", script],
+            parse_submit,
+            f"check the queue, project, walltime and parallel environment in {script} "
+            "('qconf -sql' and 'qconf -spl' list queues and parallel environments)",
+        )
 
     async def cancel(self, ids: Sequence[str]) -> None:
         """``qdel`` the jobs (it complains about jobs already gone; that is ignored)."""

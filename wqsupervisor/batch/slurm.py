@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import WQSupervisorError
-from .base import BatchSystem, JobState, SubmitError, Unavailable
+from .base import BatchSystem, JobState, Unavailable
 
 # squeue's %T names, in Slurm's words.
 _STATES = {
@@ -90,25 +89,14 @@ class Slurm(BatchSystem):
     async def submit(self, count: int) -> list[str]:
         """``sbatch --parsable`` the job script ``count`` times."""
         script = f"{self.workdir}/job.sh"
-        try:
-            await self.runner.write(script, self.job_script(), 0o700)
-        except WQSupervisorError as exc:
-            raise SubmitError(f"cannot write the job script on the head node: {exc.message}") from None
-        ids: list[str] = []
-        for _ in range(count):
-            done = await self.runner.run(["sbatch", "--parsable", script])
-            if done.returncode != 0:
-                if ids:
-                    break  # keep what was accepted; the next round asks again
-                raise SubmitError(
-                    f"sbatch refused the worker job: {done.error_text}",
-                    "check --partition, --account and --walltime against the cluster's limits",
-                )
-            try:
-                ids.append(parse_submit(done.stdout))
-            except ValueError as exc:
-                raise SubmitError(str(exc)) from None
-        return ids
+        return await self.submit_script(
+            script,
+            self.job_script(),
+            count,
+            ["sbatch", "--parsable", script],
+            parse_submit,
+            "check --partition, --account and --walltime against the cluster's limits",
+        )
 
     async def cancel(self, ids: Sequence[str]) -> None:
         """``scancel`` the jobs."""
