@@ -184,6 +184,7 @@ class Tunnel:
         self._identity: MasterIdentity | None = None
         self._down_at: float | None = None
         self._finished = False
+        self._quick_retries = 0
         self.remote_port: int = settings.remote_port or 0
         self.record = TunnelRecord()
         self.failure: TunnelError | None = None
@@ -490,6 +491,7 @@ class Tunnel:
             if self._down_at is not None:
                 self.record.recoveries.append(took)
             self._down_at = None
+            self._quick_retries = 0
             self._emit(
                 TunnelUp,
                 remote_port=self.remote_port,
@@ -518,6 +520,12 @@ class Tunnel:
         failure = openssh.SshFailure.from_output(
             session.stderr, code, self.settings, ever_up=self._restart.ever_up
         )
+        if failure.kind == "port_taken" and self._just_dropped():
+            # Our previous session is still being torn down on the head node and
+            # holds the port for a moment longer: a short wait beats an inspection.
+            self._quick_retries += 1
+            await asyncio.sleep(0.1 * self._quick_retries)
+            return _Attempt(up_for=None, reason=failure.message, exit_code=code, retry_now=True)
         if failure.kind == "port_taken":
             taken = await self._reclaim()
             if taken is None:
@@ -529,6 +537,11 @@ class Tunnel:
                 )
             failure = taken
         return _Attempt(up_for=None, reason=reason or failure.message, exit_code=code, failure=failure)
+
+    def _just_dropped(self) -> bool:
+        """True for the first few port refusals right after a session of ours ended."""
+        recent = self._down_at is not None and self._clock.monotonic() - self._down_at < 1.5
+        return recent and self._quick_retries < 4
 
     # -- the remote port -----------------------------------------------------------------
 
@@ -595,10 +608,17 @@ class Tunnel:
     # -- proving the forward ------------------------------------------------------------
 
     async def _verify(self, session: openssh.OpenSSHSession) -> str:
-        """Probe until the remote port reaches this master; returns how it was proven."""
+        """Probe until the remote port reaches this master; returns how it was proven.
+
+        A master outside ``wait()`` never answers, so the probe waits only a few
+        round trips of this very session (measured first) before it settles
+        for a connection held open: a refusal would have come back by then.
+        """
+        rtt = await session.ping()
+        patience = min(0.5, max(0.15, 4 * rtt + 0.1))
         pause = 0.02
         while True:
-            check = await self.check_forward(session, timeout=0.5)
+            check = await self.check_forward(session, timeout=patience)
             if check is ForwardCheck.REACHED:
                 return "status"
             if check is ForwardCheck.HELD:
