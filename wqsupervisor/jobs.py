@@ -83,6 +83,10 @@ class JobTracker:
     _failures: int = 0
     _retry_at: float = 0.0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # A step runs under this lock, so that close() never races a submission in flight:
+    # jobs that sbatch accepted are recorded before close() cancels what is recorded.
+    _stepping: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _closing: bool = False
 
     def adapt(self, minimum: int | None = None, maximum: int | None = None) -> None:
         """Change the worker limits while running (like dask-jobqueue's ``adapt``)."""
@@ -121,9 +125,12 @@ class JobTracker:
     async def run(self) -> None:
         """Prepare the system, then poll, decide and act until cancelled."""
         await self.system.prepare(self.launcher, self.password)
-        while True:
+        while not self._closing:
             try:
-                await self.step()
+                async with self._stepping:
+                    if self._closing:
+                        return
+                    await self.step()
             except Exception:
                 get_logger().exception("jobs.step_failed", source=self.source)
             self._wake.clear()
@@ -227,6 +234,20 @@ class JobTracker:
     async def close(self, timeout: float = 60.0) -> None:
         """Cancel every job still queued or running, wait for the scheduler to agree, clean up."""
         deadline = self.clock.monotonic() + timeout
+        self._closing = True
+        self._wake.set()
+        # Let a step in flight finish, so the jobs it submits are known and cancelled below.
+        stepped = False
+        with contextlib.suppress(TimeoutError):
+            stepped = await asyncio.wait_for(self._stepping.acquire(), timeout / 2)
+        try:
+            await self._cancel_all(deadline)
+        finally:
+            if stepped:
+                self._stepping.release()
+        await self.system.close()
+
+    async def _cancel_all(self, deadline: float) -> None:
         active = [j.id for j in self.jobs.values() if j.state.active]
         if active:
             await self.system.cancel(active)
@@ -243,7 +264,6 @@ class JobTracker:
         for job in self.jobs.values():
             if job.state.active:
                 self._set(job.id, JobState.CANCELLED, self.clock.monotonic())
-        await self.system.close()
 
 
 @dataclass
@@ -259,12 +279,13 @@ class FactoryTracker:
     password: bytes | None = None
     ids: list[str] = field(default_factory=list)
     restarts: int = 0
+    _closing: bool = False
 
     async def run(self) -> None:
         """Start the factory, and start it again (with a backoff) if it ends."""
         await self.system.prepare(self.launcher, self.password)
         backoff = Backoff(initial=5.0, cap=120.0)
-        while True:
+        while not self._closing:
             self.ids = await self.system.submit(1)
             self.emit(
                 JobsSubmitted(
@@ -278,6 +299,8 @@ class FactoryTracker:
             )
             while (await self.system.states(self.ids)).get(self.ids[0]) is JobState.RUNNING:
                 await self.clock.sleep(self.interval)
+            if self._closing:
+                return
             self.restarts += 1
             delay = backoff.delay(min(self.restarts, 8), random.random())
             self.emit(
@@ -310,6 +333,7 @@ class FactoryTracker:
 
     async def close(self, timeout: float = 60.0) -> None:
         """Stop the factory (it takes its own workers down with their idle timeout)."""
+        self._closing = True
         await self.system.cancel(self.ids)
         await self.system.close()
 

@@ -550,7 +550,7 @@ class Lab:
             text=True,
             check=False,
         )
-        return res.stdout.split("\n") if res.stdout.strip() else []
+        return [line for line in res.stdout.splitlines() if line.strip()]
 
     @contextlib.contextmanager
     def fault(self, start: Callable[[], None], end: Callable[[], None]) -> Iterator[None]:
