@@ -74,6 +74,44 @@ _WAITING_APP = _IMPORT + textwrap.dedent(
 )
 
 
+class _Lines:
+    """The app's stdout read line by line straight from the pipe (no hidden buffer), so that
+    "has it printed X yet?" can be asked without blocking. cctools' own notices are skipped."""
+
+    def __init__(self, pipe) -> None:
+        self.fd = pipe.fileno()
+        self.buf = b""
+
+    def _take(self, word: str) -> str | None:
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            if line.decode(errors="replace").startswith(word):
+                return line.decode()
+        return None
+
+    def next(self, word: str, timeout: float) -> str:
+        """The next line starting with ``word``; fails at the end of the output or the deadline."""
+        deadline = time.monotonic() + timeout
+        while (found := self._take(word)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError(f"no {word!r} line from the app within {timeout} s")
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                raise AssertionError(f"the app ended without a {word!r} line")
+            self.buf += chunk
+        return found
+
+    def printed(self, word: str) -> str | None:
+        """A line starting with ``word`` printed by now (the end of output counts too)."""
+        while select.select([self.fd], [], [], 0)[0]:
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                return self._take(word) or "(end of output)"
+            self.buf += chunk
+        return self._take(word)
+
+
 def _queue_status_through(port: int, timeout: float = 1.0) -> dict | None:
     """Ask whatever answers on the head node's remote port for its queue status."""
     import json
@@ -104,9 +142,10 @@ def test_recovery_does_not_wait_for_a_gil_holding_wait(head, remote_port, tmp_pa
         str(wait_seconds),
         str(beats),
     ]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=_binding_env(binding)) as app:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, env=_binding_env(binding)) as app:
         try:
-            line = wait_for(app.stdout.readline, 60, "the app to enter wait()")
+            lines = _Lines(app.stdout)
+            line = lines.next("waiting", 60)
             _, ssh_pid, master_port, entered = line.split()
             time.sleep(1.0)
             killed_at = time.time()
@@ -118,8 +157,8 @@ def test_recovery_does_not_wait_for_a_gil_holding_wait(head, remote_port, tmp_pa
             )
             restored_at = time.time()
             assert status["port"] == int(master_port)
-            ready, _, _ = select.select([app.stdout], [], [], 0)
-            assert not ready, f"wait() returned before the forward was restored: {app.stdout.readline()!r}"
+            returned = lines.printed("returned")
+            assert not returned, f"wait() returned before the forward was restored: {returned!r}"
             assert restored_at < float(entered) + wait_seconds
             stamps = [float(x) for x in beats.read_text().split()]
             during = [t for t in stamps if killed_at < t < restored_at]
