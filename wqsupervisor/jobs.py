@@ -172,16 +172,7 @@ class JobTracker:
         try:
             ids = await self.system.submit(count)
         except WQSupervisorError as exc:
-            self._failures += 1
-            delay = self.submit_backoff.delay(self._failures, self.rng.random())
-            self._retry_at = now + delay
-            self._emit(
-                JobSubmitFailed,
-                system=self.system.name,
-                error=exc.message,
-                hint=exc.hint or "",
-                retry_in=round(delay, 1),
-            )
+            self._back_off(now, exc.message, exc.hint or "")
             return
         for job_id in ids:
             self.jobs[job_id] = Job(job_id, JobState.PENDING, now, now, now)
@@ -198,17 +189,18 @@ class JobTracker:
         if state in (JobState.FAILED, JobState.DONE) and now - job.submitted_at < _EARLY_EXIT:
             # A job that ends right away will not do better when submitted again at
             # once (a bad node, a missing program): back off as after a refusal.
-            self._failures += 1
-            delay = self.submit_backoff.delay(self._failures, self.rng.random())
-            self._retry_at = now + delay
-            self._emit(
-                JobSubmitFailed,
-                system=self.system.name,
-                error=f"worker job {job_id} ended ({state.value}) {now - job.submitted_at:.0f} s after "
-                "submission",
-                hint=f"look at its output in {self.system.workdir}",
-                retry_in=round(delay, 1),
+            self._back_off(
+                now,
+                f"worker job {job_id} ended ({state.value}) {now - job.submitted_at:.0f} s after submission",
+                f"look at its output in {self.system.workdir}",
             )
+
+    def _back_off(self, now: float, error: str, hint: str) -> None:
+        """One more failure in a row: no submission before the backoff's delay, and say why."""
+        self._failures += 1
+        delay = self.submit_backoff.delay(self._failures, self.rng.random())
+        self._retry_at = now + delay
+        self._emit(JobSubmitFailed, system=self.system.name, error=error, hint=hint, retry_in=round(delay, 1))
 
     async def refresh(self) -> None:
         """Ask the scheduler for the states of our active jobs."""
