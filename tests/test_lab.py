@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -137,6 +139,47 @@ def test_lab_removes_everything_even_when_the_test_fails():
     assert not any(name in existing for name in names)
     assert subprocess.run(["id", user], capture_output=True).returncode != 0
     assert not root.exists()
+
+
+def test_lab_removes_everything_when_its_process_is_terminated(tmp_path):
+    """A benchmark or test killed with SIGTERM mid-run still takes its lab down."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root")
+    script = (
+        "import time\nfrom wqsupervisor.lab import Lab\n"
+        "with Lab() as lab:\n    print(lab.tag, lab.root, flush=True)\n    time.sleep(300)\n"
+    )
+    tag, root, code = "", "", None
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            tag, root = proc.stdout.readline().split()
+            proc.terminate()
+            code = proc.wait(60)
+        finally:
+            proc.kill()
+            proc.wait()
+            left = _remove_lab_remains(tag, root) if tag else {}
+    assert code == 128 + signal.SIGTERM, f"the lab's process ended with {code}, not by unwinding"
+    assert not left, f"the lab left these behind: {left}"
+
+
+def _remove_lab_remains(tag: str, root: str) -> dict[str, object]:
+    """Whatever a lab with this tag left behind, removed (so a failure does not leak into the next test)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    left: dict[str, object] = {
+        "namespaces": [n for n in listed if n.startswith(f"wqs-{tag}-")],
+        "user": subprocess.run(["id", f"wqs{tag}"], capture_output=True).returncode == 0,
+        "directory": os.path.exists(root),
+    }
+    for ns in left["namespaces"]:  # type: ignore[attr-defined]
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    if left["user"]:
+        subprocess.run(["userdel", f"wqs{tag}"], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+    return {k: v for k, v in left.items() if v}
 
 
 def test_workers_reach_the_master_only_through_their_hop(lab):

@@ -67,6 +67,10 @@ def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
     return res
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 class Lab:
     """campus -- head -- node, with a real sshd on head and faults on demand."""
 
@@ -99,12 +103,18 @@ class Lab:
         self._munged: int | None = None
         self.slurm_conf = ""
         self._started = False
+        self._previous_sigterm: Any = None
 
     # -- building and tearing down --------------------------------------------------
 
     def start(self) -> Lab:
         """Create the namespaces, links, firewall, user and sshd."""
         self._started = True
+        if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        ):
+            # A plain `kill` of the test or benchmark must unwind `with Lab()` too.
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self._build()
         except BaseException:
@@ -252,6 +262,9 @@ class Lab:
                 while _run(["userdel", user], check=False).returncode == 8 and time.monotonic() < deadline:
                     time.sleep(0.1)  # userdel refuses while a process of the user is still exiting
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def __enter__(self) -> Lab:
         return self.start()
