@@ -62,6 +62,7 @@ def test_boolean_settings_read_like_people_write_them():
         ({"via": "two words"}, "not a host name"),
         ({"backend": "telnet"}, "unknown backend"),
         ({"stall_after": 0}, "must be positive"),
+        ({"master_timeout": -1}, "master_timeout must be 0"),
         ({"ssh_options": (("Bad Key", "x"),)}, "malformed"),
     ],
 )

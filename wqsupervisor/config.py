@@ -80,6 +80,12 @@ class Settings:
         1.0, "seconds between round trips through the ssh session", metavar="S"
     )
     stall_after: float = _setting(3.0, "seconds of silence before the session counts as stalled", metavar="S")
+    master_timeout: int = _setting(
+        60,
+        "seconds the master waits for a worker's reply before dropping it (Work Queue's short-timeout, "
+        "5 s of its own, too short for a tunnel that stalls and resumes); 0: leave the master's own",
+        metavar="S",
+    )
     probe_interval: float = _setting(
         2.0, "seconds between checks that the remote port reaches the master", metavar="S"
     )
@@ -220,6 +226,10 @@ def _validate(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name} must be positive, not {getattr(s, name)}")
+    if s.master_timeout < 0:
+        raise ConfigError(
+            f"master_timeout must be 0 (leave the master's own) or more, not {s.master_timeout}"
+        )
     if s.start_attempts < 0:
         raise ConfigError("start_attempts must be 0 (no bound) or more")
     if s.workers is not None:

@@ -66,7 +66,12 @@ class Supervised:
         st = self.stats or MasterStats()
         return {
             "id": self.id,
-            "master": {"port": self.master.port, "name": self.master.name, "pid": self.master.pid},
+            "master": {
+                "port": self.master.port,
+                "name": self.master.name,
+                "pid": self.master.pid,
+                "reply_timeout": self.master.reply_timeout,
+            },
             "tunnel": self.tunnel.snapshot(),
             "workers": {
                 "connected": st.workers_connected,

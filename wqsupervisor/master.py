@@ -121,6 +121,7 @@ class MasterInfo:
     name: str | None = None
     password_file: str | None = None
     pid: int | None = None
+    reply_timeout: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
@@ -134,6 +135,7 @@ class MasterInfo:
             name=data.get("name"),
             password_file=data.get("password_file"),
             pid=data.get("pid"),
+            reply_timeout=data.get("reply_timeout"),
         )
 
 
@@ -162,3 +164,27 @@ def describe(master: Any) -> MasterInfo:
 def read_stats(master: Any) -> MasterStats:
     """Take one stats snapshot; call only from the thread that drives the master."""
     return MasterStats.from_any(master.stats)
+
+
+def set_reply_timeout(master: Any, seconds: int) -> int | None:
+    """Let ``master`` wait ``seconds`` for a worker's reply; the value set, or None if it was not.
+
+    A Work Queue master asks a worker for its results and waits for the answer
+    ``short-timeout`` seconds (5 by default), then drops the worker and requeues
+    its tasks. Behind a tunnel that stalls and resumes, the request or the
+    answer can sit in TCP's retransmission backoff for longer than that (6.4 s
+    after a 20 s blackhole, measured), so the master drops workers that were
+    never lost. With a supervisor the tunnel's own watch decides: the session
+    resumes and the answer comes, or the supervisor replaces it, which closes
+    every tunneled connection and ends the wait at once.
+
+    Masters without ``tune`` (``WorkQueueServer``) are left as they are.
+    """
+    tune = getattr(master, "tune", None)
+    if seconds <= 0 or not callable(tune):
+        return None
+    try:
+        ok = tune("short-timeout", seconds) == 0
+    except (TypeError, ValueError):  # a binding with another signature keeps its own timeout
+        return None
+    return seconds if ok else None

@@ -104,8 +104,11 @@ def format_text(snapshots: list[dict[str, Any]], now: float | None = None) -> st
         for entry in snap.get("masters", []):
             t, w, k = entry["tunnel"], entry["workers"], entry["tasks"]
             master = entry["master"]
+            waits = master.get("reply_timeout")
             lines.append(
-                f"  master port {master.get('port')}" + (f" ({master['name']})" if master.get("name") else "")
+                f"  master port {master.get('port')}"
+                + (f" ({master['name']})" if master.get("name") else "")
+                + (f", waits {waits} s for a worker's reply" if waits else "")
             )
             rtt = f", rtt {t['rtt_ms']} ms" if t.get("rtt_ms") is not None else ""
             lines.append(

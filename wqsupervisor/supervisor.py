@@ -36,7 +36,7 @@ from .config import Settings, settings_from_kwargs
 from .engine import decode_event
 from .errors import WQSupervisorError
 from .events import Event, EventBus, TunnelFailed
-from .master import MasterInfo, describe, read_stats
+from .master import MasterInfo, describe, read_stats, set_reply_timeout
 from .process import terminate
 from .tunnel import TunnelState
 
@@ -72,6 +72,7 @@ class Supervisor:
             name=self.info.name,
             password_file=self.settings.password_file,
             pid=os.getpid(),
+            reply_timeout=set_reply_timeout(master, self.settings.master_timeout),
         )
         try:
             self._master: Callable[[], Any] = weakref.ref(master)
