@@ -1,7 +1,7 @@
 """Per fault: time to detection, to the forward working again, to all workers back, and
 worker connections lost, for wqsupervisor, autossh -M 0 (ServerAlive 15/3) and autossh -M PORT.
 
-    python benchmarks/faults.py [--reps 3] [--only ssh-killed peer-hung ...] [--out bench-out]
+    python benchmarks/faults.py [--reps 3] [--only ssh-killed peer-hung ...] [--tools ...] [--out bench-out]
 
 Needs root (it builds the firewall lab). All three run side by side in the
 same lab for every fault; see wqsupervisor/bench/faults.py.
@@ -17,9 +17,15 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--reps", type=int, default=1)
 parser.add_argument("--only", nargs="*", choices=sorted(faults.faults()))
 parser.add_argument("--out", default="bench-out")
+parser.add_argument(
+    "--tools",
+    nargs="*",
+    choices=faults.tool_names(),
+    help="tools side by side (default: wqsupervisor autossh-M0 autossh-monitor)",
+)
 args = parser.parse_args()
 
-result = faults.run(only=args.only, reps=args.reps)
+result = faults.run(only=args.only, reps=args.reps, tools=args.tools)
 out = pathlib.Path(args.out)
 out.mkdir(exist_ok=True)
 (out / "faults.json").write_text(json.dumps(result, indent=2))

@@ -888,6 +888,10 @@ def _app(argv: list[str]) -> int:
     else:
         import work_queue
 
+        if debug_dir := os.environ.get("WQS_LAB_MASTER_DEBUG"):
+            # Diagnostics: the master's own account of every worker it keeps or drops.
+            work_queue.cctools_debug_flags_set("wq")
+            work_queue.cctools_debug_config_file(f"{debug_dir}/master-{args.tunnel}-{os.getpid()}.log")
         q = work_queue.WorkQueue(port=0, name=f"lab-{os.getpid()}")
 
         def make_task(cmd: str, tag: str) -> Any:

@@ -13,7 +13,9 @@ tool:
   from inside the head (from the fault for instant faults, from the heal for
   outages); None when it did not within the window;
 * workers: when every worker is connected again;
-* lost: worker connections the master lost.
+* lost: worker connections the master lost;
+* restarts (wqsupervisor only): sessions it replaced, to tell a loss that came
+  with a replacement from one the master decided alone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..lab import CampusApp, HeadProbe, Lab, start_node_workers
@@ -32,7 +34,24 @@ from ..process import pid_alive
 from ..sandbox import children_of
 from .harness import machine, summary
 
-TOOLS = {"wqsupervisor": 10001, "autossh-M0": 10002, "autossh-monitor": 10003}
+
+@dataclass(frozen=True)
+class _Spec:
+    port: int
+    tunnel: str  # who keeps it, as the lab app's --tunnel
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+TOOLS = {
+    "wqsupervisor": _Spec(10001, "wqsupervisor"),
+    "autossh-M0": _Spec(10002, "autossh-M0"),
+    "autossh-monitor": _Spec(10003, "autossh-monitor"),
+}
+# On request (--tools): wqsupervisor leaving the master's own 5 s reply
+# timeout, to tell what the tunnel does from what the master's timeout does.
+EXTRA_TOOLS = {
+    "wqsupervisor-master-5s": _Spec(10004, "wqsupervisor", {"master_timeout": 0}),
+}
 WINDOW = 150.0
 
 
@@ -42,9 +61,10 @@ class _Tool:
     app: CampusApp
     probe: HeadProbe
     port: int
+    supervised: bool
 
     def ssh_pid(self) -> int | None:
-        if self.name == "wqsupervisor":
+        if self.supervised:
             pid = self.app.snapshot()["masters"][0]["tunnel"]["ssh_pid"]
             return int(pid) if pid else None
         autossh = self.app.ready["autossh_pid"] if self.app.ready else None
@@ -149,16 +169,22 @@ BACKLOG = 5000
 
 
 def _one(
-    name: str, fault: Fault, n_workers: int, progress: Callable[[str], None], backlog: int = BACKLOG
+    name: str,
+    fault: Fault,
+    n_workers: int,
+    progress: Callable[[str], None],
+    specs: dict[str, _Spec],
+    backlog: int = BACKLOG,
 ) -> dict[str, Any]:
     apply, instant = fault
     with Lab() as lab:
         tools: list[_Tool] = []
-        for tool_name, port in TOOLS.items():
-            app = CampusApp(lab, port, tunnel=tool_name)
-            start_node_workers(lab, port, n=n_workers)
+        for tool_name, spec in specs.items():
+            app = CampusApp(lab, spec.port, tunnel=spec.tunnel, settings=spec.settings)
+            start_node_workers(lab, spec.port, n=n_workers)
             app.submit(backlog, "sleep 0.2; echo out-{i}")
-            tools.append(_Tool(tool_name, app, HeadProbe(lab, port), port))
+            supervised = spec.tunnel == "wqsupervisor"
+            tools.append(_Tool(tool_name, app, HeadProbe(lab, spec.port), spec.port, supervised))
         for tool in tools:
             tool.app.wait_workers(n_workers, 120)
             tool.app.wait_for(functools.partial(_answering_now, tool), 60, "the forward")
@@ -166,11 +192,12 @@ def _one(
         ssh_before = {t.name: t.ssh_pid() for t in tools}
         removed_before = {t.name: t.app.latest_stats().get("workers_removed", 0) for t in tools}
         began = time.time()
-        detected: dict[str, float | None] = dict.fromkeys(TOOLS)
+        detected: dict[str, float | None] = dict.fromkeys(specs)
         watch = _DetectionWatch(tools, ssh_before, detected, began)
         try:
             apply(lab, tools)
             healed = time.time()
+            progress(f"{name}: fault at {began:.2f}, healed at {healed:.2f} (wall clock)")
             since = began if instant else healed
             deadline = time.monotonic() + WINDOW
             result: dict[str, Any] = {}
@@ -201,6 +228,9 @@ def _one(
                 "workers_s": None if workers is None else workers - since,
                 "lost": tool.app.latest_stats().get("workers_removed", 0) - removed_before[tool.name],
             }
+            if tool.supervised:
+                # Whether a loss came with a replaced session or without one.
+                result[tool.name]["restarts"] = len(tool.app.named("tunnel.restarting", began))
         progress(f"{name}: " + "; ".join(f"{k} {_fmt(v)}" for k, v in result.items()))
         return result
 
@@ -244,7 +274,7 @@ class _DetectionWatch:
         for tool in self.tools:
             if self.detected[tool.name] is not None:
                 continue
-            if tool.name == "wqsupervisor":
+            if tool.supervised:
                 seen = tool.app.named("tunnel.stalled", self.began) + tool.app.named(
                     "tunnel.down", self.began
                 )
@@ -263,23 +293,35 @@ def _fmt(figures: dict[str, Any]) -> str:
     return (
         f"detect {s(figures['detected_s'])} forward {s(figures['forward_s'])} "
         f"workers {s(figures['workers_s'])} lost {figures['lost']}"
+        + (f" restarts {figures['restarts']}" if "restarts" in figures else "")
     )
 
 
+def tool_names() -> list[str]:
+    """Every tool the benchmark can run side by side (the first three by default)."""
+    return [*TOOLS, *EXTRA_TOOLS]
+
+
 def run(
-    only: list[str] | None = None, reps: int = 1, n_workers: int = 2, progress: Callable[[str], None] = print
+    only: list[str] | None = None,
+    reps: int = 1,
+    n_workers: int = 2,
+    progress: Callable[[str], None] = print,
+    tools: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Every fault (or ``only`` these), ``reps`` times each."""
+    """Every fault (or ``only`` these), ``reps`` times each, with ``tools`` (default: TOOLS)."""
     table = faults()
     names = only or list(table)
+    every = TOOLS | EXTRA_TOOLS
+    specs = {t: every[t] for t in tools} if tools else dict(TOOLS)
     raw: dict[str, list[dict[str, Any]]] = {}
     for _ in range(reps):
         for name in names:
-            raw.setdefault(name, []).append(_one(name, table[name], n_workers, progress))
+            raw.setdefault(name, []).append(_one(name, table[name], n_workers, progress, specs))
     out: dict[str, Any] = {"machine": machine(), "reps": reps, "window_s": WINDOW, "faults": {}}
     for name, runs in raw.items():
         per_tool: dict[str, Any] = {}
-        for tool in TOOLS:
+        for tool in specs:
             rows = [r[tool] for r in runs]
             per_tool[tool] = {
                 key: {
@@ -288,5 +330,7 @@ def run(
                 }
                 for key in ("detected_s", "forward_s", "workers_s")
             } | {"lost": summary([r["lost"] for r in rows])}
+            if all("restarts" in r for r in rows):
+                per_tool[tool]["restarts"] = summary([r["restarts"] for r in rows])
         out["faults"][name] = {"tools": per_tool, "raw": runs}
     return out
