@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wqsupervisor.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, CampusApp, Lab, start_node_workers
+from wqsupervisor.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, CampusApp, Lab, remove_remains, start_node_workers
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
@@ -171,14 +170,7 @@ def _remove_lab_remains(tag: str, root: str) -> dict[str, object]:
         "user": subprocess.run(["id", f"wqs{tag}"], capture_output=True).returncode == 0,
         "directory": os.path.exists(root),
     }
-    for ns in left["namespaces"]:  # type: ignore[attr-defined]
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "delete", ns], check=False)
-    if left["user"]:
-        subprocess.run(["userdel", f"wqs{tag}"], check=False)
-    shutil.rmtree(root, ignore_errors=True)
+    remove_remains(left["namespaces"], [f"wqs{tag}", f"wqo{tag}"], root)  # type: ignore[arg-type]
     return {k: v for k, v in left.items() if v}
 
 

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,25 @@ def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
     if check and res.returncode != 0:
         raise WQSupervisorError(f"lab command failed: {' '.join(argv)}: {res.stderr.strip()}")
     return res
+
+
+def remove_remains(namespaces: Iterable[str], users: Iterable[str], root: str | Path) -> None:
+    """Kill what runs in ``namespaces`` or as ``users``, then delete them and the directory ``root``."""
+    namespaces, users = list(namespaces), list(users)
+    for ns in namespaces:
+        for pid in _run(["ip", "netns", "pids", ns], check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+    for ns in namespaces:
+        _run(["ip", "netns", "delete", ns], check=False)
+    for user in users:
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(user)
+            _run(["pkill", "-KILL", "-u", user], check=False)
+            deadline = time.monotonic() + 5
+            while _run(["userdel", user], check=False).returncode == 8 and time.monotonic() < deadline:
+                time.sleep(0.1)  # userdel refuses while a process of the user is still exiting
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
@@ -245,23 +264,7 @@ class Lab:
         if self.head is not None:
             with contextlib.suppress(Exception):
                 self.head.stop()
-        for ns in self.ns.values():
-            pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-        with contextlib.suppress(Exception):
-            _run(["pkill", "-KILL", "-u", self.user], check=False)
-        for ns in self.ns.values():
-            _run(["ip", "netns", "delete", ns], check=False)
-        for user in (self.user, self.other_user):
-            with contextlib.suppress(KeyError):
-                pwd.getpwnam(user)
-                _run(["pkill", "-KILL", "-u", user], check=False)
-                deadline = time.monotonic() + 5
-                while _run(["userdel", user], check=False).returncode == 8 and time.monotonic() < deadline:
-                    time.sleep(0.1)  # userdel refuses while a process of the user is still exiting
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_remains(self.ns.values(), (self.user, self.other_user), self.root)
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
