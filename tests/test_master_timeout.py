@@ -30,7 +30,7 @@ from wqsupervisor.master import set_reply_timeout
 
 from support import debian_work_queue_path, python_env
 
-HOLD = 8.0  # seconds the relay holds one answer: beyond 5 s, well within 60 s
+HOLD = 8.0  # seconds the relay holds one answer: beyond 5 s, well within the default
 TASKS = 20
 
 _APP = r"""

@@ -81,7 +81,7 @@ class Settings:
     )
     stall_after: float = _setting(3.0, "seconds of silence before the session counts as stalled", metavar="S")
     master_timeout: int = _setting(
-        60,
+        120,
         "seconds the master waits for a worker's reply before dropping it (Work Queue's short-timeout, "
         "5 s of its own, too short for a tunnel that stalls and resumes); 0: leave the master's own",
         metavar="S",
