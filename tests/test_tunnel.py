@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -23,7 +24,7 @@ from wqsupervisor import (
 )
 from wqsupervisor.process import pid_alive
 from wqsupervisor.sandbox import HeadNode
-from wqsupervisor.server import WorkQueueServer
+from wqsupervisor.server import Task, WorkQueueServer
 
 from support import assert_exactly_once, listening, processes_matching, python_env, run_tasks, wait_for
 
@@ -36,7 +37,17 @@ def test_tasks_run_on_workers_that_only_know_the_remote_port(head, master, remot
         assert sup.state is TunnelState.UP
         workers(remote_port, n=2)
         assert_exactly_once(run_tasks(master, 30), 30)
-        recorder.wait(WorkersJoined, 10)
+        # The engine counts workers through the master's status port, which
+        # answers only inside wait(); 30 echo tasks can finish between two
+        # samples, so keep the master waiting on a slower task until it has looked.
+        master.submit(Task("sleep 3; echo warm", tag="warm-up"))
+        outputs = []
+        deadline = time.monotonic() + 30
+        while not (outputs and recorder.of(WorkersJoined)) and time.monotonic() < deadline:
+            if (done := master.wait(0.5)) is not None:
+                outputs.append(done.output.strip())
+        assert outputs == ["warm"]
+        recorder.wait(WorkersJoined, 1)
         snap = sup.snapshot()["masters"][0]
         assert snap["tunnel"]["state"] == "up"
         assert snap["tunnel"]["verified_by"] in ("status", "connect")
