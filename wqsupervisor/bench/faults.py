@@ -41,6 +41,11 @@ class _Spec:
     tunnel: str  # who keeps it, as the lab app's --tunnel
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def supervised(self) -> bool:
+        """True when wqsupervisor keeps this tool's tunnel."""
+        return self.tunnel == "wqsupervisor"
+
 
 TOOLS = {
     "wqsupervisor": _Spec(10001, "wqsupervisor"),
@@ -60,8 +65,17 @@ class _Tool:
     name: str
     app: CampusApp
     probe: HeadProbe
-    port: int
-    supervised: bool
+    spec: _Spec
+
+    @property
+    def port(self) -> int:
+        """The head's remote port of this tool's tunnel."""
+        return self.spec.port
+
+    @property
+    def supervised(self) -> bool:
+        """True when wqsupervisor keeps this tool's tunnel."""
+        return self.spec.supervised
 
     def ssh_pid(self) -> int | None:
         if self.supervised:
@@ -183,8 +197,7 @@ def _one(
             app = CampusApp(lab, spec.port, tunnel=spec.tunnel, settings=spec.settings)
             start_node_workers(lab, spec.port, n=n_workers)
             app.submit(backlog, "sleep 0.2; echo out-{i}")
-            supervised = spec.tunnel == "wqsupervisor"
-            tools.append(_Tool(tool_name, app, HeadProbe(lab, spec.port), spec.port, supervised))
+            tools.append(_Tool(tool_name, app, HeadProbe(lab, spec.port), spec))
         for tool in tools:
             tool.app.wait_workers(n_workers, 120)
             tool.app.wait_for(functools.partial(_answering_now, tool), 60, "the forward")
