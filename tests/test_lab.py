@@ -165,12 +165,13 @@ def test_lab_removes_everything_when_its_process_is_terminated(tmp_path):
 def _remove_lab_remains(tag: str, root: str) -> dict[str, object]:
     """Whatever a lab with this tag left behind, removed (so a failure does not leak into the next test)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    namespaces = [n for n in listed if n.startswith(f"wqs-{tag}-")]
     left: dict[str, object] = {
-        "namespaces": [n for n in listed if n.startswith(f"wqs-{tag}-")],
+        "namespaces": namespaces,
         "user": subprocess.run(["id", f"wqs{tag}"], capture_output=True).returncode == 0,
         "directory": os.path.exists(root),
     }
-    remove_remains(left["namespaces"], [f"wqs{tag}", f"wqo{tag}"], root)  # type: ignore[arg-type]
+    remove_remains(namespaces, [f"wqs{tag}", f"wqo{tag}"], root)
     return {k: v for k, v in left.items() if v}
 
 
