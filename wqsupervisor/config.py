@@ -17,6 +17,7 @@ from typing import Any
 
 from .backoff import Backoff, RestartPolicy
 from .errors import ConfigError
+from .target import SshTarget
 
 ENV_PREFIX = "WQSUPERVISOR_"
 
@@ -182,13 +183,32 @@ class Settings:
             idle_time=self.idle_time,
         )
 
-    def require_tunnel(self) -> None:
-        """Raise unless the settings name a head node and a remote port."""
+    def ssh_target(self) -> SshTarget:
+        """The head node and how to reach it, for the transports, head-node commands and batch runners."""
+        self.require_via()
+        assert self.via is not None
+        return SshTarget(
+            destination=self.via,
+            port=self.ssh_port,
+            identity=self.identity,
+            options=self.ssh_options,
+            config_file=self.ssh_config,
+            connect_timeout=self.connect_timeout,
+            bind=self.remote_bind,
+            program=self.ssh_program,
+        )
+
+    def require_via(self) -> None:
+        """Raise unless the settings name a head node."""
         if not self.via:
             raise ConfigError(
                 "no head node given",
                 "pass via='user@headnode' (--via on the command line, or WQSUPERVISOR_VIA)",
             )
+
+    def require_tunnel(self) -> None:
+        """Raise unless the settings name a head node and a remote port."""
+        self.require_via()
         if self.remote_port is None:
             raise ConfigError(
                 "no remote port given",
