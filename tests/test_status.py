@@ -12,8 +12,8 @@ import pytest
 
 from wqsupervisor import supervise
 from wqsupervisor.errors import IllegalTransition
+from wqsupervisor.lifecycle import TunnelState
 from wqsupervisor.status import format_text, status_dir
-from wqsupervisor.tunnel import TunnelState
 
 from support import python_env
 

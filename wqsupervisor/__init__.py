@@ -35,10 +35,11 @@ from .events import (
     WorkersJoined,
     WorkersLost,
 )
+from .forward import ForwardCheck
+from .lifecycle import TunnelState
 from .master import Master, MasterIdentity, MasterInfo, MasterStats
 from .server import Task, TaskResult, WorkQueueServer
 from .supervisor import Supervisor, supervise
-from .tunnel import ForwardCheck, TunnelState
 from .watch import WorkerWatch
 
 __all__ = [

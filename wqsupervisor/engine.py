@@ -36,10 +36,11 @@ from .config import Settings
 from .errors import WQSupervisorError
 from .events import Event, JobSubmitFailed, MasterUnreachable, TunnelDown, event_from_dict
 from .jobs import FactoryTracker, JobTracker, build_tracker
+from .lifecycle import TunnelState
 from .logs import redact
 from .master import MasterInfo, MasterStats
 from .passwords import read_password
-from .tunnel import Tunnel, TunnelState
+from .tunnel import Tunnel
 from .watch import WorkerWatch
 from .wqproto import Credentials, request_status, tls_context
 

@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .lifecycle import TunnelState
 from .logs import get_logger, redact, redact_text
-from .tunnel import TunnelState
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

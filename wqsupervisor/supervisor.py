@@ -36,9 +36,9 @@ from .config import Settings, settings_from_kwargs
 from .engine import decode_event
 from .errors import WQSupervisorError
 from .events import Event, EventBus, TunnelFailed
+from .lifecycle import TunnelState
 from .master import MasterInfo, describe, read_stats, set_reply_timeout
 from .process import terminate
-from .tunnel import TunnelState
 
 ENGINE_ENV = "WQSUPERVISOR_ENGINE"
 _REPLY_TIMEOUT = 15.0

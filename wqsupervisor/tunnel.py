@@ -38,7 +38,7 @@ from . import connection, openssh
 from .backoff import GiveUp, RestartState
 from .clock import Clock, SystemClock
 from .config import Settings
-from .errors import AuthenticationFailed, IllegalTransition, ProtocolError, TunnelError
+from .errors import AuthenticationFailed, ProtocolError, TunnelError
 from .events import (
     Event,
     StalePortReclaimed,
@@ -51,6 +51,8 @@ from .events import (
     TunnelStarting,
     TunnelUp,
 )
+from .forward import ForwardCheck
+from .lifecycle import TunnelState
 from .logs import get_logger
 from .master import MasterIdentity, MasterInfo
 from .remote import end_stale_session, inspect_port
@@ -60,41 +62,6 @@ from .wqproto import NO_CREDENTIALS, Credentials, request_status
 # about one capped retransmission when we own the socket, TCP's own backoff when not.
 GRACE_CAPPED = 2.0
 GRACE_UNCAPPED = 12.0
-
-
-class TunnelState(enum.Enum):
-    """Where a tunnel is in its life."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    UP = "up"
-    STALLED = "stalled"
-    DOWN = "down"
-    FAILED = "failed"
-    CLOSED = "closed"
-
-
-_ALLOWED: dict[TunnelState, frozenset[TunnelState]] = {
-    TunnelState.NEW: frozenset({TunnelState.CONNECTING, TunnelState.FAILED, TunnelState.CLOSED}),
-    TunnelState.CONNECTING: frozenset(
-        {TunnelState.UP, TunnelState.DOWN, TunnelState.FAILED, TunnelState.CLOSED}
-    ),
-    TunnelState.UP: frozenset({TunnelState.STALLED, TunnelState.DOWN, TunnelState.CLOSED}),
-    TunnelState.STALLED: frozenset({TunnelState.UP, TunnelState.DOWN, TunnelState.CLOSED}),
-    TunnelState.DOWN: frozenset({TunnelState.CONNECTING, TunnelState.FAILED, TunnelState.CLOSED}),
-    TunnelState.FAILED: frozenset({TunnelState.CLOSED}),
-    TunnelState.CLOSED: frozenset(),
-}
-
-
-class ForwardCheck(enum.Enum):
-    """What one probe through the head node's remote port found."""
-
-    REACHED = "reached"  # this master answered through the remote port
-    HELD = "held"  # the connection stayed open without an answer: the master is busy
-    LOST = "lost"  # the master answers here but not through the head node
-    REFUSED = "refused"  # the remote port closed the connection at once
-    WRONG = "wrong"  # a different master answered
 
 
 @dataclass
@@ -213,9 +180,7 @@ class Tunnel:
         return GRACE_CAPPED if self.owns_socket and connection.rto_cap_supported() else GRACE_UNCAPPED
 
     def _transition(self, new: TunnelState) -> None:
-        if new not in _ALLOWED[self._state]:
-            raise IllegalTransition("tunnel", self._state.value, new.value)
-        self._state = new
+        self._state = self._state.to(new)
         self._since = self._clock.monotonic()
         if new is TunnelState.UP:
             self.up_event.set()
@@ -336,7 +301,7 @@ class Tunnel:
         self.failure = exc
         self.record.last_error = exc.message
         if self._state is not TunnelState.FAILED:
-            if TunnelState.FAILED not in _ALLOWED[self._state]:
+            if not self._state.can_become(TunnelState.FAILED):
                 self._transition(TunnelState.DOWN)
             self._transition(TunnelState.FAILED)
         self._emit(TunnelFailed, error=exc.message, hint=exc.hint or "")
