@@ -20,6 +20,8 @@ PACKAGE = Path(wqsupervisor.__file__).parent
 HEAVY = (
     "wqsupervisor.engine",
     "wqsupervisor.tunnel",
+    "wqsupervisor.connection",
+    "wqsupervisor.remote",
     "wqsupervisor.openssh",
     "wqsupervisor.paramiko_backend",
     "wqsupervisor.jobs",
