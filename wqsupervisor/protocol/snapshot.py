@@ -30,9 +30,7 @@ def _known(cls: type[Any], data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, Event):
-        return value.to_dict()
-    if hasattr(value, "to_dict"):
+    if hasattr(value, "to_dict"):  # the snapshot's parts and events
         return value.to_dict()
     if isinstance(value, enum.Enum):
         return value.value
