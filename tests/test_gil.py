@@ -65,7 +65,7 @@ _WAITING_APP = _IMPORT + textwrap.dedent(
     threading.Thread(target=beat, daemon=True).start()
     q.submit(Task("sleep 1000"))  # no worker: wait() sits out its whole timeout
     time.sleep(0.3)
-    ssh_pid = sup.snapshot()["masters"][0]["tunnel"]["ssh_pid"]
+    ssh_pid = sup.snapshot().masters[0].tunnel.ssh_pid
     print("waiting", ssh_pid, q.port, time.time(), flush=True)
     q.wait(wait_for)
     print("returned", time.time(), flush=True)

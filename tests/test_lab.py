@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from wqsupervisor.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, CampusApp, Lab, remove_remains, start_node_workers
+from wqsupervisor.protocol import TunnelSnapshot
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
@@ -72,8 +73,8 @@ class Run:
         self.started = time.time()
         self.removed_before = self.app.latest_stats().get("workers_removed", 0)
 
-    def tunnel(self) -> dict:
-        return self.app.snapshot()["masters"][0]["tunnel"]
+    def tunnel(self) -> TunnelSnapshot:
+        return self.app.snapshot().masters[0].tunnel
 
     def finish(self, timeout: float = 300) -> None:
         """All tasks back exactly once with their output; nothing leaked, nothing left."""
@@ -82,7 +83,7 @@ class Run:
         assert sorted(self.app.results, key=int) == [str(i) for i in range(TASKS)]
         for tag, outputs in self.app.results.items():
             assert outputs == [f"out-{tag}"], (tag, outputs)
-        self.app.wait_for(lambda: self.tunnel()["state"] == "up", 60, "the tunnel to be up")
+        self.app.wait_for(lambda: self.tunnel().state.value == "up", 60, "the tunnel to be up")
         assert _persistent_fds(self.agent) == self.fds_before, "the agent leaked file descriptors"
         self.app.close()
         for proc in self.launchers:
@@ -188,12 +189,12 @@ def test_workers_reach_the_master_only_through_their_hop(lab):
 
 
 def _kill_ssh(run: Run) -> None:
-    os.kill(run.tunnel()["ssh_pid"], signal.SIGKILL)
+    os.kill(run.tunnel().ssh_pid, signal.SIGKILL)
 
 
 def _kill_session(run: Run) -> None:
     pid = run.lab.port_holder(REMOTE_PORT)
-    assert pid is not None and pid == run.tunnel()["remote_pid"]
+    assert pid is not None and pid == run.tunnel().remote_pid
     run.lab.kill_session(pid)
 
 
@@ -216,7 +217,7 @@ def test_a_dead_tunnel_is_restarted(lab, cut: Callable[[Run], None]):
 def test_a_hung_peer_is_detected_and_replaced(lab):
     """The head's session is SIGSTOPped: the session stalls, is replaced, and its port reclaimed."""
     run = Run(lab)
-    hung = run.tunnel()["remote_pid"]
+    hung = run.tunnel().remote_pid
     lab.stop_session(hung)
     try:
         run.app.wait_event("tunnel.stalled", 20, after=run.started)
@@ -302,13 +303,13 @@ def test_the_supervisor_socket_options(lab):
     """The tunnel's TCP connection is ours: retransmission backoff capped where the kernel allows."""
     run = Run(lab)
     tunnel = run.tunnel()
-    assert tunnel["socket"] == "owned"
+    assert tunnel.socket == "owned"
     with socket.socket() as s:
         try:
             s.setsockopt(socket.IPPROTO_TCP, 44, 1000)
             capped = True
         except OSError:
             capped = False
-    assert tunnel["rto_capped"] is capped
-    assert tunnel["tcp"]["rtt_ms"] >= 0
+    assert tunnel.rto_capped is capped
+    assert tunnel.tcp is not None and tunnel.tcp.rtt_ms >= 0
     run.finish()

@@ -44,7 +44,9 @@ def test_workers_need_the_password_and_other_users_cannot_read_it(lab):
         peak = max(s.get("workers_connected", 0) for _, s in app.stats)
         assert peak <= 2, f"{peak} workers connected: one without the password got in"
         assert all(p.poll() is None for p in intruders), "the intruders are still knocking, not in"
-        workdir = app.snapshot()["masters"][0]["jobs"]["workdir"]
+        jobs = app.snapshot().masters[0].jobs
+        assert jobs is not None
+        workdir = jobs.workdir
         password = f"{workdir}/password"
         mode = os.stat(password).st_mode & 0o777
         assert mode == 0o600, oct(mode)

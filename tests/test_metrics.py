@@ -18,6 +18,7 @@ from wqsupervisor.errors import ConfigError
 from wqsupervisor.logs import register_secret
 from wqsupervisor.master import MasterInfo, MasterStats
 from wqsupervisor.metrics import MetricsServer, SnapshotCollector, new_recoveries
+from wqsupervisor.protocol import SupervisorSnapshot
 from wqsupervisor.tunnel import Tunnel
 from wqsupervisor.watch import WorkerWatch
 
@@ -37,14 +38,19 @@ ENGINE_JOBS: dict[str, Any] = {
 }
 
 
-def make_snapshot(
+def make_snapshot(**shape: Any) -> SupervisorSnapshot:
+    """One attached master, as a handle reads it from the engine (see snapshot_json)."""
+    return SupervisorSnapshot.from_dict(snapshot_json(**shape))
+
+
+def snapshot_json(
     *,
     label: str = "headnode:9001",
     state: str = "up",
     recoveries: list[float] | None = None,
     jobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One attached master in the shape Engine.snapshot() returns."""
+    """One attached master, as the engine sends Engine.snapshot() in JSON."""
     master: dict[str, Any] = {
         "id": "m1",
         "master": {"port": 9123, "name": "demo", "pid": 4242},
@@ -94,11 +100,11 @@ def scrape(server: MetricsServer) -> tuple[int, list[str]]:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[], dict[str, Any]]], MetricsServer]]:
+def serve() -> Iterator[Callable[[Callable[[], SupervisorSnapshot]], MetricsServer]]:
     """Start MetricsServers on 127.0.0.1 with a free port; all are stopped afterwards."""
     servers: list[MetricsServer] = []
 
-    def start(snapshot_fn: Callable[[], dict[str, Any]]) -> MetricsServer:
+    def start(snapshot_fn: Callable[[], SupervisorSnapshot]) -> MetricsServer:
         server = MetricsServer(snapshot_fn)
         server.start()
         servers.append(server)
@@ -215,7 +221,7 @@ def test_state_is_one_hot_and_up_follows_it(serve):
 def test_failing_snapshot_still_answers_with_error_gauge(serve):
     """A snapshot_fn that raises gives a 200 scrape with the error gauge at 1, and a logged warning."""
 
-    def broken() -> dict[str, Any]:
+    def broken() -> SupervisorSnapshot:
         raise RuntimeError("engine thread is gone")
 
     server = serve(broken)
@@ -231,7 +237,7 @@ def test_scrape_recovers_after_a_failing_snapshot(serve):
     """The server keeps answering: a later good snapshot is reported in full."""
     calls = iter([RuntimeError("once"), None])
 
-    def flaky() -> dict[str, Any]:
+    def flaky() -> SupervisorSnapshot:
         failure = next(calls, None)
         if failure is not None:
             raise failure
@@ -305,8 +311,9 @@ def test_labels_are_redacted(serve):
 
 def test_duplicate_tunnel_labels_are_reported_once():
     """Two masters with one label yield one series each, keeping the scrape valid."""
-    snap = make_snapshot()
-    snap["masters"].append(snap["masters"][0])
+    raw = snapshot_json()
+    raw["masters"].append(raw["masters"][0])
+    snap = SupervisorSnapshot.from_dict(raw)
     families = {f.name: f for f in SnapshotCollector(lambda: snap).collect()}
     assert len(families["wqsupervisor_tunnel_up"].samples) == 1
     assert families["wqsupervisor_masters"].samples[0].value == 2

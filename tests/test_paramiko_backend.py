@@ -52,14 +52,14 @@ def test_tasks_run_on_workers_that_only_know_the_remote_port(head, master, remot
     """With backend='paramiko', workers given only the head's forwarded port run every task once."""
     with supervise(master, paramiko_settings(head, remote_port), on_event=recorder) as sup:
         assert sup.wait_until_up(20)
-        snap = sup.snapshot()["masters"][0]["tunnel"]
-        assert snap["ssh_pid"] is None, "no ssh process: the session lives in the agent"
-        assert snap["remote_pid"] in head.sessions(), "the session's sshd on the head is known"
+        snap = sup.snapshot().masters[0].tunnel
+        assert snap.ssh_pid is None, "no ssh process: the session lives in the agent"
+        assert snap.remote_pid in head.sessions(), "the session's sshd on the head is known"
         assert not processes_matching(f"{remote_port}:localhost:{master.port}"), "an ssh client was started"
         workers(remote_port, n=2)
         assert_exactly_once(run_tasks(master, 30), 30)
         wait_for(
-            lambda: sup.snapshot()["masters"][0]["tunnel"]["rtt_ms"] is not None,
+            lambda: sup.snapshot().masters[0].tunnel.rtt_ms is not None,
             10,
             "a ping through the session",
         )

@@ -67,7 +67,7 @@ _PASSWORD_MASTER = textwrap.dedent(
         t = q.wait(1)
         if t:
             done.append(t.output.strip())
-    print(json.dumps({"done": sorted(done), "snapshot": sup.snapshot()}), flush=True)
+    print(json.dumps({"done": sorted(done), "snapshot": sup.snapshot().to_dict()}), flush=True)
     sup.close()
     """
 )

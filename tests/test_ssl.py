@@ -41,7 +41,7 @@ _APP = textwrap.dedent(
         t = q.wait(1)
         if t:
             out.append(t.output.strip())
-    print(json.dumps({"out": sorted(out), "tunnel": sup.snapshot()["masters"][0]["tunnel"]}), flush=True)
+    print(json.dumps({"out": sorted(out), "tunnel": sup.snapshot().masters[0].tunnel.to_dict()}), flush=True)
     sup.close()
     """
 )

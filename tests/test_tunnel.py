@@ -48,10 +48,10 @@ def test_tasks_run_on_workers_that_only_know_the_remote_port(head, master, remot
                 outputs.append(done.output.strip())
         assert outputs == ["warm"]
         recorder.wait(WorkersJoined, 1)
-        snap = sup.snapshot()["masters"][0]
-        assert snap["tunnel"]["state"] == "up"
-        assert snap["tunnel"]["verified_by"] in ("status", "connect")
-        assert snap["workers"]["peak"] >= 1
+        snap = sup.snapshot().masters[0]
+        assert snap.tunnel.state.value == "up"
+        assert snap.tunnel.verified_by in ("status", "connect")
+        assert snap.workers.peak >= 1
     assert not listening(remote_port), "the remote port outlived close()"
 
 
@@ -74,7 +74,7 @@ def test_closing_the_tunnel_cuts_the_workers_off(head, master, remote_port, work
 
 
 def _ssh_pid(sup) -> int:
-    return sup.snapshot()["masters"][0]["tunnel"]["ssh_pid"]
+    return sup.snapshot().masters[0].tunnel.ssh_pid
 
 
 def test_ssh_client_sigkilled_mid_run(head, master, remote_port, workers, recorder):
@@ -215,8 +215,8 @@ _APP = textwrap.dedent(
     sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port, allow_no_password=True),
                     log_events=False)
     assert sup.wait_until_up(20)
-    snap = sup.snapshot()["masters"][0]["tunnel"]
-    print(sup._agent.pid, snap["ssh_pid"], flush=True)
+    snap = sup.snapshot().masters[0].tunnel
+    print(sup._agent.pid, snap.ssh_pid, flush=True)
     time.sleep(600)
     """
 )

@@ -25,6 +25,7 @@ from wqsupervisor.engine import Engine, Supervised
 from wqsupervisor.events import TunnelDown, TunnelFailed, TunnelUp, WorkersJoined
 from wqsupervisor.logs import register_secret
 from wqsupervisor.master import MasterInfo, MasterStats
+from wqsupervisor.protocol import SupervisorSnapshot
 from wqsupervisor.tunnel import Tunnel
 from wqsupervisor.view import LiveView, render, should_use_live_view
 from wqsupervisor.watch import WorkerWatch
@@ -59,7 +60,7 @@ def make_snapshot(
     jobs: dict[str, Any] | None = None,
     events: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One attached master in the shape Engine.snapshot() returns."""
+    """One attached master, as the engine sends Engine.snapshot() in JSON."""
     master: dict[str, Any] = {
         "id": "m1",
         "master": {"port": 9123, "name": "demo", "pid": 4242},
@@ -101,8 +102,15 @@ def make_snapshot(
     }
 
 
-def text_of(snapshot: dict[str, Any], now: float = NOW) -> str:
+def typed(snapshot: dict[str, Any]) -> SupervisorSnapshot:
+    """The snapshot a handle reads from the engine's JSON."""
+    return SupervisorSnapshot.from_dict(snapshot)
+
+
+def text_of(snapshot: SupervisorSnapshot | dict[str, Any], now: float = NOW) -> str:
     """render() of ``snapshot`` as plain text, 100 columns wide."""
+    if isinstance(snapshot, dict):
+        snapshot = typed(snapshot)
     console = Console(record=True, width=100, file=io.StringIO())
     console.print(render(snapshot, now=now))
     return console.export_text()
@@ -113,7 +121,7 @@ def clock_of(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch).strftime("%H:%M:%S")
 
 
-def engine_snapshot(tmp_path: Path) -> dict[str, Any]:
+def engine_snapshot(tmp_path: Path) -> SupervisorSnapshot:
     """A snapshot from a real Engine holding one real, never started, Tunnel."""
     clock = SystemClock()
     engine = Engine(clock=clock, rundir=str(tmp_path))
@@ -140,7 +148,7 @@ def engine_snapshot(tmp_path: Path) -> dict[str, Any]:
         ),
         stats_at=clock.monotonic(),
     )
-    engine.recent.append(TunnelUp(at=clock.wall(), source=tunnel.label, remote_port=9001).to_dict())
+    engine.recent.append(TunnelUp(at=clock.wall(), source=tunnel.label, remote_port=9001))
     return engine.snapshot()
 
 
@@ -171,8 +179,8 @@ def test_render_a_real_engine_snapshot(tmp_path):
 def test_render_colors_the_state():
     """Each state is drawn in its own style: green when up, red when failed."""
     console = Console(record=True, width=100, file=io.StringIO(), color_system="truecolor")
-    console.print(render(make_snapshot(state="up"), now=NOW))
-    console.print(render(make_snapshot(state="failed"), now=NOW))
+    console.print(render(typed(make_snapshot(state="up")), now=NOW))
+    console.print(render(typed(make_snapshot(state="failed")), now=NOW))
     html = console.export_html(inline_styles=True)
     assert "color: #008000" in html  # green
     assert "background-color: #800000" in html  # white on red
@@ -268,12 +276,12 @@ def test_live_view_refreshes_in_the_background_and_stops_cleanly():
     calls = 0
     enough = threading.Event()
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> SupervisorSnapshot:
         nonlocal calls
         calls += 1
         if calls >= 4:
             enough.set()
-        return make_snapshot(done=calls, submitted=100)
+        return typed(make_snapshot(done=calls, submitted=100))
 
     out = io.StringIO()
     with LiveView(snapshot, console=Console(file=out, width=100), refresh=0.01) as view:
@@ -290,10 +298,10 @@ def test_live_view_shows_a_failing_snapshot_instead_of_raising():
     """A raising snapshot_fn is shown in the view over the last good snapshot; the caller never sees it."""
     fail = threading.Event()
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> SupervisorSnapshot:
         if fail.is_set():
             raise RuntimeError("engine loop is stuck")
-        return make_snapshot()
+        return typed(make_snapshot())
 
     console = Console(record=True, width=100, file=io.StringIO())
     view = LiveView(snapshot, console=console, refresh=0.01)
@@ -313,7 +321,7 @@ def test_live_view_shows_a_failing_snapshot_instead_of_raising():
 def test_live_view_without_any_snapshot():
     """A snapshot_fn that always fails still starts and stops, and says there is no snapshot yet."""
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> SupervisorSnapshot:
         raise OSError("no engine")
 
     console = Console(record=True, width=100, file=io.StringIO())
@@ -327,18 +335,19 @@ def test_live_view_without_any_snapshot():
 def test_live_view_rejects_a_nonpositive_refresh():
     """refresh must be a positive number of seconds."""
     with pytest.raises(ValueError, match="refresh"):
-        LiveView(make_snapshot, refresh=0)
+        LiveView(lambda: typed(make_snapshot()), refresh=0)
 
 
 _SCRIPT = """\
 import json, os, sys, threading, time
+from wqsupervisor.protocol import SupervisorSnapshot
 from wqsupervisor.view import LiveView, should_use_live_view
 
 snap_path, stop_path = sys.argv[1], sys.argv[2]
 
 def snapshot():
     with open(snap_path) as fh:
-        return json.load(fh)
+        return SupervisorSnapshot.from_json(fh.read())
 
 print("live view wanted:", should_use_live_view(sys.stdout), flush=True)
 with LiveView(snapshot, refresh=0.1):

@@ -38,6 +38,14 @@ from .events import (
 from .forward import ForwardCheck
 from .lifecycle import TunnelState
 from .master import Master, MasterIdentity, MasterInfo, MasterStats
+from .protocol import (
+    JobsSnapshot,
+    MasterSnapshot,
+    SupervisorSnapshot,
+    TasksSnapshot,
+    TunnelSnapshot,
+    WorkersSnapshot,
+)
 from .server import Task, TaskResult, WorkQueueServer
 from .supervisor import Supervisor, supervise
 from .watch import WorkerWatch
@@ -55,11 +63,13 @@ __all__ = [
     "JobStateChanged",
     "JobSubmitFailed",
     "JobsCancelled",
+    "JobsSnapshot",
     "JobsSubmitted",
     "Master",
     "MasterError",
     "MasterIdentity",
     "MasterInfo",
+    "MasterSnapshot",
     "MasterStats",
     "MasterUnreachable",
     "ProtocolError",
@@ -69,14 +79,17 @@ __all__ = [
     "Settings",
     "StalePortReclaimed",
     "Supervisor",
+    "SupervisorSnapshot",
     "Task",
     "TaskResult",
+    "TasksSnapshot",
     "TunnelClosed",
     "TunnelDown",
     "TunnelError",
     "TunnelFailed",
     "TunnelRestarting",
     "TunnelResumed",
+    "TunnelSnapshot",
     "TunnelStalled",
     "TunnelStarting",
     "TunnelState",
@@ -88,6 +101,7 @@ __all__ = [
     "WorkerWatch",
     "WorkersJoined",
     "WorkersLost",
+    "WorkersSnapshot",
     "__version__",
     "supervise",
 ]

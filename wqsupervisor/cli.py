@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .config import parse_ssh_option, resolve, setting_fields
 from .errors import WQSupervisorError
 from .logs import configure_cli_logging
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.args = script_args
     try:
         if ns.command == "run":
-            from .runner import run_script
+            from .runapp import run_script
 
             settings = resolve(_settings_flags(ns), ns.config)
             configure_cli_logging(settings.log_format)

@@ -21,6 +21,11 @@ from .target import SshTarget
 
 ENV_PREFIX = "WQSUPERVISOR_"
 
+# The worker systems ``workers=`` accepts. The registry that imports their
+# classes is ``wqsupervisor.batch.SYSTEMS``; the names are kept here so that
+# validating settings loads no batch code (a test keeps the two in step).
+WORKER_SYSTEMS = ("local", "ssh", "slurm", "condor", "pbs", "torque", "sge", "factory")
+
 
 def _setting(default: Any, help: str, *, metavar: str | None = None, cli: bool = True) -> Any:
     return field(default=default, metadata={"help": help, "metavar": metavar, "cli": cli})
@@ -252,11 +257,8 @@ def _validate(s: Settings) -> None:
         )
     if s.start_attempts < 0:
         raise ConfigError("start_attempts must be 0 (no bound) or more")
-    if s.workers is not None:
-        from .batch import SYSTEMS
-
-        if s.workers not in SYSTEMS:
-            raise ConfigError(f"unknown worker system {s.workers!r}", f"use one of: {', '.join(SYSTEMS)}")
+    if s.workers is not None and s.workers not in WORKER_SYSTEMS:
+        raise ConfigError(f"unknown worker system {s.workers!r}", f"use one of: {', '.join(WORKER_SYSTEMS)}")
     try:
         s.scaling  # noqa: B018 - validates the limits
     except ValueError as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .events import Event, TunnelDown, TunnelUp, WorkerCountChanged
 from .process import terminate
+from .protocol import SupervisorSnapshot
 from .sandbox import HeadNode, start_worker
 from .server import Task, WorkQueueServer, free_port
 from .supervisor import supervise
@@ -94,10 +95,9 @@ def run_demo(tasks: int = 200, workers: int = 2, cuts: int = 1) -> int:
     return _report(tasks, workers, results, cut_log, timeline, time.monotonic() - started)
 
 
-def _cut(k: int, snapshot: dict[str, object], head: HeadNode) -> str:
-    masters = snapshot["masters"]
-    assert isinstance(masters, list)
-    pid = masters[0]["tunnel"]["ssh_pid"]
+def _cut(k: int, snapshot: SupervisorSnapshot, head: HeadNode) -> str:
+    pid = snapshot.masters[0].tunnel.ssh_pid
+    assert pid is not None
     if k % 2 == 0:
         os.kill(pid, signal.SIGKILL)
         return f"ssh client (pid {pid}) SIGKILLed"

@@ -7,13 +7,9 @@ the ``python -m wqsupervisor run`` parent, on one asyncio loop. For every
 attached master it runs a :class:`~wqsupervisor.tunnel.Tunnel` and a stats
 sampler that asks the master's own port for ``queue_status``.
 
-Handles talk to it over a unix socket, one JSON object per line::
-
-    -> {"op": "attach", "master": {...}, "settings": {...}}
-    <- {"reply": "attach", "id": "m1"}
-    <- {"type": "event", "data": {...}, "state": "up"}
-    -> {"op": "snapshot"}      <- {"reply": "snapshot", "data": {...}}
-    -> {"op": "detach", "id": "m1"}
+Handles talk to it over a unix socket in the control protocol of
+:mod:`wqsupervisor.protocol`; the engine answers each request and pushes
+every event to every handle.
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -34,12 +29,34 @@ from ._version import __version__
 from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import WQSupervisorError
-from .events import Event, JobSubmitFailed, MasterUnreachable, TunnelDown, event_from_dict
+from .events import Event, JobSubmitFailed, MasterUnreachable, TunnelDown
 from .jobs import FactoryTracker, JobTracker, build_tracker
 from .lifecycle import TunnelState
-from .logs import redact
 from .master import MasterInfo, MasterStats
 from .passwords import read_password
+from .protocol import (
+    Ack,
+    Adapt,
+    Attach,
+    Attached,
+    Detach,
+    ErrorReply,
+    EventMessage,
+    GetSnapshot,
+    JobsSnapshot,
+    MasterSnapshot,
+    MasterSummary,
+    Ping,
+    Reply,
+    ReportStats,
+    SnapshotReply,
+    SupervisorSnapshot,
+    TasksSnapshot,
+    TunnelSnapshot,
+    WorkersSnapshot,
+    decode_request,
+    encode,
+)
 from .tunnel import Tunnel
 from .watch import WorkerWatch
 from .wqproto import Credentials, request_status, tls_context
@@ -63,33 +80,30 @@ class Supervised:
     master_gone: bool = False
     jobs: JobTracker | FactoryTracker | None = None
 
-    def snapshot(self, clock: Clock) -> dict[str, Any]:
+    def snapshot(self, clock: Clock) -> MasterSnapshot:
+        """This master's part of the engine's snapshot."""
         st = self.stats or MasterStats()
-        return {
-            "id": self.id,
-            "master": {
-                "port": self.master.port,
-                "name": self.master.name,
-                "pid": self.master.pid,
-                "reply_timeout": self.master.reply_timeout,
-            },
-            "tunnel": self.tunnel.snapshot(),
-            "workers": {
-                "connected": st.workers_connected,
-                "idle": st.workers_idle,
-                "busy": st.workers_busy,
-                "peak": self.watch.peak,
-            },
-            "tasks": {
-                "waiting": st.tasks_waiting,
-                "running": st.tasks_running,
-                "on_workers": st.tasks_on_workers,
-                "done": st.tasks_done,
-                "submitted": st.tasks_submitted,
-            },
-            "stats_age": round(clock.monotonic() - self.stats_at, 2) if self.stats_at else None,
-            **({"jobs": self.jobs.snapshot()} if self.jobs is not None else {}),
-        }
+        return MasterSnapshot(
+            id=self.id,
+            master=MasterSummary.of(self.master),
+            # Tunnel and trackers still describe themselves as mappings; read them here, once.
+            tunnel=TunnelSnapshot.from_dict(self.tunnel.snapshot()),
+            workers=WorkersSnapshot(
+                connected=st.workers_connected,
+                idle=st.workers_idle,
+                busy=st.workers_busy,
+                peak=self.watch.peak,
+            ),
+            tasks=TasksSnapshot(
+                waiting=st.tasks_waiting,
+                running=st.tasks_running,
+                on_workers=st.tasks_on_workers,
+                done=st.tasks_done,
+                submitted=st.tasks_submitted,
+            ),
+            stats_age=round(clock.monotonic() - self.stats_at, 2) if self.stats_at else None,
+            jobs=JobsSnapshot.from_dict(self.jobs.snapshot()) if self.jobs is not None else None,
+        )
 
 
 class Engine:
@@ -102,8 +116,8 @@ class Engine:
         os.chmod(self.rundir, 0o700)
         self._ids = itertools.count(1)
         self.masters: dict[str, Supervised] = {}
-        self.finished: list[dict[str, Any]] = []
-        self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT_EVENTS)
+        self.finished: list[MasterSnapshot] = []
+        self.recent: deque[Event] = deque(maxlen=_RECENT_EVENTS)
         self._sinks: list[Callable[[Event, str], None]] = []
         self._servers: list[tuple[asyncio.AbstractServer, str]] = []
         self.started = self.clock.wall()
@@ -122,7 +136,7 @@ class Engine:
             if sup is not None and isinstance(event, TunnelDown):
                 sup.watch.note_tunnel_down(self.clock.monotonic())
             state = sup.tunnel.state.value if sup is not None else "closed"
-            self.recent.append(redact(event.to_dict()))
+            self.recent.append(event)
             for sink in list(self._sinks):
                 sink(event, state)
 
@@ -288,16 +302,16 @@ class Engine:
         for event in sup.watch.observe(stats, self.clock.monotonic(), self.clock.wall()):
             emit(event)
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything the status command shows."""
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "started": self.started,
-            "masters": [sup.snapshot(self.clock) for sup in self.masters.values()],
-            "finished": self.finished[-10:],
-            "events": list(self.recent)[-20:],
-        }
+    def snapshot(self) -> SupervisorSnapshot:
+        """Everything the status command shows (secrets included: redact before showing)."""
+        return SupervisorSnapshot(
+            version=__version__,
+            pid=os.getpid(),
+            started=self.started,
+            masters=tuple(sup.snapshot(self.clock) for sup in self.masters.values()),
+            finished=tuple(self.finished[-10:]),
+            events=tuple(self.recent)[-20:],
+        )
 
     # -- the control protocol ------------------------------------------------------
 
@@ -325,21 +339,16 @@ class Engine:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         owner = object()
-        out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        out: asyncio.Queue[Reply | EventMessage | None] = asyncio.Queue()
 
         def sink(event: Event, state: str) -> None:
-            out.put_nowait({"type": "event", "data": redact(event.to_dict()), "state": state})
+            out.put_nowait(EventMessage(event, TunnelState(state)))
 
         remove = self.add_sink(sink)
         sender = asyncio.create_task(_send_lines(writer, out))
         try:
             while line := await reader.readline():
-                try:
-                    request = json.loads(line)
-                except ValueError:
-                    out.put_nowait({"reply": "error", "error": "not JSON"})
-                    continue
-                out.put_nowait(await self._handle(request, owner))
+                out.put_nowait(await self._handle(line, owner))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -351,57 +360,42 @@ class Engine:
                 await sender
             writer.close()
 
-    async def _handle(self, request: dict[str, Any], owner: object) -> dict[str, Any]:
-        op = request.get("op")
+    async def _handle(self, line: bytes, owner: object) -> Reply:
         try:
-            if op == "attach":
-                from .config import settings_from_kwargs
-
-                settings = settings_from_kwargs(request.get("settings", {}))
-                sup = self.attach(MasterInfo.from_dict(request["master"]), settings, owner)
-                return {"reply": "attach", "id": sup.id, "remote_port": sup.tunnel.remote_port}
-            if op == "detach":
-                await self.detach(str(request.get("id")))
-                return {"reply": "detach"}
-            if op == "snapshot":
-                return {"reply": "snapshot", "data": self.snapshot()}
-            if op == "stats":
-                sup = self.masters[str(request["id"])]
-                self._observe(sup, MasterStats.from_any(request["stats"]), self._emit_for(sup.id))
-                return {"reply": "stats"}
-            if op == "adapt":
-                sup = self.masters[str(request["id"])]
+            request = decode_request(line)
+            if isinstance(request, Attach):
+                sup = self.attach(request.master, request.settings, owner)
+                return Attached(id=sup.id, remote_port=sup.tunnel.remote_port)
+            if isinstance(request, Detach):
+                await self.detach(request.id)
+                return Ack(request.op)
+            if isinstance(request, GetSnapshot):
+                return SnapshotReply(self.snapshot())
+            if isinstance(request, ReportStats):
+                sup = self.masters[request.id]
+                self._observe(sup, request.stats, self._emit_for(sup.id))
+                return Ack(request.op)
+            if isinstance(request, Adapt):
+                sup = self.masters[request.id]
                 if sup.jobs is None:
-                    return {
-                        "reply": "error",
-                        "error": "this supervisor starts no workers",
-                        "hint": "pass workers='slurm' (or another system) when attaching",
-                    }
-                sup.jobs.adapt(request.get("minimum"), request.get("maximum"))
-                return {"reply": "adapt"}
-            if op == "ping":
-                return {"reply": "ping"}
+                    return ErrorReply(
+                        "this supervisor starts no workers",
+                        "pass workers='slurm' (or another system) when attaching",
+                    )
+                sup.jobs.adapt(request.minimum, request.maximum)
+                return Ack(request.op)
+            assert isinstance(request, Ping)
+            return Ack(request.op)
         except WQSupervisorError as exc:
-            return {"reply": "error", "error": exc.message, "hint": exc.hint}
+            return ErrorReply.of(exc)
         except (KeyError, TypeError, ValueError) as exc:
-            return {"reply": "error", "error": f"bad request: {exc}"}
-        return {"reply": "error", "error": f"unknown op {op!r}"}
+            return ErrorReply(f"bad request: {exc}")
 
 
-async def _send_lines(writer: asyncio.StreamWriter, out: asyncio.Queue[dict[str, Any] | None]) -> None:
+async def _send_lines(writer: asyncio.StreamWriter, out: asyncio.Queue[Reply | EventMessage | None]) -> None:
     while (item := await out.get()) is not None:
-        writer.write(json.dumps(item).encode() + b"\n")
+        writer.write(encode(item))
         try:
             await writer.drain()
         except ConnectionError:
             return
-
-
-def decode_event(message: dict[str, Any]) -> tuple[Event, TunnelState] | None:
-    """Read an event line sent by :meth:`Engine._client`."""
-    if message.get("type") != "event":
-        return None
-    try:
-        return event_from_dict(message["data"]), TunnelState(message.get("state", "new"))
-    except (KeyError, ValueError, TypeError):
-        return None

@@ -45,6 +45,7 @@ from typing import Any
 
 from .errors import WQSupervisorError
 from .process import owned_argv, pid_alive, terminate
+from .protocol import SupervisorSnapshot
 from .sandbox import HeadNode
 
 CAMPUS, HEAD, NODE = "campus", "head", "node"
@@ -722,15 +723,14 @@ class CampusApp:
         found: float = self.wait_for(seen, timeout, f"{n} connected workers")
         return found
 
-    def snapshot(self, timeout: float = 30.0) -> dict[str, Any]:
+    def snapshot(self, timeout: float = 30.0) -> SupervisorSnapshot:
         """The supervisor's snapshot, as the application's handle sees it."""
         with self._cond:
             count = len(self._replies)
         self.send("snapshot")
         self.wait_for(lambda: len(self._replies) > count, timeout, "a snapshot")
         with self._cond:
-            data: dict[str, Any] = self._replies[count]["data"]
-        return data
+            return SupervisorSnapshot.from_dict(self._replies[count]["data"])
 
     def close(self) -> None:
         """Ask the application to close its supervisor and exit; kill it if it does not."""
@@ -963,7 +963,7 @@ def _app(argv: list[str]) -> int:
                     time.sleep(float(line[1]))
                     say("idle")
                 elif line[0] == "snapshot" and sup is not None:
-                    say("snapshot", data=sup.snapshot())
+                    say("snapshot", data=sup.snapshot().to_dict())
         if outstanding:
             result = q.wait(1)
             if result is not None:

@@ -4,7 +4,9 @@ The library never configures structlog. When the application has configured
 it, events go through the application's pipeline; when it has not, they go to
 a private logger on stderr (never stdout, which belongs to the application).
 Only :func:`configure_cli_logging` touches the global configuration, and only
-the command line calls it.
+the command line calls it. structlog itself is imported on the first log line:
+importing it loads asyncio and, where installed, rich, which ``import
+wqsupervisor`` must not pay for.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import sys
 import threading
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
-
-import structlog
 
 REDACTED = "[REDACTED]"
 
@@ -88,6 +88,8 @@ def redact_processor(
 
 @functools.cache
 def _fallback_logger() -> Any:
+    import structlog
+
     return structlog.wrap_logger(
         structlog.PrintLogger(sys.stderr),
         processors=[
@@ -122,6 +124,8 @@ class _Redacting:
 
 def get_logger() -> Any:
     """The application's structlog logger if it configured structlog, else a private one; redacting."""
+    import structlog
+
     if structlog.is_configured():
         return _Redacting(structlog.get_logger("wqsupervisor"))
     return _Redacting(_fallback_logger())
@@ -129,6 +133,8 @@ def get_logger() -> Any:
 
 def configure_cli_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog for the command line: readable lines or JSON lines on ``stream``."""
+    import structlog
+
     out = stream if stream is not None else sys.stderr
     renderer: Any
     if fmt == "json":

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .lifecycle import TunnelState
-from .logs import get_logger, redact, redact_text
+from .logs import get_logger, redact_text
+from .protocol import JOB_STATES, SupervisorSnapshot
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -44,11 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["MetricsServer", "SnapshotCollector"]
 
-# Tunnel.snapshot() reports only the most recent recoveries.
+# A tunnel's snapshot holds only its most recent recoveries.
 _RECOVERY_WINDOW = 20
 _WORKER_STATES = ("connected", "idle", "busy")
 _TASK_STATES = ("waiting", "running", "done", "submitted")
-_JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
 
 
 def _require_prometheus() -> None:
@@ -78,7 +78,7 @@ def new_recoveries(seen: list[float], window: list[float]) -> list[float]:
 class SnapshotCollector:
     """A prometheus_client collector that turns ``snapshot_fn()`` into series at every scrape."""
 
-    def __init__(self, snapshot_fn: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, snapshot_fn: Callable[[], SupervisorSnapshot]) -> None:
         self._snapshot_fn = snapshot_fn
         # Per tunnel: the last window seen, and the running count and sum of recoveries.
         self._recoveries: dict[str, tuple[list[float], int, float]] = {}
@@ -92,7 +92,7 @@ class SnapshotCollector:
             "wqsupervisor_snapshot_error", "1 when this scrape could not read the engine's snapshot"
         )
         try:
-            snap = redact(self._snapshot_fn())
+            snap = self._snapshot_fn().redacted()
         except Exception as exc:
             get_logger().warning("metrics.snapshot_failed", error=redact_text(f"{type(exc).__name__}: {exc}"))
             error.add_metric([], 1)
@@ -104,10 +104,10 @@ class SnapshotCollector:
             families = list(self._families(snap))
         yield from families
 
-    def _families(self, snap: Mapping[str, Any]) -> Iterator[Metric]:
+    def _families(self, snap: SupervisorSnapshot) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-        masters = [m for m in snap.get("masters") or [] if isinstance(m, Mapping)]
+        masters = snap.masters
         count = GaugeMetricFamily("wqsupervisor_masters", "Masters attached to the engine")
         count.add_metric([], len(masters))
         yield count
@@ -150,40 +150,33 @@ class SnapshotCollector:
         any_jobs = False
         seen: set[str] = set()
         for entry in masters:
-            tunnel = _map(entry.get("tunnel"))
-            label = redact_text(
-                str(tunnel.get("label") or f"{tunnel.get('via')}:{tunnel.get('remote_port')}")
-            )
+            tunnel = entry.tunnel
+            label = redact_text(tunnel.label or f"{tunnel.via}:{tunnel.remote_port}")
             if label in seen:  # a repeated series would make the whole scrape invalid
                 continue
             seen.add(label)
-            current = str(tunnel.get("state", ""))
-            up.add_metric([label], 1 if current == TunnelState.UP.value else 0)
+            up.add_metric([label], 1 if tunnel.state is TunnelState.UP else 0)
             for each in TunnelState:
-                state.add_metric([label, each.value], 1 if current == each.value else 0)
-            restarts.add_metric([label], _number(tunnel.get("restarts")) or 0)
-            stalls.add_metric([label], _number(tunnel.get("stalls")) or 0)
-            reclaims.add_metric([label], _number(tunnel.get("reclaims")) or 0)
-            rtt_ms = _number(tunnel.get("rtt_ms"))
-            if rtt_ms is not None:
-                rtt.add_metric([label], rtt_ms / 1000)
-            window = [v for v in (_number(r) for r in tunnel.get("recoveries") or []) if v is not None]
+                state.add_metric([label, each.value], 1 if tunnel.state is each else 0)
+            restarts.add_metric([label], tunnel.restarts)
+            stalls.add_metric([label], tunnel.stalls)
+            reclaims.add_metric([label], tunnel.reclaims)
+            if tunnel.rtt_ms is not None:
+                rtt.add_metric([label], tunnel.rtt_ms / 1000)
+            window = list(tunnel.recoveries)
             if window:
                 last_recovery.add_metric([label], window[-1])
             n, total = self._count_recoveries(label, window)
             recovery.add_metric([label], count_value=n, sum_value=total)
-            for family, values, names in (
-                (workers, _map(entry.get("workers")), _WORKER_STATES),
-                (tasks, _map(entry.get("tasks")), _TASK_STATES),
-            ):
-                for name in names:
-                    family.add_metric([label, name], _number(values.get(name)) or 0)
-            job_counts = entry.get("jobs")
-            if isinstance(job_counts, Mapping):
+            for name in _WORKER_STATES:
+                workers.add_metric([label, name], getattr(entry.workers, name))
+            for name in _TASK_STATES:
+                tasks.add_metric([label, name], getattr(entry.tasks, name))
+            if entry.jobs is not None:
                 any_jobs = True
-                # Only the states: the engine's jobs dict also carries settings and paths.
-                for name in _JOB_STATES:
-                    jobs.add_metric([label, name], _number(job_counts.get(name)) or 0)
+                # Only the states: the jobs snapshot also carries settings and paths.
+                for name in JOB_STATES:
+                    jobs.add_metric([label, name], entry.jobs.count(name))
         for gone in set(self._recoveries) - seen:
             del self._recoveries[gone]
         yield from (up, state, restarts, stalls, reclaims, rtt, last_recovery, recovery, workers, tasks)
@@ -206,7 +199,7 @@ class MetricsServer:
     """
 
     def __init__(
-        self, snapshot_fn: Callable[[], Mapping[str, Any]], host: str = "127.0.0.1", port: int = 0
+        self, snapshot_fn: Callable[[], SupervisorSnapshot], host: str = "127.0.0.1", port: int = 0
     ) -> None:
         _require_prometheus()
         from prometheus_client import CollectorRegistry
@@ -278,13 +271,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _map(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)

@@ -13,12 +13,11 @@ import contextlib
 import itertools
 import json
 import os
-import socket
 import time
 from pathlib import Path
-from typing import Any
 
-from .logs import redact
+from .errors import WQSupervisorError
+from .protocol import JOB_STATES, EngineClient, SupervisorSnapshot
 
 _DIR_MODE = 0o700
 
@@ -44,34 +43,20 @@ def new_socket_path() -> Path:
     return status_dir() / f"{os.getpid()}-{next(_engines)}.sock"
 
 
-def ask(path: Path, timeout: float = 5.0) -> dict[str, Any]:
+def ask(path: Path, timeout: float = 5.0) -> SupervisorSnapshot:
     """One snapshot from the engine listening on ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(b'{"op": "snapshot"}\n')
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    for line in buf.splitlines():
-        reply = json.loads(line)
-        if reply.get("reply") == "snapshot":
-            data: dict[str, Any] = reply["data"]
-            return data
-    raise OSError("no snapshot in the reply")
+    with EngineClient.connect(str(path), timeout=timeout) as client:
+        return client.snapshot()
 
 
-def collect(pid: int | None = None) -> list[dict[str, Any]]:
+def collect(pid: int | None = None) -> list[SupervisorSnapshot]:
     """Snapshots of every running supervisor of this user (or of ``pid``); stale sockets are removed."""
     pattern = f"{pid}-*.sock" if pid else "*.sock"
     found = []
     for path in sorted(status_dir().glob(pattern)):
         try:
-            found.append(redact(ask(path)))
-        except (OSError, ValueError):
+            found.append(ask(path).redacted())
+        except (OSError, WQSupervisorError):
             owner = path.stem.split("-")[0]
             if owner.isdigit() and not Path(f"/proc/{owner}").exists():
                 with contextlib.suppress(OSError):
@@ -90,7 +75,7 @@ def _ago(at: float | None, now: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def format_text(snapshots: list[dict[str, Any]], now: float | None = None) -> str:
+def format_text(snapshots: list[SupervisorSnapshot], now: float | None = None) -> str:
     """A human-readable report of the snapshots."""
     now = time.time() if now is None else now
     if not snapshots:
@@ -98,44 +83,37 @@ def format_text(snapshots: list[dict[str, Any]], now: float | None = None) -> st
     lines: list[str] = []
     for snap in snapshots:
         lines.append(
-            f"supervisor pid {snap.get('pid')} (wqsupervisor {snap.get('version')}), "
-            f"started {_ago(snap.get('started'), now)}"
+            f"supervisor pid {snap.pid} (wqsupervisor {snap.version}), started {_ago(snap.started, now)}"
         )
-        for entry in snap.get("masters", []):
-            t, w, k = entry["tunnel"], entry["workers"], entry["tasks"]
-            master = entry["master"]
-            waits = master.get("reply_timeout")
+        for entry in snap.masters:
+            t, w, k, master = entry.tunnel, entry.workers, entry.tasks, entry.master
+            waits = master.reply_timeout
             lines.append(
-                f"  master port {master.get('port')}"
-                + (f" ({master['name']})" if master.get("name") else "")
+                f"  master port {master.port}"
+                + (f" ({master.name})" if master.name else "")
                 + (f", waits {waits} s for a worker's reply" if waits else "")
             )
-            rtt = f", rtt {t['rtt_ms']} ms" if t.get("rtt_ms") is not None else ""
+            rtt = f", rtt {t.rtt_ms} ms" if t.rtt_ms is not None else ""
             lines.append(
-                f"    tunnel {t['via']}:{t['remote_port']}  {t['state'].upper()} since "
-                f"{_ago(t.get('since'), now)}; restarts {t['restarts']}, stalls {t.get('stalls', 0)}"
-                f"{rtt}; socket {t.get('socket')}, rto capped {t.get('rto_capped')}"
+                f"    tunnel {t.via}:{t.remote_port}  {t.state.value.upper()} since "
+                f"{_ago(t.since, now)}; restarts {t.restarts}, stalls {t.stalls}"
+                f"{rtt}; socket {t.socket}, rto capped {t.rto_capped}"
             )
-            if t.get("last_error"):
-                lines.append(f"      last error: {t['last_error']}")
-            lines.append(
-                f"    workers connected {w['connected']} (idle {w['idle']}, busy {w['busy']}, "
-                f"peak {w['peak']})"
-            )
-            lines.append(f"    tasks waiting {k['waiting']}, running {k['running']}, done {k['done']}")
-            jobs = entry.get("jobs")
-            if jobs:
-                states = ", ".join(
-                    f"{s} {jobs.get(s, 0)}" for s in ("pending", "running", "done", "failed", "cancelled")
-                )
-                lines.append(f"    jobs ({jobs.get('system')}): {states}")
-        events = snap.get("events", [])[-8:]
+            if t.last_error:
+                lines.append(f"      last error: {t.last_error}")
+            lines.append(f"    workers connected {w.connected} (idle {w.idle}, busy {w.busy}, peak {w.peak})")
+            lines.append(f"    tasks waiting {k.waiting}, running {k.running}, done {k.done}")
+            jobs = entry.jobs
+            if jobs is not None:
+                states = ", ".join(f"{s} {jobs.count(s)}" for s in JOB_STATES)
+                lines.append(f"    jobs ({jobs.system}): {states}")
+        events = snap.events[-8:]
         if events:
             lines.append("  last events:")
             for e in events:
-                clock = time.strftime("%H:%M:%S", time.localtime(e.get("at", 0)))
-                extra = e.get("reason") or e.get("error") or e.get("why") or ""
-                lines.append(f"    {clock} {e.get('event')} {e.get('source', '')} {extra}".rstrip())
+                clock = time.strftime("%H:%M:%S", time.localtime(e.at))
+                extra = getattr(e, "reason", "") or getattr(e, "error", "") or getattr(e, "why", "") or ""
+                lines.append(f"    {clock} {e.name} {e.source} {extra}".rstrip())
     return "\n".join(lines)
 
 
@@ -143,7 +121,7 @@ def main(as_json: bool = False, pid: int | None = None) -> int:
     """Print the status; returns 0 when a supervisor answered, 1 when none runs."""
     snapshots = collect(pid)
     if as_json:
-        print(json.dumps(snapshots, indent=2))
+        print(json.dumps([snap.to_dict() for snap in snapshots], indent=2))
     else:
         print(format_text(snapshots))
     return 0 if snapshots else 1

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -33,12 +31,12 @@ from typing import Any
 
 from . import passwords
 from .config import Settings, settings_from_kwargs
-from .engine import decode_event
 from .errors import WQSupervisorError
 from .events import Event, EventBus, TunnelFailed
 from .lifecycle import TunnelState
 from .master import MasterInfo, describe, read_stats, set_reply_timeout
 from .process import terminate
+from .protocol import EngineClient, SupervisorSnapshot
 
 ENGINE_ENV = "WQSUPERVISOR_ENGINE"
 _REPLY_TIMEOUT = 15.0
@@ -84,20 +82,19 @@ class Supervisor:
         self._state = TunnelState.NEW
         self._up = threading.Event()
         self._settled = threading.Event()
-        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._send_lock = threading.Lock()
         self._closed = False
         self._agent: subprocess.Popen[bytes] | None = None
         self.failure: str | None = None
         self.events: list[Event] = []
-        self._sock = self._connect(engine or os.environ.get(ENGINE_ENV))
-        self._reader = threading.Thread(target=self._read, name="wqsupervisor-events", daemon=True)
-        self._reader.start()
-        reply = self._request(
-            {"op": "attach", "master": self.info.to_dict(), "settings": self.settings.to_dict()}
+        self._client = EngineClient(
+            self._connect(engine or os.environ.get(ENGINE_ENV)),
+            on_event=self._on_event,
+            on_close=self._settled.set,
+            reply_timeout=_REPLY_TIMEOUT,
         )
-        self.id: str = reply["id"]
-        self.remote_port: int = int(reply.get("remote_port") or self.settings.remote_port or 0)
+        attached = self._client.attach(self.info, self.settings)
+        self.id: str = attached.id
+        self.remote_port: int = int(attached.remote_port or self.settings.remote_port or 0)
         _live.add(self)
 
     # -- connection to the engine ------------------------------------------------------
@@ -130,47 +127,19 @@ class Supervisor:
             theirs.close()
         return mine
 
-    def _read(self) -> None:
-        buf = self._sock.makefile("rb")
-        for line in buf:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if "reply" in message:
-                self._replies.put(message)
-                continue
-            decoded = decode_event(message)
-            if decoded is None:
-                continue
-            event, state = decoded
-            self._state = state
-            self.events.append(event)
-            if state is TunnelState.UP:
-                self._up.set()
-            else:
-                self._up.clear()
-            if isinstance(event, TunnelFailed):
-                self.failure = f"{event.error}; {event.hint}" if event.hint else event.error
-            if state in (TunnelState.UP, TunnelState.FAILED, TunnelState.CLOSED):
-                self._settled.set()
-            self.bus.emit(event)
-        self._settled.set()
-        self._replies.put({"reply": "error", "error": "the supervisor engine went away"})
-
-    def _request(self, message: dict[str, Any]) -> dict[str, Any]:
-        with self._send_lock:
-            try:
-                self._sock.sendall(json.dumps(message).encode() + b"\n")
-            except OSError as exc:
-                raise WQSupervisorError(f"the supervisor engine went away: {exc}") from None
-            try:
-                reply = self._replies.get(timeout=_REPLY_TIMEOUT)
-            except queue.Empty:
-                raise WQSupervisorError("the supervisor engine did not answer") from None
-        if reply.get("reply") == "error":
-            raise WQSupervisorError(str(reply.get("error")), reply.get("hint"))
-        return reply
+    def _on_event(self, event: Event, state: TunnelState) -> None:
+        """Follow the tunnel's state and relay the event (on the client's reader thread)."""
+        self._state = state
+        self.events.append(event)
+        if state is TunnelState.UP:
+            self._up.set()
+        else:
+            self._up.clear()
+        if isinstance(event, TunnelFailed):
+            self.failure = f"{event.error}; {event.hint}" if event.hint else event.error
+        if state in (TunnelState.UP, TunnelState.FAILED, TunnelState.CLOSED):
+            self._settled.set()
+        self.bus.emit(event)
 
     # -- what a user asks -------------------------------------------------------------
 
@@ -203,12 +172,11 @@ class Supervisor:
 
     def adapt(self, minimum: int | None = None, maximum: int | None = None) -> None:
         """Change how many workers the supervisor keeps (``workers=`` must be set)."""
-        self._request({"op": "adapt", "id": self.id, "minimum": minimum, "maximum": maximum})
+        self._client.adapt(self.id, minimum, maximum)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> SupervisorSnapshot:
         """The engine's view: tunnel, workers, tasks, recent events."""
-        data: dict[str, Any] = self._request({"op": "snapshot"})["data"]
-        return data
+        return self._client.snapshot()
 
     def close(self, timeout: float = 10.0) -> None:
         """Close the tunnel and reap every child. Safe to call twice."""
@@ -221,19 +189,15 @@ class Supervisor:
             # The last word on the counters, read in the thread that closes
             # (the one driving the master), for the summary.
             with contextlib.suppress(Exception):
-                stats = read_stats(master).to_dict()
-                self._request({"op": "stats", "id": self.id, "stats": stats})
+                self._client.report_stats(self.id, read_stats(master))
         with contextlib.suppress(WQSupervisorError):
-            self._request({"op": "detach", "id": self.id})
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
+            self._client.detach(self.id)
+        self._client.close(timeout)
         if self._agent is not None:
             try:
                 self._agent.wait(timeout)
             except subprocess.TimeoutExpired:
                 terminate(self._agent, grace=2)
-        self._reader.join(timeout)
 
     def __enter__(self) -> Supervisor:
         return self

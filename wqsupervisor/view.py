@@ -1,9 +1,9 @@
 """A live console view of the engine's snapshot, for ``python -m wqsupervisor run`` on a terminal.
 
-:func:`render` turns one :meth:`Engine.snapshot() <wqsupervisor.engine.Engine.snapshot>`
+:func:`render` turns one :class:`~wqsupervisor.protocol.SupervisorSnapshot`
 into a rich renderable and is pure; :class:`LiveView` redraws it from a
 snapshot function in a background thread. Everything shown passes through
-:func:`~wqsupervisor.logs.redact` first. It needs the ``view`` extra
+:meth:`~wqsupervisor.protocol.SupervisorSnapshot.redacted` first. It needs the ``view`` extra
 (``pip install 'wqsupervisor[view]'``); without rich,
 :func:`should_use_live_view` says no and the run logs as before::
 
@@ -25,12 +25,14 @@ import datetime
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ConfigError
-from .events import event_types
-from .logs import redact, redact_text
+from .events import Event
+from .lifecycle import TunnelState
+from .logs import redact_text
+from .protocol import JOB_STATES, MasterSnapshot, SupervisorSnapshot
 
 try:
     from rich.console import Console, Group, RenderableType
@@ -49,16 +51,15 @@ __all__ = ["LiveView", "render", "should_use_live_view"]
 _EVENTS_SHOWN = 8
 _BAR_WIDTH = 30
 _STATE_STYLES = {
-    "new": "dim",
-    "connecting": "yellow",
-    "up": "bold green",
-    "stalled": "bold yellow",
-    "down": "bold red",
-    "failed": "bold white on red",
-    "closed": "dim",
+    TunnelState.NEW: "dim",
+    TunnelState.CONNECTING: "yellow",
+    TunnelState.UP: "bold green",
+    TunnelState.STALLED: "bold yellow",
+    TunnelState.DOWN: "bold red",
+    TunnelState.FAILED: "bold white on red",
+    TunnelState.CLOSED: "dim",
 }
 _LEVEL_STYLES = {"warning": "yellow", "error": "bold red"}
-_JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
 # Fields every event has; the rest are its details.
 _EVENT_BASE = frozenset({"event", "at", "source"})
 
@@ -81,131 +82,118 @@ def _require_rich() -> None:
         raise ConfigError("the live view needs rich", "pip install 'wqsupervisor[view]'")
 
 
-def render(snapshot: Mapping[str, Any], *, now: float | None = None) -> RenderableType:
+def render(snapshot: SupervisorSnapshot, *, now: float | None = None) -> RenderableType:
     """The snapshot as a compact rich renderable: tunnels, workers, tasks, jobs and recent events.
 
     ``now`` (epoch seconds, default the current time) is what durations are measured to.
     """
     _require_rich()
-    snap = redact(snapshot)
+    snap = snapshot.redacted()
     now = time.time() if now is None else now
     parts: list[RenderableType] = [_header(snap, now)]
-    masters = _list(snap.get("masters"))
-    if not masters:
+    if not snap.masters:
         parts.append(Text("no master attached yet", style="dim"))
-    parts.extend(_master_panel(entry, now) for entry in masters)
-    finished = _list(snap.get("finished"))
-    if finished:
-        parts.append(_finished(finished))
-    parts.append(_events(_list(snap.get("events"))))
+    parts.extend(_master_panel(entry, now) for entry in snap.masters)
+    if snap.finished:
+        parts.append(_finished(snap.finished))
+    parts.append(_events(snap.events))
     return Group(*parts)
 
 
-def _header(snap: Mapping[str, Any], now: float) -> Text:
-    text = Text.assemble(("wqsupervisor", "bold"), f" {snap.get('version', '')}")
-    if snap.get("pid") is not None:
-        text.append(f"  pid {snap['pid']}")
-    started = _number(snap.get("started"))
-    if started is not None:
-        text.append(f"  running {_duration(now - started)}")
+def _header(snap: SupervisorSnapshot, now: float) -> Text:
+    text = Text.assemble(("wqsupervisor", "bold"), f" {snap.version}")
+    if snap.pid is not None:
+        text.append(f"  pid {snap.pid}")
+    if snap.started is not None:
+        text.append(f"  running {_duration(now - snap.started)}")
     text.append(f"  {_clock(now)}", style="dim")
     return text
 
 
-def _master_panel(entry: Mapping[str, Any], now: float) -> Panel:
-    tunnel = _map(entry.get("tunnel"))
-    master = _map(entry.get("master"))
-    state = str(tunnel.get("state", "new"))
-    style = _STATE_STYLES.get(state, "")
+def _master_panel(entry: MasterSnapshot, now: float) -> Panel:
+    tunnel, master = entry.tunnel, entry.master
+    style = _STATE_STYLES.get(tunnel.state, "")
 
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
 
-    line = Text(f"{tunnel.get('via', '?')}:{tunnel.get('remote_port', '?')} -> :{master.get('port', '?')}  ")
-    line.append(state.upper(), style=style)
-    since = _number(tunnel.get("since"))
-    if since is not None:
-        line.append(f" for {_duration(now - since)}")
-    line.append(f"  restarts {_int(tunnel.get('restarts'))}  stalls {_int(tunnel.get('stalls'))}")
-    rtt = _number(tunnel.get("rtt_ms"))
-    line.append(f"  rtt {rtt:.1f} ms" if rtt is not None else "  rtt -")
+    line = Text(f"{tunnel.via}:{tunnel.remote_port} -> :{master.port}  ")
+    line.append(tunnel.state.value.upper(), style=style)
+    if tunnel.since is not None:
+        line.append(f" for {_duration(now - tunnel.since)}")
+    line.append(f"  restarts {tunnel.restarts}  stalls {tunnel.stalls}")
+    line.append(f"  rtt {tunnel.rtt_ms:.1f} ms" if tunnel.rtt_ms is not None else "  rtt -")
     grid.add_row("tunnel", line)
-    if tunnel.get("last_error"):
-        error_style = "red" if state in ("down", "failed") else "dim red"
-        grid.add_row("error", Text(str(tunnel["last_error"]), style=error_style))
+    if tunnel.last_error:
+        error_style = "red" if tunnel.state in (TunnelState.DOWN, TunnelState.FAILED) else "dim red"
+        grid.add_row("error", Text(tunnel.last_error, style=error_style))
 
-    workers = _map(entry.get("workers"))
+    workers = entry.workers
     wline = Text(
-        f"connected {_int(workers.get('connected'))}  idle {_int(workers.get('idle'))}"
-        f"  busy {_int(workers.get('busy'))}  peak {_int(workers.get('peak'))}"
+        f"connected {workers.connected}  idle {workers.idle}  busy {workers.busy}  peak {workers.peak}"
     )
-    age = _number(entry.get("stats_age"))
+    age = entry.stats_age
     wline.append("  (no stats yet)" if age is None else f"  (stats {age:.1f} s old)", style="dim")
     grid.add_row("workers", wline)
 
-    tasks = _map(entry.get("tasks"))
-    done, submitted = _int(tasks.get("done")), _int(tasks.get("submitted"))
-    waiting, running = _int(tasks.get("waiting")), _int(tasks.get("running"))
+    tasks = entry.tasks
+    done, submitted = tasks.done, tasks.submitted
     tline = Table.grid(padding=(0, 1))
     tline.add_row(
-        Text(f"waiting {waiting}  running {running}  done {done}/{submitted}"),
+        Text(f"waiting {tasks.waiting}  running {tasks.running}  done {done}/{submitted}"),
         ProgressBar(total=max(submitted, 1), completed=min(done, max(submitted, 1)), width=_BAR_WIDTH),
         Text(f"{min(100, 100 * done // submitted)}%" if submitted else "-"),
     )
     grid.add_row("tasks", tline)
 
-    jobs = entry.get("jobs")
-    if isinstance(jobs, Mapping):
-        # Only the states: the engine's jobs dict also carries settings and paths.
-        jline = Text(f"{jobs['system']}: " if isinstance(jobs.get("system"), str) else "")
-        for name in _JOB_STATES:
-            count = _int(jobs.get(name))
+    jobs = entry.jobs
+    if jobs is not None:
+        # Only the states: the jobs snapshot also carries settings and paths.
+        jline = Text(f"{jobs.system}: " if jobs.system else "")
+        for name in JOB_STATES:
+            count = jobs.count(name)
             jline.append(f"{name} {count}", style="red" if name == "failed" and count else "")
             jline.append("  ")
         grid.add_row("jobs", jline)
 
-    title = Text(f"{entry.get('id', '?')} master :{master.get('port', '?')}")
-    if master.get("name"):
-        title.append(f" {master['name']}")
+    title = Text(f"{entry.id} master :{master.port}")
+    if master.name:
+        title.append(f" {master.name}")
     return Panel(grid, title=title, title_align="left", border_style=style or "none", expand=True)
 
 
-def _finished(finished: Sequence[Any]) -> Text:
+def _finished(finished: Sequence[MasterSnapshot]) -> Text:
     text = Text("finished:", style="bold")
-    for entry in finished[-3:]:
-        item = _map(entry)
-        tunnel, tasks = _map(item.get("tunnel")), _map(item.get("tasks"))
+    for item in finished[-3:]:
+        tunnel, tasks = item.tunnel, item.tasks
         text.append(
-            f"\n  {item.get('id', '?')} {tunnel.get('via', '?')}:{tunnel.get('remote_port', '?')}"
-            f" {tunnel.get('state', '?')}, {_int(tunnel.get('restarts'))} restart(s),"
-            f" tasks done {_int(tasks.get('done'))}/{_int(tasks.get('submitted'))}"
+            f"\n  {item.id} {tunnel.via}:{tunnel.remote_port}"
+            f" {tunnel.state.value}, {tunnel.restarts} restart(s),"
+            f" tasks done {tasks.done}/{tasks.submitted}"
         )
     return text
 
 
-def _events(events: Sequence[Any]) -> Table:
+def _events(events: Sequence[Event]) -> Table:
     table = Table(title="recent events", title_justify="left", show_header=False, box=None, expand=True)
     table.add_column(style="dim", no_wrap=True)
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True)
     table.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
-    levels = {name: cls.level for name, cls in event_types().items()}
-    shown = [e for e in events if isinstance(e, Mapping)][-_EVENTS_SHOWN:]
+    shown = list(events)[-_EVENTS_SHOWN:]
     if not shown:
         table.add_row("", Text("none yet", style="dim"), "", "")
     for event in shown:
-        name = str(event.get("event", "?"))
-        at = _number(event.get("at"))
         details = " ".join(
             f"{key}={value}"
-            for key, value in event.items()
+            for key, value in event.to_dict().items()
             if key not in _EVENT_BASE and value not in (None, "")
         )
         table.add_row(
-            _clock(at) if at is not None else "",
-            Text(name, style=_LEVEL_STYLES.get(levels.get(name, "info"), "")),
-            Text(str(event.get("source", ""))),
+            _clock(event.at),
+            Text(event.name, style=_LEVEL_STYLES.get(event.level, "")),
+            Text(event.source),
             Text(details),
         )
     return table
@@ -227,25 +215,6 @@ def _clock(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch).strftime("%H:%M:%S")
 
 
-def _map(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else []
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _int(value: Any) -> int:
-    number = _number(value)
-    return int(number) if number is not None else 0
-
-
 class LiveView:
     """Redraws :func:`render` of ``snapshot_fn()`` every ``refresh`` seconds on ``console``.
 
@@ -257,7 +226,7 @@ class LiveView:
 
     def __init__(
         self,
-        snapshot_fn: Callable[[], Mapping[str, Any]],
+        snapshot_fn: Callable[[], SupervisorSnapshot],
         console: Console | None = None,
         refresh: float = 0.5,
     ) -> None:
@@ -267,7 +236,7 @@ class LiveView:
         self._snapshot_fn = snapshot_fn
         self.console = console if console is not None else Console()
         self.refresh = refresh
-        self._last: Mapping[str, Any] | None = None
+        self._last: SupervisorSnapshot | None = None
         self._live: Live | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()

@@ -79,7 +79,7 @@ class _Tool:
 
     def ssh_pid(self) -> int | None:
         if self.supervised:
-            pid = self.app.snapshot()["masters"][0]["tunnel"]["ssh_pid"]
+            pid = self.app.snapshot().masters[0].tunnel.ssh_pid
             return int(pid) if pid else None
         autossh = self.app.ready["autossh_pid"] if self.app.ready else None
         kids = [p for p in children_of(int(autossh or 0)) if _comm(p) == "ssh"] if autossh else []

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..master import MasterInfo
 from ..process import owned_argv, terminate
-from ..runner import EngineThread
+from ..runapp import EngineThread
 from ..sandbox import ALIAS, HeadNode, debian_work_queue_path, start_worker
 from ..server import free_port
 from .master import PREFIX
@@ -124,8 +124,9 @@ class Supervised:
         return True
 
     def ssh_pid(self) -> int:
-        pid = self.host.snapshot()["masters"][0]["tunnel"]["ssh_pid"]
-        return int(pid)
+        pid = self.host.snapshot().masters[0].tunnel.ssh_pid
+        assert pid is not None
+        return pid
 
     def close(self) -> None:
         self.host.stop()

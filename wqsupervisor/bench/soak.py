@@ -27,12 +27,18 @@ BACKLOG = 400
 def _faults(lab: Lab, app: CampusApp) -> dict[str, tuple[Callable[[], None], bool]]:
     """Each fault: (apply it, blocking until healed; True when it is instant)."""
 
-    def tunnel() -> dict[str, Any]:
-        data: dict[str, Any] = app.snapshot()["masters"][0]["tunnel"]
-        return data
+    def ssh_pid() -> int:
+        pid = app.snapshot().masters[0].tunnel.ssh_pid
+        assert pid is not None, "the tunnel has no ssh client"
+        return pid
+
+    def remote_pid() -> int:
+        pid = app.snapshot().masters[0].tunnel.remote_pid
+        assert pid is not None, "the tunnel has no session on the head node"
+        return pid
 
     def hung() -> None:
-        pid = tunnel()["remote_pid"]
+        pid = remote_pid()
         lab.stop_session(pid)
         time.sleep(8)
         lab.resume_session(pid)
@@ -55,8 +61,8 @@ def _faults(lab: Lab, app: CampusApp) -> dict[str, tuple[Callable[[], None], boo
             os.kill(pid, signal.SIGKILL)
 
     return {
-        "ssh-killed": (lambda: os.kill(tunnel()["ssh_pid"], signal.SIGKILL), True),
-        "session-killed": (lambda: lab.kill_session(tunnel()["remote_pid"]), True),
+        "ssh-killed": (lambda: os.kill(ssh_pid(), signal.SIGKILL), True),
+        "session-killed": (lambda: lab.kill_session(remote_pid()), True),
         "sshd-restarted": (lambda: lab.restart_sshd(down_for=1.0), True),
         "peer-hung": (hung, True),
         "link-down-5s": (link_down, False),

@@ -29,7 +29,9 @@ from .config import Settings
 from .engine import Engine
 from .errors import ConfigError
 from .events import Event, TunnelFailed, TunnelUp, log_event
+from .lifecycle import TunnelState
 from .process import exit_status
+from .protocol import SupervisorSnapshot
 from .supervisor import ENGINE_ENV
 
 T = TypeVar("T")
@@ -63,10 +65,10 @@ class EngineThread:
         """Forward every event to ``sink(event, state)`` (called on the engine thread)."""
         self._loop.call_soon_threadsafe(self.engine.add_sink, sink)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> SupervisorSnapshot:
         """The engine's snapshot, taken on its own thread."""
 
-        async def take() -> dict[str, Any]:
+        async def take() -> SupervisorSnapshot:
             return self.engine.snapshot()
 
         return self.call(take())
@@ -220,25 +222,21 @@ class _StartWatch:
 
 
 def summary_line(
-    name: str, status: int, elapsed: float, snapshot: dict[str, Any], signum: int | None = None
+    name: str, status: int, elapsed: float, snapshot: SupervisorSnapshot, signum: int | None = None
 ) -> str:
     """One line that says how the run went."""
     how = f"exited with status {status}"
     if signum is not None:
         how += f" after {signal.Signals(signum).name}"
     parts = [f"wqsupervisor: {name} {how} after {elapsed:.1f} s"]
-    for entry in snapshot.get("finished", []) + snapshot.get("masters", []):
-        tunnel = entry["tunnel"]
-        recoveries = tunnel.get("recoveries") or []
-        text = (
-            f"tunnel {tunnel['via']}:{tunnel['remote_port']} {tunnel['state']}, "
-            f"{tunnel['restarts']} restart(s)"
-        )
-        if recoveries:
-            text += f" (worst recovery {max(recoveries):.2f} s)"
-        if tunnel.get("last_error") and tunnel["state"] == "failed":
-            text += f", error: {tunnel['last_error']}"
-        text += f", workers peak {entry['workers']['peak']}, tasks done {entry['tasks']['done']}"
+    for entry in (*snapshot.finished, *snapshot.masters):
+        tunnel = entry.tunnel
+        text = f"tunnel {tunnel.via}:{tunnel.remote_port} {tunnel.state.value}, {tunnel.restarts} restart(s)"
+        if tunnel.recoveries:
+            text += f" (worst recovery {max(tunnel.recoveries):.2f} s)"
+        if tunnel.last_error and tunnel.state is TunnelState.FAILED:
+            text += f", error: {tunnel.last_error}"
+        text += f", workers peak {entry.workers.peak}, tasks done {entry.tasks.done}"
         parts.append(text)
     if len(parts) == 1:
         parts.append("no master was created")
