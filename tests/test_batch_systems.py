@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 
 from wqsupervisor.batch import condor, pbs, sge, system_class
-from wqsupervisor.batch.base import BatchOptions, BatchSystem, Completed, JobState, Runner, SubmitError
+from wqsupervisor.batch.base import (
+    BatchOptions,
+    BatchSystem,
+    Completed,
+    JobState,
+    Runner,
+    SubmitError,
+    Unavailable,
+)
 from wqsupervisor.batch.condor import Condor
 from wqsupervisor.batch.pbs import Pbs, Torque
 from wqsupervisor.batch.sge import Sge
@@ -269,10 +277,11 @@ def test_condor_states_skip_the_history_when_all_are_queued():
     assert [call[0] for call in runner.calls] == ["condor_q"]
 
 
-def test_condor_unreadable_queue_reports_nothing():
-    """A failing condor_q reports no state at all (not 'finished'), and the history is not asked."""
+def test_condor_unreadable_queue_is_unavailable():
+    """A failing condor_q is Unavailable (no state, never 'finished'), and the history is not asked."""
     runner = Recorder(condor_q=[Completed(1, "", "-- Failed to fetch ads from: <192.0.2.1:9618>")])
-    assert asyncio.run(prepared(Condor, runner).states(["6.0"])) == {}
+    with pytest.raises(Unavailable, match="condor_q failed: -- Failed to fetch ads from"):
+        asyncio.run(prepared(Condor, runner).states(["6.0"]))
     assert len(runner.calls) == 1
 
 
