@@ -17,7 +17,8 @@ class QdelScheduler(Scheduler):
     gone_job_words = (
         "Unknown Job Id",  # PBS Pro and Torque: "qdel: Unknown Job Id 7.pbs"
         "Job has finished",  # PBS Pro, a job kept in its history
-        "invalid state for job",  # PBS Pro ("Request invalid for state of job"), Torque: already ending
+        "Request invalid for state of job",  # PBS Pro: a job already exiting
+        "Invalid state for job",  # Torque: a job already complete
         "does not exist",  # Grid Engine: 'denied: job "999" does not exist'
     )
 
