@@ -33,7 +33,9 @@ neither are left out; the job tracker deals with those.
 
 Not run against a real HTCondor here (none runs on the test machine): the
 parsers are tested on published outputs (``tests/data/batch``), the adapter on
-the exact command lines it sends.
+the exact command lines it sends. What happens when the head
+node or the scheduler cannot be asked is tested for real: the commands fail
+on a real head node (``tests/test_scheduler_unavailable.py``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 Run against a real single-node Slurm (Debian's slurm-wlm 22.05) in the
 firewall lab: see ``tests/test_scaling.py``. Finished jobs stay listed by
 ``squeue -t all`` for ``MinJobAge`` (300 s by default); ``sacct`` is used only
-when accounting is configured, since it fails without slurmdbd.
+when accounting is configured, since it fails without slurmdbd. squeue and
+scancel fail the whole command for an id Slurm no longer knows ("Invalid job
+id specified"): that is an answer; any other failure makes the states
+unknown (see :mod:`wqsupervisor.batch.scheduler`).
 """
 
 from __future__ import annotations
