@@ -84,6 +84,8 @@ class JobTracker:
     rng: random.Random = field(default_factory=random.Random)
     jobs: dict[str, Job] = field(default_factory=dict)
     submitted: int = 0
+    unavailable: str | None = None
+    """Why the scheduler could not be asked at the last try; None while it answers."""
     _policy: PolicyState = field(default_factory=PolicyState)
     _failures: int = 0
     _retry_at: float = 0.0
@@ -92,8 +94,6 @@ class JobTracker:
     # jobs that sbatch accepted are recorded before close() cancels what is recorded.
     _stepping: asyncio.Lock = field(default_factory=asyncio.Lock)
     _closing: bool = False
-    # Why the scheduler could not be asked at the last refresh; None while it answers.
-    unavailable: str | None = None
 
     def adapt(self, minimum: int | None = None, maximum: int | None = None) -> None:
         """Change the worker limits while running (like dask-jobqueue's ``adapt``)."""

@@ -54,7 +54,7 @@ class Unavailable(WQSupervisorError):
 
 
 # How a runner reports a command it could not start at all, as a shell does.
-NOT_FOUND = 127
+NOT_FOUND, NOT_EXECUTABLE = 127, 126
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,11 @@ async def _communicate(argv: Sequence[str], input: str | None, timeout: float) -
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-    except (FileNotFoundError, PermissionError) as exc:
-        # Said as a shell on the head node would say it, so both runners fail alike.
-        return Completed(NOT_FOUND, "", f"{argv[0]}: command not found ({exc.strerror})")
+    # Said as a shell on the head node would say it, so both runners fail alike.
+    except FileNotFoundError:
+        return Completed(NOT_FOUND, "", f"{argv[0]}: command not found")
+    except PermissionError:
+        return Completed(NOT_EXECUTABLE, "", f"{argv[0]}: Permission denied")
     try:
         data = input.encode() if input is not None else None
         out, err = await asyncio.wait_for(proc.communicate(data), timeout)
