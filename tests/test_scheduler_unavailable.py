@@ -185,3 +185,27 @@ def test_no_job_is_marked_done_nor_replaced_while_the_scheduler_cannot_be_asked(
             await system.close()
 
     asyncio.run(scenario())
+
+
+def test_closing_while_the_head_node_is_unreachable_tries_until_its_deadline(
+    head: HeadNode, tmp_path: Path, events: list[Event]
+) -> None:
+    """close() with qdel unreachable: no exception, the outage said once, and it gives up at its deadline."""
+
+    async def scenario() -> None:
+        clock = ManualClock()
+        case = CASES[-1]
+        system = case.cls(SshRunner(head.settings().ssh_target()))
+        tracker = seeded(system, case.ids, clock, events)
+        await system.prepare(tracker.launcher)
+        started = clock.monotonic()
+        with capture_logs() as logs, Outage("nothing listening", case, head, system, tmp_path):
+            await tracker.close(timeout=5.0)
+        assert 5.0 <= clock.monotonic() - started < 7.0
+        said = [entry for entry in logs if entry["event"] == "jobs.scheduler_unavailable"]
+        assert len(said) == 1 and said[0]["error"].startswith(
+            "the head node could not be reached to run qdel"
+        )
+        await system.close()
+
+    asyncio.run(scenario())
