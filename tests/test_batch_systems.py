@@ -20,12 +20,24 @@ from pathlib import Path
 
 import pytest
 
-from wqsupervisor.batch import condor, pbs, sge, system_class
-from wqsupervisor.batch.base import BatchOptions, BatchSystem, Completed, JobState, Runner, SubmitError
+from wqsupervisor.batch import condor, pbs, scheduler, sge, system_class
+from wqsupervisor.batch.base import (
+    BatchOptions,
+    BatchSystem,
+    Completed,
+    JobState,
+    LocalRunner,
+    Runner,
+    SshRunner,
+    SubmitError,
+    Unavailable,
+)
 from wqsupervisor.batch.condor import Condor
 from wqsupervisor.batch.pbs import Pbs, Torque
 from wqsupervisor.batch.sge import Sge
+from wqsupervisor.config import Settings
 from wqsupervisor.errors import ConfigError, WQSupervisorError
+from wqsupervisor.openssh import remote_argv
 
 DATA = Path(__file__).parent / "data" / "batch"
 WORKDIR = "/home/ana/.wqsupervisor/9123"
@@ -269,10 +281,11 @@ def test_condor_states_skip_the_history_when_all_are_queued():
     assert [call[0] for call in runner.calls] == ["condor_q"]
 
 
-def test_condor_unreadable_queue_reports_nothing():
-    """A failing condor_q reports no state at all (not 'finished'), and the history is not asked."""
+def test_condor_unreadable_queue_is_unavailable():
+    """A failing condor_q is Unavailable (no state, never 'finished'), and the history is not asked."""
     runner = Recorder(condor_q=[Completed(1, "", "-- Failed to fetch ads from: <192.0.2.1:9618>")])
-    assert asyncio.run(prepared(Condor, runner).states(["6.0"])) == {}
+    with pytest.raises(Unavailable, match="condor_q failed: -- Failed to fetch ads from"):
+        asyncio.run(prepared(Condor, runner).states(["6.0"]))
     assert len(runner.calls) == 1
 
 
@@ -658,3 +671,206 @@ def test_sge_cancel_tolerates_jobs_already_gone():
     runner = Recorder(qdel=[Completed(1, "", 'denied: job "999" does not exist\n')])
     asyncio.run(prepared(Sge, runner).cancel(["999"]))
     assert runner.calls == [["qdel", "999"]]
+
+
+# ---------------------------------------------------------------- the template: what is an answer
+
+
+NO_JOB = ("Invalid job id specified",)
+
+
+@pytest.mark.parametrize(
+    ("done", "no_such_job", "reason"),
+    [
+        (Completed(0, "1 RUNNING\n", ""), (), None),
+        (Completed(0, "", "a warning on stderr"), (), None),
+        (Completed(1, "", "slurm_load_jobs error: Invalid job id specified"), NO_JOB, None),
+        (Completed(1, "", "slurm_load_jobs error: invalid JOB ID specified"), NO_JOB, None),  # case ignored
+        (
+            Completed(1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"),
+            NO_JOB,
+            "squeue failed: slurm_load_jobs error: Unable to contact slurm controller (connect failure)",
+        ),
+        (Completed(2, "", ""), (), "squeue failed: exit status 2"),
+        (
+            Completed(255, "", "ssh: connect to host 10.0.0.1 port 22: Connection refused"),
+            NO_JOB,
+            "the head node could not be reached to run squeue: "
+            "ssh: connect to host 10.0.0.1 port 22: Connection refused",
+        ),
+        (
+            # ssh's failure wins even over words that would otherwise mean "no such job".
+            Completed(255, "", "Invalid job id specified"),
+            NO_JOB,
+            "the head node could not be reached to run squeue: Invalid job id specified",
+        ),
+        (
+            Completed(127, "", "bash: line 1: squeue: command not found"),
+            NO_JOB,
+            "squeue is not there (not installed, or not on PATH): bash: line 1: squeue: command not found",
+        ),
+        (
+            Completed(124, "", "ssh timed out after 60 s", timed_out=True),
+            NO_JOB,
+            "squeue did not answer in time: ssh timed out after 60 s",
+        ),
+        (Completed(124, "", ""), (), "squeue failed: exit status 124"),  # 124 from the command itself
+    ],
+)
+def test_what_counts_as_the_schedulers_answer(done, no_such_job, reason):
+    """A command's status and words, read as an answer or as the reason there is none (pure)."""
+    assert scheduler.unanswered(done, "squeue", scheduler.mentions(*no_such_job)) == reason
+
+
+FAILED_QUERY = Completed(1, "", "qstat: cannot connect to server pbs (errno=15010)")
+
+
+@pytest.mark.parametrize(
+    ("cls", "program", "reply", "ids", "outcome"),
+    [
+        (Pbs, "qstat", Completed(153, "", "qstat: Unknown Job Id 7.pbs\n"), ["7.pbs"], {}),
+        (Pbs, "qstat", Completed(35, "", "qstat: 7.pbs Job has finished, use -x or -H\n"), ["7.pbs"], {}),
+        (Pbs, "qstat", FAILED_QUERY, ["7.pbs"], "qstat failed: qstat: cannot connect to server pbs"),
+        (
+            Torque,
+            "qstat",
+            Completed(153, "", "qstat: Unknown Job Id Error 12345.mgt\n"),
+            ["12345.mgt"],
+            {},
+        ),
+        (Torque, "qstat", FAILED_QUERY, ["12345.mgt"], "qstat failed: qstat: cannot connect"),
+        # Grid Engine's qstat -xml takes no ids: any failure is the server's.
+        (Sge, "qstat", Completed(1, "", 'denied: job "999" does not exist'), ["999"], "qstat failed: denied"),
+        (Sge, "qstat", Completed(0, "", ""), ["999"], {}),
+        (Condor, "condor_q", Completed(0, "", ""), ["6.0"], {}),
+        (
+            Condor,
+            "condor_q",
+            Completed(1, "", "Error: Couldn't contact the condor_collector"),
+            ["6.0"],
+            "condor_q failed",
+        ),
+    ],
+)
+def test_each_scheduler_says_no_such_job_in_its_own_words(cls, program, reply, ids, outcome):
+    """Only a scheduler's documented 'no such job' answer is an answer when its state command fails."""
+    if cls is Condor and reply.returncode == 0:
+        runner = Recorder(condor_q=[reply], condor_history=[reply])
+    else:
+        runner = Recorder(**{program: [reply]})
+    system = prepared(cls, runner)
+    if isinstance(outcome, dict):
+        assert asyncio.run(system.states(ids)) == outcome
+    else:
+        with pytest.raises(Unavailable) as err:
+            asyncio.run(system.states(ids))
+        assert err.value.message.startswith(outcome), err.value.message
+        assert "none is submitted" in (err.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("cls", "program", "reply", "gone"),
+    [
+        (Pbs, "qdel", Completed(153, "", "qdel: Unknown Job Id 7.pbs\n"), True),
+        (Pbs, "qdel", Completed(35, "", "qdel: Job has finished 7.pbs\n"), True),
+        (Pbs, "qdel", Completed(170, "", "qdel: Request invalid for state of job 7.pbs\n"), True),
+        (Torque, "qdel", Completed(170, "", "qdel: Invalid state for job - COMPLETE 7.mgt\n"), True),
+        (Sge, "qdel", Completed(1, "", 'denied: job "999" does not exist\n'), True),
+        (Condor, "condor_rm", Completed(1, "", "Couldn't find/remove all jobs in cluster 6.\n"), True),
+        (Condor, "condor_rm", Completed(1, "", "Job 6.0 not found\n"), True),
+        (Pbs, "qdel", FAILED_QUERY, False),
+        (
+            Sge,
+            "qdel",
+            Completed(1, "", "error: commlib error: got select error (Connection refused)\n"),
+            False,
+        ),
+        (Condor, "condor_rm", Completed(1, "", "Can't find address for schedd head\n"), False),
+        (
+            Condor,
+            "condor_rm",
+            Completed(255, "", "ssh: connect to host head port 22: No route to host"),
+            False,
+        ),
+    ],
+)
+def test_cancelling_a_job_already_gone_is_no_failure_but_an_unreachable_scheduler_is(
+    cls, program, reply, gone
+):
+    """cancel() accepts each scheduler's words for a job already gone; any other failure is Unavailable."""
+    system = prepared(cls, Recorder(**{program: [reply]}))
+    if gone:
+        asyncio.run(system.cancel(["7"]))
+    else:
+        with pytest.raises(Unavailable):
+            asyncio.run(system.cancel(["7"]))
+
+
+def test_condor_history_that_cannot_be_read_leaves_out_the_jobs_that_left_the_queue():
+    """condor_q answered that 6.1 left the queue; a history not kept there only leaves out how it ended."""
+    runner = Recorder(
+        condor_q=[ok("6.0 2 undefined\n")],
+        condor_history=[Completed(1, "", "Error: No history file is defined\n")],
+    )
+    assert asyncio.run(prepared(Condor, runner).states(["6.0", "6.1"])) == {"6.0": R}
+
+
+def test_condor_history_on_an_unreachable_head_is_unavailable():
+    """If the head node goes away between condor_q and condor_history, the states are not reported."""
+    runner = Recorder(
+        condor_q=[ok("6.0 2 undefined\n")],
+        condor_history=[Completed(255, "", "ssh: connect to host head port 22: Connection refused")],
+    )
+    with pytest.raises(Unavailable, match="could not be reached to run condor_history"):
+        asyncio.run(prepared(Condor, runner).states(["6.0", "6.1"]))
+
+
+@pytest.mark.parametrize("cls", [Condor, Pbs, Sge])
+def test_a_submission_that_never_reached_the_scheduler_is_unavailable_not_refused(cls):
+    """ssh failing during a submission says the head node was not reached, not that the scheduler refused."""
+    program = "condor_submit" if cls is Condor else "qsub"
+    runner = Recorder(
+        **{program: [Completed(255, "", "ssh: connect to host head port 22: Connection refused")]}
+    )
+    with pytest.raises(
+        Unavailable, match=f"cannot submit: the head node could not be reached to run {program}"
+    ):
+        asyncio.run(prepared(cls, runner).submit(1))
+
+
+def test_a_submission_cut_short_keeps_the_jobs_accepted():
+    """When the head node goes away after some qsubs succeeded, their ids are returned, not lost."""
+    lost = Completed(255, "", "Connection to head closed by remote host.")
+    runner = Recorder(qsub=[ok("1212299\n"), lost])
+    assert asyncio.run(prepared(Sge, runner).submit(3)) == ["1212299"]
+
+
+def test_a_program_that_is_not_installed_here_fails_as_a_shell_says_it():
+    """LocalRunner reports a missing program as exit 127, as the head node's shell does over ssh."""
+    done = asyncio.run(LocalRunner().run(["wqs-no-such-program-here"]))
+    assert done.returncode == 127
+    assert "wqs-no-such-program-here: command not found" in done.stderr
+    assert scheduler.unreachable(done, "qstat") is not None
+
+
+def test_a_command_that_outlives_its_timeout_is_marked_timed_out():
+    """A command killed after its timeout is Completed with timed_out, which the template reads as no answer."""
+    done = asyncio.run(LocalRunner().run(["sleep", "30"], timeout=0.2))
+    assert done.timed_out and done.returncode == 124
+    assert scheduler.unreachable(done, "sleep") == "sleep did not answer in time: sleep timed out after 0.2 s"
+
+
+def test_the_ssh_runner_builds_the_same_command_line_from_a_target_as_from_settings():
+    """SshRunner(settings.ssh_target()) runs exactly the ssh command line remote_argv builds from Settings."""
+    settings = Settings(
+        via="ana@head.example.org",
+        ssh_port=2222,
+        identity="/home/ana/.ssh/id_cluster",
+        ssh_options=(("ProxyJump", "gw.example.org"), ("Ciphers", "aes256-ctr")),
+        ssh_config="/home/ana/.ssh/config.cluster",
+        connect_timeout=7.5,
+        ssh_program="/opt/ssh/bin/ssh",
+    )
+    runner = SshRunner(settings.ssh_target(), {"SLURM_CONF": "/etc/slurm/x.conf"})
+    command = "env SLURM_CONF=/etc/slurm/x.conf squeue -h -o '%i %T'"
+    assert runner.argv(["squeue", "-h", "-o", "%i %T"]) == remote_argv(settings, command)

@@ -8,13 +8,26 @@ the supervised tunnel.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shlex
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from wqsupervisor.lab import CampusApp, Lab
+from wqsupervisor.batch.base import BatchOptions, JobState, SshRunner
+from wqsupervisor.batch.slurm import Slurm
+from wqsupervisor.clock import ManualClock
+from wqsupervisor.events import Event, JobsCancelled, JobsSubmitted, JobStateChanged, JobSubmitFailed
+from wqsupervisor.jobs import JobTracker
+from wqsupervisor.lab import CAMPUS, NODE, CampusApp, Lab
+from wqsupervisor.launcher import NodeLauncher
+from wqsupervisor.master import MasterStats
+from wqsupervisor.policy import ScalingSettings
+from wqsupervisor.target import SshTarget
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
@@ -115,3 +128,91 @@ def test_a_refused_submission_is_explained_and_not_repeated_in_a_storm(slurm_lab
     finally:
         app.close()
     assert not lab.squeue()
+
+
+def _slurm_from_campus(lab: Lab, tmp: Path, directives: tuple[str, ...]) -> Slurm:
+    """Slurm driven as the supervisor drives it: the real SshRunner, ssh from campus to the head."""
+    program = tmp / "ssh-from-campus"
+    program.write_text(f'#!/bin/sh\nexec {shlex.join(lab.argv(CAMPUS, ["ssh"]))} "$@"\n')
+    program.chmod(0o755)
+    target = SshTarget("headnode", config_file=str(lab.campus_ssh_config), program=str(program))
+    return Slurm(SshRunner(target, {"SLURM_CONF": lab.slurm_conf}), BatchOptions(directives=directives))
+
+
+def _outage_rounds(tracker: JobTracker, clock: ManualClock, rounds: int = 3) -> None:
+    for _ in range(rounds):
+        clock.advance(15.0)
+        asyncio.run(tracker.step())
+
+
+def test_slurm_jobs_are_kept_and_not_replaced_while_slurm_cannot_be_asked(slurm_lab, tmp_path):
+    """Head unreachable, then slurmctld refusing: 45 s each, the jobs stay pending and nothing is submitted."""
+    lab = slurm_lab
+    # Jobs that stay queued for an hour: their state can only change if the tracker invents it.
+    system = _slurm_from_campus(lab, tmp_path, directives=("#SBATCH --begin=now+3600",))
+    events: list[Event] = []
+    clock = ManualClock()
+    tracker = JobTracker(
+        system=system,
+        scaling=ScalingSettings(min_workers=2, max_workers=2, max_per_cycle=2, max_pending=2, cooldown=0.0),
+        launcher=NodeLauncher(remote_port=REMOTE_PORT, via="headnode"),
+        emit=events.append,
+        stats=MasterStats,
+        tunnel_up=lambda: True,
+        source="slurm-test",
+        clock=clock,
+    )
+    asyncio.run(system.prepare(tracker.launcher))
+    try:
+        asyncio.run(tracker.step())  # submits the two jobs the policy wants
+        asyncio.run(tracker.step())  # and sees them queued
+        ids = sorted(tracker.jobs)
+        assert len(ids) == 2 and [e.count for e in events if isinstance(e, JobsSubmitted)] == [2]
+        assert {tracker.jobs[i].state for i in ids} == {JobState.PENDING}
+        assert len(lab.squeue()) == 2
+        before = len(events)
+
+        def unchanged() -> None:
+            assert {tracker.jobs[i].state for i in ids} == {JobState.PENDING}
+            assert not [
+                e for e in events[before:] if isinstance(e, JobsSubmitted | JobSubmitFailed | JobStateChanged)
+            ]
+            assert sorted(line.split()[0] for line in lab.squeue()) == ids, "a job was added or lost"
+
+        with capture_logs() as logs:
+            lab.link_down()
+            try:
+                _outage_rounds(tracker, clock)
+            finally:
+                lab.link_up()
+            unchanged()
+            clock.advance(15.0)
+            asyncio.run(tracker.step())
+            unchanged()
+        said = [(e["event"], e.get("error", "")) for e in logs if e["event"].startswith("jobs.scheduler")]
+        assert [event for event, _ in said] == ["jobs.scheduler_unavailable", "jobs.scheduler_available"]
+        assert said[0][1].startswith("the head node could not be reached to run squeue"), said
+
+        # The head answers, slurmctld does not: squeue itself fails.
+        refuse = "iptables {} INPUT -p tcp --dport 6817 -j REJECT --reject-with tcp-reset"
+        with capture_logs() as logs:
+            lab.sh(lab.ns[NODE], refuse.format("-I"))
+            try:
+                _outage_rounds(tracker, clock)
+            finally:
+                lab.sh(lab.ns[NODE], refuse.format("-D"))
+            clock.advance(15.0)
+            asyncio.run(tracker.step())
+            unchanged()
+        said = [(e["event"], e.get("error", "")) for e in logs if e["event"].startswith("jobs.scheduler")]
+        assert [event for event, _ in said] == ["jobs.scheduler_unavailable", "jobs.scheduler_available"]
+        assert said[0][1].startswith("squeue failed:") and "Unable to contact slurm controller" in said[0][1]
+
+        # Slurm's own words for ids it does not know are answers, not failures.
+        assert asyncio.run(system.states(["999999"])) == {}
+        assert asyncio.run(system.states([ids[0], "999999"])) == {ids[0]: JobState.PENDING}
+        asyncio.run(system.cancel(["999999"]))
+    finally:
+        asyncio.run(tracker.close(timeout=60))
+    assert [e.ids for e in events if isinstance(e, JobsCancelled)] == [tuple(ids)]
+    assert not lab.squeue(), "the tracker left jobs in Slurm"

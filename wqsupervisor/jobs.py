@@ -7,6 +7,11 @@ submission is not retried at once: it backs off (capped, jittered) and the
 event carries the scheduler's own words. On close, every job it submitted and
 that is still queued or running is cancelled, and the tracker waits until the
 scheduler confirms it.
+
+While the scheduler cannot be asked (head node unreachable, its commands
+failing: :class:`~wqsupervisor.batch.base.Unavailable`), the jobs keep their
+last known states and the tracker decides nothing: a job it cannot see is not
+a finished job, and a replacement submitted for it would leak on the cluster.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class JobTracker:
     rng: random.Random = field(default_factory=random.Random)
     jobs: dict[str, Job] = field(default_factory=dict)
     submitted: int = 0
+    unavailable: str | None = None
+    """Why the scheduler could not be asked at the last try; None while it answers."""
     _policy: PolicyState = field(default_factory=PolicyState)
     _failures: int = 0
     _retry_at: float = 0.0
@@ -138,8 +145,13 @@ class JobTracker:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 
     async def step(self) -> None:
-        """One round: refresh job states, ask the policy, carry out its decision."""
-        await self.refresh()
+        """One round: refresh job states, ask the policy, carry out its decision.
+
+        Nothing is decided while the scheduler cannot be asked: the states
+        the policy would count are unknown.
+        """
+        if not await self.refresh():
+            return
         stats = self.stats()
         if stats is None:
             return
@@ -161,7 +173,12 @@ class JobTracker:
         )
         self._policy, decision = decide(self.scaling, self._policy, obs)
         if decision.cancel:
-            await self.system.cancel(list(decision.cancel))
+            try:
+                await self.system.cancel(list(decision.cancel))
+            except Unavailable as exc:
+                # Not cancelled as far as we know: they stay counted, and the next round decides again.
+                self._scheduler_unavailable(exc)
+                return
             for job_id in decision.cancel:
                 self._set(job_id, JobState.CANCELLED, now)
             self._emit(JobsCancelled, ids=tuple(decision.cancel), why=decision.why)
@@ -202,15 +219,35 @@ class JobTracker:
         self._retry_at = now + delay
         self._emit(JobSubmitFailed, system=self.system.name, error=error, hint=hint, retry_in=round(delay, 1))
 
-    async def refresh(self) -> None:
-        """Ask the scheduler for the states of our active jobs."""
+    def _scheduler_unavailable(self, exc: Unavailable) -> None:
+        """Say once per outage that the scheduler cannot be asked."""
+        if self.unavailable is None:
+            get_logger().warning(
+                "jobs.scheduler_unavailable",
+                source=self.source,
+                system=self.system.name,
+                error=exc.message,
+                hint=exc.hint or "",
+                jobs=sum(j.state.active for j in self.jobs.values()),
+            )
+        self.unavailable = exc.message
+
+    def _scheduler_answers(self) -> None:
+        if self.unavailable is not None:
+            get_logger().info("jobs.scheduler_available", source=self.source, system=self.system.name)
+        self.unavailable = None
+
+    async def refresh(self) -> bool:
+        """Ask the scheduler for the states of our active jobs; False when it could not be asked."""
         active = [j.id for j in self.jobs.values() if j.state.active]
         if not active:
-            return
+            return True
         try:
             states = await self.system.states(active)
-        except Unavailable:
-            return  # unknown is not finished: ask again next round
+        except Unavailable as exc:
+            self._scheduler_unavailable(exc)
+            return False  # unknown is not finished: ask again next round
+        self._scheduler_answers()
         now = self.clock.monotonic()
         for job_id in active:
             job = self.jobs[job_id]
@@ -222,6 +259,7 @@ class JobTracker:
                 self._set(job_id, JobState.DONE, now)
             if job.state is JobState.RUNNING and now - job.submitted_at >= _EARLY_EXIT:
                 self._failures = 0  # jobs work again
+        return True
 
     async def close(self, timeout: float = 60.0) -> None:
         """Cancel every job still queued or running, wait for the scheduler to agree, clean up."""
@@ -241,13 +279,16 @@ class JobTracker:
 
     async def _cancel_all(self, deadline: float) -> None:
         active = [j.id for j in self.jobs.values() if j.state.active]
+        cancelled = await self._try_cancel(active)
         if active:
-            await self.system.cancel(active)
             self._emit(JobsCancelled, ids=tuple(active), why="the supervisor is closing")
         while active and self.clock.monotonic() < deadline:
             try:
+                if not cancelled:
+                    cancelled = await self._try_cancel(active)
                 states = await self.system.states(active)
-            except Unavailable:
+            except Unavailable as exc:
+                self._scheduler_unavailable(exc)
                 await self.clock.sleep(1.0)
                 continue
             active = [i for i in active if i in states and states[i].active]
@@ -256,6 +297,17 @@ class JobTracker:
         for job in self.jobs.values():
             if job.state.active:
                 self._set(job.id, JobState.CANCELLED, self.clock.monotonic())
+
+    async def _try_cancel(self, ids: list[str]) -> bool:
+        """Cancel ``ids``; False when the scheduler could not be asked (the caller tries again)."""
+        if not ids:
+            return True
+        try:
+            await self.system.cancel(ids)
+        except Unavailable as exc:
+            self._scheduler_unavailable(exc)
+            return False
+        return True
 
 
 @dataclass
@@ -347,7 +399,9 @@ async def build_tracker(
 
     assert settings.workers is not None
     name = settings.workers
-    runner: Runner = LocalRunner() if name == "local" else SshRunner(settings, dict(settings.batch_env))
+    runner: Runner = (
+        LocalRunner() if name == "local" else SshRunner(settings.ssh_target(), dict(settings.batch_env))
+    )
     options = BatchOptions(
         partition=settings.partition,
         account=settings.account,

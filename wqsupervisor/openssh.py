@@ -39,6 +39,7 @@ from .process import owned_argv
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .target import SshTarget
 
 REMOTE_COMMAND = "exec sh -c 'echo wqs-session $PPID; exec cat'"
 FAST_CIPHER = "aes128-gcm@openssh.com"
@@ -176,6 +177,26 @@ def remote_argv(settings: Settings, command: str) -> list[str]:
     """A one-off command on the head node with the tunnel's ssh settings."""
     assert settings.via is not None
     return [*base_argv(settings), "-T", settings.via, command]
+
+
+def remote_argv_for(target: SshTarget, command: str) -> list[str]:
+    """:func:`remote_argv` from an :class:`~wqsupervisor.target.SshTarget`: the batch runners' form.
+
+    The same command line, option for option, as :func:`remote_argv` builds
+    from the :class:`~wqsupervisor.config.Settings` that made ``target``.
+    """
+    argv = [target.program]
+    if target.config_file:
+        argv += ["-F", target.config_file]
+    if target.port:
+        argv += ["-p", str(target.port)]
+    if target.identity:
+        argv += ["-i", target.identity]
+    for key, value in (*_FIXED_OPTIONS, *target.options):
+        argv += ["-o", f"{key}={value}"]
+    argv += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=40"]
+    argv += ["-o", f"ConnectTimeout={max(1, int(target.connect_timeout))}"]
+    return [*argv, "-T", target.destination, command]
 
 
 # -- what went wrong ------------------------------------------------------------

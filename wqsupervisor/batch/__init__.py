@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import importlib
 
-from .base import BatchOptions, BatchSystem, Completed, JobState, LocalRunner, Runner, SshRunner, SubmitError
+from .base import (
+    BatchOptions,
+    BatchSystem,
+    Completed,
+    JobState,
+    LocalRunner,
+    Runner,
+    SshRunner,
+    SubmitError,
+    Unavailable,
+)
+from .scheduler import Scheduler
 
 # name -> "module:Class"; imported on first use, so optional parts cost nothing.
 SYSTEMS = {
@@ -38,7 +49,9 @@ __all__ = [
     "JobState",
     "LocalRunner",
     "Runner",
+    "Scheduler",
     "SshRunner",
     "SubmitError",
+    "Unavailable",
     "system_class",
 ]

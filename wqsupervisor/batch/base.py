@@ -4,7 +4,9 @@ A :class:`BatchSystem` turns "start n workers" into jobs of its scheduler
 (or plain processes) and reports their states. It is an adapter: the
 decisions (how many, when) are the scaling policy's, the bookkeeping is the
 job tracker's. Commands run through a :class:`Runner`: on this machine, or on
-the head node over the tunnel's own ssh settings.
+the head node through ssh to an :class:`~wqsupervisor.target.SshTarget`.
+Schedulers driven by commands share one template,
+:class:`~wqsupervisor.batch.scheduler.Scheduler`.
 
 Every job runs the node launcher (:mod:`wqsupervisor.launcher`), which the
 system writes once (mode 0700) into a private directory on the side where the
@@ -18,14 +20,14 @@ import asyncio
 import dataclasses
 import enum
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Settings
 from ..errors import WQSupervisorError
 from ..launcher import NodeLauncher
-from ..openssh import remote_argv
+from ..openssh import remote_argv_for
+from ..target import SshTarget
 
 
 class JobState(enum.Enum):
@@ -51,6 +53,10 @@ class Unavailable(WQSupervisorError):
     """The scheduler could not be asked (head node unreachable, command failing): states unknown."""
 
 
+# How a runner reports a command it could not start at all, as a shell does.
+NOT_FOUND, NOT_EXECUTABLE = 127, 126
+
+
 @dataclass(frozen=True)
 class Completed:
     """A finished command."""
@@ -58,6 +64,8 @@ class Completed:
     returncode: int
     stdout: str
     stderr: str
+    timed_out: bool = False
+    """True when the runner gave up waiting and killed the command."""
 
     @property
     def error_text(self) -> str:
@@ -92,20 +100,26 @@ class Runner(abc.ABC):
 
 
 async def _communicate(argv: Sequence[str], input: str | None, timeout: float) -> Completed:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    # Said as a shell on the head node would say it, so both runners fail alike.
+    except FileNotFoundError:
+        return Completed(NOT_FOUND, "", f"{argv[0]}: command not found")
+    except PermissionError:
+        return Completed(NOT_EXECUTABLE, "", f"{argv[0]}: Permission denied")
     try:
         data = input.encode() if input is not None else None
         out, err = await asyncio.wait_for(proc.communicate(data), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        return Completed(124, "", f"{argv[0]} timed out after {timeout:g} s")
+        return Completed(124, "", f"{argv[0]} timed out after {timeout:g} s", timed_out=True)
     assert proc.returncode is not None
     return Completed(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
@@ -119,10 +133,14 @@ class LocalRunner(Runner):
 
 
 class SshRunner(Runner):
-    """Commands on the head node, through ssh with the tunnel's settings (its own connection)."""
+    """Commands on the head node, through ssh to ``target`` (its own connection each time).
 
-    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
-        self.settings = settings
+    ssh exits with status 255 when it could not reach or log in to the head
+    node; :mod:`wqsupervisor.batch.scheduler` reads that as "unavailable".
+    """
+
+    def __init__(self, target: SshTarget, env: Mapping[str, str] | None = None) -> None:
+        self.target = target
         self.env = dict(env or {})
 
     async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
@@ -134,7 +152,7 @@ class SshRunner(Runner):
         command = " ".join(shlex.quote(a) for a in argv)
         if self.env:
             command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
-        return remote_argv(self.settings, command)
+        return remote_argv_for(self.target, command)
 
 
 @dataclass(frozen=True)
@@ -176,47 +194,21 @@ class BatchSystem(abc.ABC):
         self.launcher_path = f"{self.workdir}/launcher.sh"
         await self.runner.write(self.launcher_path, launcher.script(), 0o700)
 
-    async def submit_script(
-        self,
-        script: str,
-        text: str,
-        count: int,
-        command: Sequence[str],
-        parse: Callable[[str], str],
-        hint: str,
-    ) -> list[str]:
-        """Write ``text`` to ``script`` (0700) and run ``command`` (which ends with it) ``count`` times.
-
-        Returns the ids ``parse`` reads from each submission's output. A first
-        refusal raises :class:`SubmitError` with the scheduler's words; a later
-        one keeps what was accepted, and the next round asks again.
-        """
-        if count <= 0:
-            return []
-        try:
-            await self.runner.write(script, text, 0o700)
-        except WQSupervisorError as exc:
-            raise SubmitError(f"cannot write the job script: {exc.message}") from None
-        ids: list[str] = []
-        for _ in range(count):
-            done = await self.runner.run(command)
-            if done.returncode != 0:
-                if ids:
-                    break
-                raise SubmitError(f"{command[0]} refused the worker job: {done.error_text}", hint)
-            try:
-                ids.append(parse(done.stdout))
-            except ValueError as exc:
-                raise SubmitError(str(exc)) from None
-        return ids
-
     @abc.abstractmethod
     async def submit(self, count: int) -> list[str]:
-        """Start ``count`` worker jobs; their ids. Raises :class:`SubmitError` with the scheduler's words."""
+        """Start ``count`` worker jobs; their ids.
+
+        Raises :class:`SubmitError` with the scheduler's words, or
+        :class:`Unavailable` when the submission never reached the scheduler.
+        """
 
     @abc.abstractmethod
     async def cancel(self, ids: Sequence[str]) -> None:
-        """Stop these jobs (already finished ones are ignored)."""
+        """Stop these jobs (already finished ones are ignored).
+
+        Raises :class:`Unavailable` when the scheduler cannot be asked, so that
+        jobs are not taken for cancelled while they still hold the cluster.
+        """
 
     @abc.abstractmethod
     async def states(self, ids: Sequence[str]) -> dict[str, JobState]:

@@ -33,7 +33,9 @@ neither are left out; the job tracker deals with those.
 
 Not run against a real HTCondor here (none runs on the test machine): the
 parsers are tested on published outputs (``tests/data/batch``), the adapter on
-the exact command lines it sends.
+the exact command lines it sends. What happens when the head
+node or the scheduler cannot be asked is tested for real: the commands fail
+on a real head node (``tests/test_scheduler_unavailable.py``).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..errors import ConfigError, WQSupervisorError
-from .base import BatchOptions, BatchSystem, JobState, Runner, SubmitError
+from ..errors import ConfigError
+from .base import BatchOptions, JobState, Runner, SubmitError, Unavailable
+from .scheduler import UNAVAILABLE_HINT, Scheduler, unreachable
 
 # JobStatus codes whose meaning does not depend on the exit code.
 _STATUS = {
@@ -144,10 +147,12 @@ def parse_states(text: str) -> dict[str, JobState]:
     return out
 
 
-class Condor(BatchSystem):
+class Condor(Scheduler):
     """Worker jobs in an HTCondor pool, submitted on the head node (the access point)."""
 
     name = "condor"
+    # condor_q exits 0 for ids it does not know; condor_rm complains of jobs already gone.
+    gone_job_words = ("Couldn't find/remove all jobs", "not found")
 
     def __init__(self, runner: Runner, options: BatchOptions | None = None) -> None:
         super().__init__(runner, options)
@@ -161,66 +166,60 @@ class Condor(BatchSystem):
                 walltime_seconds(self.options.walltime)
             except ValueError as exc:
                 raise ConfigError(str(exc), "write the walltime as HH:MM:SS, for example 04:00:00") from None
-        self._held: set[str] = set()
-
-    def _paths(self) -> tuple[str, str]:
-        if self.workdir is None or self.launcher_path is None:
-            raise WQSupervisorError("the node launcher is not written yet; call prepare() before submit()")
-        return self.workdir, self.launcher_path
 
     def submit_description(self, count: int) -> str:
         """The submit description for ``count`` worker jobs."""
-        workdir, launcher = self._paths()
+        workdir, launcher = self.paths()
         return submit_description(self.options, workdir, launcher, count)
 
     async def submit(self, count: int) -> list[str]:
         """Queue ``count`` worker jobs with one ``condor_submit``."""
         if count <= 0:
             return []
-        workdir, _ = self._paths()
+        workdir, _ = self.paths()
         path = f"{workdir}/worker.sub"
         await self.runner.write(path, self.submit_description(count), 0o600)
-        done = await self.runner.run(["condor_submit", path])
-        if done.returncode != 0:
-            raise SubmitError(
-                f"condor_submit refused the worker jobs: {done.error_text}",
-                f"check the account and directives in {path}; 'condor_submit -dry-run - {path}' shows more",
-            )
+        done = await self.run_submit(
+            ["condor_submit", path],
+            "condor_submit refused the worker jobs",
+            f"check the account and directives in {path}; 'condor_submit -dry-run - {path}' shows more",
+        )
         try:
             return parse_submit(done.stdout)
         except ValueError as exc:
             raise SubmitError(str(exc)) from None
 
-    async def cancel(self, ids: Sequence[str]) -> None:
-        """``condor_rm`` the jobs (it complains about jobs already gone; that is ignored)."""
-        if ids:
-            await self.runner.run(["condor_rm", *ids])
+    def cancel_command(self, ids: Sequence[str]) -> list[str]:
+        """``condor_rm`` the jobs."""
+        return ["condor_rm", *ids]
 
-    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+    def state_command(self, ids: Sequence[str]) -> list[str]:
+        """``condor_q`` of these jobs (ids before -af: its words up to the next option are attributes)."""
+        return ["condor_q", *ids, *_AUTOFORMAT]
+
+    def history_command(self, ids: Sequence[str]) -> list[str]:
+        """``condor_history`` of jobs that left the queue, bounded."""
+        limits = ["-limit", str(len(ids)), "-scanlimit", str(HISTORY_SCAN_LIMIT)]
+        return ["condor_history", *limits, *ids, *_AUTOFORMAT]
+
+    def parse_states(self, text: str) -> dict[str, JobState]:
+        """Read the output of :meth:`state_command` or :meth:`history_command`."""
+        return parse_states(text)
+
+    async def query(self, ids: Sequence[str]) -> dict[str, JobState]:
         """States from ``condor_q``, and from ``condor_history`` for jobs that left the queue."""
-        if not ids:
-            return {}
-        wanted = list(dict.fromkeys(ids))
-        # Ids go before -af: every word after it, up to the next option, is an attribute.
-        done = await self.runner.run(["condor_q", *wanted, *_AUTOFORMAT])
-        if done.returncode != 0:
-            return {}
-        found = {job: state for job, state in parse_states(done.stdout).items() if job in wanted}
+        done = await self.ask(self.state_command(ids))
+        found = self.match(ids, parse_states(done.stdout))
         # Still queued yet failed means held (or kept completed): remove those on close.
-        self._held.update(job for job, state in found.items() if state is JobState.FAILED)
-        missing = [job for job in wanted if job not in found]
+        self.stuck.update(job for job, state in found.items() if state is JobState.FAILED)
+        missing = [job for job in ids if job not in found]
         if missing:
-            limits = ["-limit", str(len(missing)), "-scanlimit", str(HISTORY_SCAN_LIMIT)]
-            history = await self.runner.run(["condor_history", *limits, *missing, *_AUTOFORMAT])
+            history = await self.runner.run(self.history_command(missing))
+            reason = unreachable(history, "condor_history")
+            if reason is not None:
+                raise Unavailable(reason, UNAVAILABLE_HINT)
+            # condor_q has answered that these jobs left the queue; a history that cannot be
+            # read (none kept here) only leaves out how they ended.
             if history.returncode == 0:
-                found.update(
-                    (job, state) for job, state in parse_states(history.stdout).items() if job in missing
-                )
+                found.update(self.match(missing, parse_states(history.stdout)))
         return found
-
-    async def close(self) -> None:
-        """Remove the held jobs seen, then the work directory."""
-        if self._held:
-            await self.cancel(sorted(self._held))
-            self._held.clear()
-        await super().close()

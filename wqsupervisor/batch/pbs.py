@@ -29,7 +29,9 @@ stays PENDING (unlike HTCondor, which holds only on errors).
 
 Not run against a real PBS or Torque here (none runs on the test machine):
 the parsers are tested on published outputs (``tests/data/batch``), the
-adapter on the exact command lines it sends.
+adapter on the exact command lines it sends. What happens when the head
+node or the scheduler cannot be asked is tested for real: the commands fail
+on a real head node (``tests/test_scheduler_unavailable.py``).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import WQSupervisorError
-from .base import BatchOptions, BatchSystem, JobState
+from .base import BatchOptions, JobState
+from .qdel import QdelScheduler
 
 _ACTIVE = {
     "Q": JobState.PENDING,
@@ -176,19 +178,17 @@ def match_ids(ids: Sequence[str], found: Mapping[str, JobState]) -> dict[str, Jo
     return out
 
 
-class Pbs(BatchSystem):
+class Pbs(QdelScheduler):
     """Worker jobs on a PBS Professional or OpenPBS cluster."""
 
     name = "pbs"
-
-    def _paths(self) -> tuple[str, str]:
-        if self.workdir is None or self.launcher_path is None:
-            raise WQSupervisorError("the node launcher is not written yet; call prepare() before submit()")
-        return self.workdir, self.launcher_path
+    # qstat exits non-zero when one id is unknown (or finished and out of the history),
+    # yet still reports the others.
+    no_such_job_words = ("Unknown Job Id", "Job has finished")
 
     def job_script(self) -> str:
         """The batch script of one worker job."""
-        return job_script(self.options, *self._paths())
+        return job_script(self.options, *self.paths())
 
     def state_command(self, ids: Sequence[str]) -> list[str]:
         """The ``qstat`` command line that reports these jobs."""
@@ -198,9 +198,13 @@ class Pbs(BatchSystem):
         """Read the output of :meth:`state_command`."""
         return parse_pbspro_states(text)
 
+    def match(self, ids: Sequence[str], found: Mapping[str, JobState]) -> dict[str, JobState]:
+        """Report ``found`` under the ids we asked about (qstat may spell the server longer)."""
+        return match_ids(ids, found)
+
     async def submit(self, count: int) -> list[str]:
         """``qsub`` the job script ``count`` times."""
-        workdir, _ = self._paths()
+        workdir, _ = self.paths()
         script = f"{workdir}/{self.name}-job.sh"
         return await self.submit_script(
             script,
@@ -212,20 +216,6 @@ class Pbs(BatchSystem):
             "the cluster's limits ('qstat -Q' lists the queues)",
         )
 
-    async def cancel(self, ids: Sequence[str]) -> None:
-        """``qdel`` the jobs (it complains about jobs already finished or gone; that is ignored)."""
-        if ids:
-            await self.runner.run(["qdel", *ids])
-
-    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
-        """Every job of ours that ``qstat`` still knows."""
-        if not ids:
-            return {}
-        wanted = list(dict.fromkeys(ids))
-        # qstat exits non-zero when one id is unknown, yet still reports the others.
-        done = await self.runner.run(self.state_command(wanted))
-        return match_ids(wanted, self.parse_states(done.stdout))
-
 
 class Torque(Pbs):
     """Worker jobs on a Torque cluster (the same commands as PBS, older resource and XML forms)."""
@@ -234,7 +224,7 @@ class Torque(Pbs):
 
     def job_script(self) -> str:
         """The batch script of one worker job."""
-        return torque_job_script(self.options, *self._paths())
+        return torque_job_script(self.options, *self.paths())
 
     def state_command(self, ids: Sequence[str]) -> list[str]:
         """The ``qstat`` command line that reports these jobs (XML)."""

@@ -30,7 +30,9 @@ order:
 
 Not run against a real Grid Engine here (none runs on the test machine): the
 parsers are tested on published outputs (``tests/data/batch``), the adapter on
-the exact command lines it sends.
+the exact command lines it sends. What happens when the head
+node or the scheduler cannot be asked is tested for real: the commands fail
+on a real head node (``tests/test_scheduler_unavailable.py``).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import shlex
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
-from ..errors import WQSupervisorError
-from .base import BatchOptions, BatchSystem, JobState, Runner
+from .base import BatchOptions, JobState
+from .qdel import QdelScheduler
 
 _PE_DIRECTIVE = re.compile(r"^#\$\s+-pe\s")
 # qsub -terse prints the id (arrays: 123.1-10:1); without -terse, "Your job 123 ("name") has been submitted".
@@ -125,27 +127,21 @@ def parse_states(text: str) -> dict[str, JobState]:
     return out
 
 
-class Sge(BatchSystem):
+class Sge(QdelScheduler):
     """Worker jobs on a Grid Engine cluster."""
 
     name = "sge"
-
-    def __init__(self, runner: Runner, options: BatchOptions | None = None) -> None:
-        super().__init__(runner, options)
-        self._failed: set[str] = set()
-
-    def _paths(self) -> tuple[str, str]:
-        if self.workdir is None or self.launcher_path is None:
-            raise WQSupervisorError("the node launcher is not written yet; call prepare() before submit()")
-        return self.workdir, self.launcher_path
+    # qstat -xml lists the user's queued and running jobs, and no others: a job in error
+    # (Eqw) waits there for a person, and close() deletes those it saw.
+    failed_stay_queued = True
 
     def job_script(self) -> str:
         """The batch script of one worker job."""
-        return job_script(self.options, *self._paths())
+        return job_script(self.options, *self.paths())
 
     async def submit(self, count: int) -> list[str]:
         """``qsub -terse`` the job script ``count`` times."""
-        workdir, _ = self._paths()
+        workdir, _ = self.paths()
         script = f"{workdir}/sge-job.sh"
         return await self.submit_script(
             script,
@@ -157,26 +153,10 @@ class Sge(BatchSystem):
             "('qconf -sql' and 'qconf -spl' list queues and parallel environments)",
         )
 
-    async def cancel(self, ids: Sequence[str]) -> None:
-        """``qdel`` the jobs (it complains about jobs already gone; that is ignored)."""
-        if ids:
-            await self.runner.run(["qdel", *ids])
+    def state_command(self, ids: Sequence[str]) -> list[str]:
+        """``qstat -xml``: every job of the user (it takes no ids); ours are picked out of it."""
+        return ["qstat", "-xml"]
 
-    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
-        """Every job of ours that ``qstat`` still lists."""
-        if not ids:
-            return {}
-        done = await self.runner.run(["qstat", "-xml"])
-        if done.returncode != 0:
-            return {}
-        wanted = set(ids)
-        found = {job: state for job, state in parse_states(done.stdout).items() if job in wanted}
-        self._failed.update(job for job, state in found.items() if state is JobState.FAILED)
-        return found
-
-    async def close(self) -> None:
-        """Delete the jobs seen in an error state, then the work directory."""
-        if self._failed:
-            await self.cancel(sorted(self._failed))
-            self._failed.clear()
-        await super().close()
+    def parse_states(self, text: str) -> dict[str, JobState]:
+        """Read the output of :meth:`state_command`."""
+        return parse_states(text)

@@ -3,14 +3,18 @@
 Run against a real single-node Slurm (Debian's slurm-wlm 22.05) in the
 firewall lab: see ``tests/test_scaling.py``. Finished jobs stay listed by
 ``squeue -t all`` for ``MinJobAge`` (300 s by default); ``sacct`` is used only
-when accounting is configured, since it fails without slurmdbd.
+when accounting is configured, since it fails without slurmdbd. squeue and
+scancel fail the whole command for an id Slurm no longer knows ("Invalid job
+id specified"): that is an answer; any other failure makes the states
+unknown (see :mod:`wqsupervisor.batch.scheduler`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import BatchSystem, JobState, Unavailable
+from .base import JobState
+from .scheduler import Scheduler
 
 # squeue's %T names, in Slurm's words.
 _STATES = {
@@ -59,10 +63,14 @@ def parse_submit(text: str) -> str:
     return job
 
 
-class Slurm(BatchSystem):
+class Slurm(Scheduler):
     """Worker jobs on a Slurm cluster."""
 
     name = "slurm"
+    # squeue fails the whole list for one unknown id ("slurm_load_jobs error: Invalid job id
+    # specified"); scancel says the same, or that the job is already done.
+    no_such_job_words = ("Invalid job id specified",)
+    gone_job_words = ("Invalid job id specified", "already completing or completed")
 
     def job_script(self) -> str:
         """The batch script of one worker job."""
@@ -98,25 +106,26 @@ class Slurm(BatchSystem):
             "check --partition, --account and --walltime against the cluster's limits",
         )
 
-    async def cancel(self, ids: Sequence[str]) -> None:
+    def cancel_command(self, ids: Sequence[str]) -> list[str]:
         """``scancel`` the jobs."""
-        if ids:
-            await self.runner.run(["scancel", *ids])
+        return ["scancel", *ids]
 
-    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+    def state_command(self, ids: Sequence[str]) -> list[str]:
         """Every listed job of ours, from ``squeue -t all``."""
-        if not ids:
-            return {}
-        done = await self.runner.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i %T"])
-        if done.returncode == 255 or "Unable to contact slurm controller" in done.stderr:
-            raise Unavailable(f"squeue failed: {done.error_text}")
-        if done.returncode != 0:
-            # squeue refuses the whole list when one id is unknown; ask for ours one by one.
-            found: dict[str, JobState] = {}
-            for job in ids:
-                one = await self.runner.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T"])
-                if one.returncode == 0:
-                    found.update(parse_states(one.stdout))
-            return found
-        wanted = set(ids)
-        return {k: v for k, v in parse_states(done.stdout).items() if k in wanted}
+        return ["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i %T"]
+
+    def parse_states(self, text: str) -> dict[str, JobState]:
+        """Read the output of :meth:`state_command`."""
+        return parse_states(text)
+
+    async def query(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """Our jobs in one squeue; one by one when it refused the list for an id it forgot."""
+        done = await self.ask(self.state_command(ids), self.no_such_job_words)
+        if done.returncode == 0:
+            return parse_states(done.stdout)
+        found: dict[str, JobState] = {}
+        for job in ids:
+            one = await self.ask(self.state_command([job]), self.no_such_job_words)
+            if one.returncode == 0:
+                found.update(parse_states(one.stdout))
+        return found

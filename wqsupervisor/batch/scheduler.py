@@ -1,0 +1,217 @@
+"""The template every scheduler driven by commands follows: run the command, judge it, parse its answer.
+
+Slurm, HTCondor, PBS/Torque and Grid Engine differ in their commands and in
+the words of their answers, not in how they are asked. :class:`Scheduler`
+runs a system's command through its :class:`~wqsupervisor.batch.base.Runner`,
+decides whether the scheduler answered at all (:func:`unanswered`), and hands
+the output to the system's pure parser: text in, ``{job id: JobState}`` (or
+job ids) out. Each system module declares its commands, its parsers and the
+words of its "no such job" answers; nothing else.
+
+A command that fails is not an answer. Its jobs' states are unknown, and
+:class:`~wqsupervisor.batch.base.Unavailable` says so; the job tracker then
+keeps them as they were, instead of taking them for finished and submitting
+replacements (which leaked jobs on the cluster exactly when the network was
+bad). Failing means: the runner gave up waiting, ssh could not reach the head
+node (status 255), the command is not there (127), or any other non-zero
+status whose output does not carry the scheduler's documented words for a job
+it no longer knows.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
+
+from ..errors import WQSupervisorError
+from ..logs import get_logger
+from .base import (
+    NOT_FOUND,
+    BatchOptions,
+    BatchSystem,
+    Completed,
+    JobState,
+    Runner,
+    SubmitError,
+    Unavailable,
+)
+
+# ssh's own exit status when it could not connect or log in (the remote command's is passed through).
+SSH_FAILED = 255
+UNAVAILABLE_HINT = (
+    "the jobs keep their last known states, and none is submitted, until the scheduler answers again"
+)
+
+
+def mentions(*words: str) -> Callable[[Completed], bool]:
+    """A test of a failed command's output: True when it carries one of ``words`` (case ignored)."""
+    lowered = tuple(w.lower() for w in words)
+
+    def carries(done: Completed) -> bool:
+        text = f"{done.stderr}\n{done.stdout}".lower()
+        return any(word in text for word in lowered)
+
+    return carries
+
+
+def unreachable(done: Completed, program: str) -> str | None:
+    """Why ``program`` never reached the scheduler (timeout, ssh failed, not installed), or None."""
+    if done.timed_out:
+        return f"{program} did not answer in time: {done.error_text}"
+    if done.returncode == SSH_FAILED:
+        return f"the head node could not be reached to run {program}: {done.error_text}"
+    if done.returncode == NOT_FOUND:
+        return f"{program} is not there (not installed, or not on PATH): {done.error_text}"
+    return None
+
+
+def unanswered(done: Completed, program: str, no_such_job: Callable[[Completed], bool]) -> str | None:
+    """Why ``done`` is no answer from the scheduler, for a person; None when it is one.
+
+    A non-zero status is still an answer when ``no_such_job`` recognises the
+    scheduler's words for ids it does not know (some schedulers fail the
+    whole command for one such id, yet report the others).
+    """
+    reason = unreachable(done, program)
+    if reason is not None:
+        return reason
+    if done.returncode == 0 or no_such_job(done):
+        return None
+    return f"{program} failed: {done.error_text}"
+
+
+class Scheduler(BatchSystem):
+    """A batch system whose jobs are a scheduler's, asked through its commands on the head node.
+
+    A system declares :meth:`state_command` and :meth:`parse_states`,
+    :meth:`cancel_command`, how it submits (:meth:`submit`, usually through
+    :meth:`submit_script`), and the words of its "no such job" answers.
+    """
+
+    no_such_job_words: ClassVar[tuple[str, ...]] = ()
+    """What the state command says of an id it does not know, when it then exits non-zero."""
+    gone_job_words: ClassVar[tuple[str, ...]] = ()
+    """What the cancel command says of a job that has already left (not a failure)."""
+    failed_stay_queued: ClassVar[bool] = False
+    """True when the state command lists queued jobs only: a FAILED one there waits for a person,
+    and :meth:`close` removes it."""
+
+    def __init__(self, runner: Runner, options: BatchOptions | None = None) -> None:
+        super().__init__(runner, options)
+        self.stuck: set[str] = set()
+
+    def paths(self) -> tuple[str, str]:
+        """The work directory and the launcher; only after :meth:`prepare`."""
+        if self.workdir is None or self.launcher_path is None:
+            raise WQSupervisorError("the node launcher is not written yet; call prepare() before submit()")
+        return self.workdir, self.launcher_path
+
+    async def ask(self, argv: Sequence[str], no_such_job: Sequence[str] = ()) -> Completed:
+        """Run a scheduler command; its output, or :class:`Unavailable` when the scheduler did not answer."""
+        done = await self.runner.run(argv)
+        reason = unanswered(done, argv[0], mentions(*no_such_job))
+        if reason is not None:
+            raise Unavailable(reason, UNAVAILABLE_HINT)
+        return done
+
+    # -- states ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def state_command(self, ids: Sequence[str]) -> list[str]:
+        """The command line that reports these jobs."""
+
+    @abc.abstractmethod
+    def parse_states(self, text: str) -> dict[str, JobState]:
+        """Read the output of :meth:`state_command` (pure)."""
+
+    def match(self, ids: Sequence[str], found: Mapping[str, JobState]) -> dict[str, JobState]:
+        """The states of ``ids`` among those found (the scheduler may list other jobs too)."""
+        return {job: state for job, state in found.items() if job in ids}
+
+    async def query(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """Ask the scheduler about ``ids``: every state its answer holds."""
+        done = await self.ask(self.state_command(ids), self.no_such_job_words)
+        return self.parse_states(done.stdout)
+
+    async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """Every job of ours the scheduler still knows; :class:`Unavailable` when it cannot be asked."""
+        if not ids:
+            return {}
+        wanted = list(dict.fromkeys(ids))
+        found = self.match(wanted, await self.query(wanted))
+        if self.failed_stay_queued:
+            self.stuck.update(job for job, state in found.items() if state is JobState.FAILED)
+        return found
+
+    # -- cancel ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def cancel_command(self, ids: Sequence[str]) -> list[str]:
+        """The command line that cancels these jobs."""
+
+    async def cancel(self, ids: Sequence[str]) -> None:
+        """Cancel the jobs; jobs already gone are no failure, an unreachable scheduler is."""
+        if ids:
+            await self.ask(self.cancel_command(ids), self.gone_job_words)
+
+    # -- submit ------------------------------------------------------------------------
+
+    async def run_submit(self, argv: Sequence[str], refused: str, hint: str) -> Completed:
+        """Run a submission: :class:`Unavailable` if it never reached the scheduler,
+        :class:`SubmitError` with the scheduler's words (after ``refused``) if it refused."""
+        done = await self.runner.run(argv)
+        reason = unreachable(done, argv[0])
+        if reason is not None:
+            raise Unavailable(f"cannot submit: {reason}", UNAVAILABLE_HINT)
+        if done.returncode != 0:
+            raise SubmitError(f"{refused}: {done.error_text}", hint)
+        return done
+
+    async def submit_script(
+        self,
+        script: str,
+        text: str,
+        count: int,
+        command: Sequence[str],
+        parse: Callable[[str], str],
+        hint: str,
+    ) -> list[str]:
+        """Write ``text`` to ``script`` (0700) and run ``command`` (which ends with it) ``count`` times.
+
+        Returns the ids ``parse`` reads from each submission's output. A first
+        refusal raises :class:`SubmitError` with the scheduler's words (or
+        :class:`Unavailable`); a later one keeps what was accepted, and the
+        next round asks again.
+        """
+        if count <= 0:
+            return []
+        try:
+            await self.runner.write(script, text, 0o700)
+        except WQSupervisorError as exc:
+            raise SubmitError(f"cannot write the job script: {exc.message}") from None
+        ids: list[str] = []
+        for _ in range(count):
+            try:
+                done = await self.run_submit(command, f"{command[0]} refused the worker job", hint)
+            except (SubmitError, Unavailable):
+                if ids:
+                    break
+                raise
+            try:
+                ids.append(parse(done.stdout))
+            except ValueError as exc:
+                raise SubmitError(str(exc)) from None
+        return ids
+
+    # -- close -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Remove the failed jobs still queued that were seen, then the work directory."""
+        if self.stuck:
+            try:
+                await self.cancel(sorted(self.stuck))
+            except Unavailable as exc:
+                get_logger().warning("batch.cancel_failed", system=self.name, error=exc.message)
+            self.stuck.clear()
+        await super().close()
