@@ -11,7 +11,7 @@ import argparse
 import json
 import pathlib
 
-from wqsupervisor.bench import faults
+from wqsupervisor.harness.bench import faults
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--reps", type=int, default=1)

@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any
 
-from wqsupervisor.bench.harness import (
+from wqsupervisor.harness.bench.harness import (
     REPO_ROOT,
     MasterProcess,
     Supervised,
@@ -44,10 +44,10 @@ from wqsupervisor.bench.harness import (
     summary,
     workers,
 )
+from wqsupervisor.harness.sandbox import HeadNode, debian_work_queue_path
 from wqsupervisor.master import MasterInfo
 from wqsupervisor.process import owned_argv, terminate
-from wqsupervisor.sandbox import HeadNode, debian_work_queue_path
-from wqsupervisor.server import free_port
+from wqsupervisor.wqserver import free_port
 
 BACKENDS = ("openssh", "paramiko")
 # How long a status request may wait for its answer before it counts as unanswered.

@@ -11,7 +11,7 @@ import argparse
 import json
 import pathlib
 
-from wqsupervisor.bench import recovery
+from wqsupervisor.harness.bench import recovery
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--kills", type=int, default=10)

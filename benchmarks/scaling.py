@@ -10,7 +10,7 @@ import argparse
 import json
 import pathlib
 
-from wqsupervisor.bench import scaling
+from wqsupervisor.harness.bench import scaling
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--reps", type=int, default=2)

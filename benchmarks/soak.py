@@ -10,7 +10,7 @@ import argparse
 import json
 import pathlib
 
-from wqsupervisor.bench import soak
+from wqsupervisor.harness.bench import soak
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--minutes", type=float, default=20.0)

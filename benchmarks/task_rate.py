@@ -11,7 +11,7 @@ import argparse
 import json
 import pathlib
 
-from wqsupervisor.bench import taskrate
+from wqsupervisor.harness.bench import taskrate
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rounds", type=int, default=7)

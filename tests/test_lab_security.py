@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from wqsupervisor.lab import CampusApp, Lab, start_node_workers
+from wqsupervisor.harness.lab import CampusApp, Lab, start_node_workers
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001

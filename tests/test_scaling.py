@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from wqsupervisor.lab import CampusApp, Lab
+from wqsupervisor.harness.lab import CampusApp, Lab
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001

@@ -38,9 +38,9 @@ from .events import (
 from .forward import ForwardCheck
 from .lifecycle import TunnelState
 from .master import Master, MasterIdentity, MasterInfo, MasterStats
-from .server import Task, TaskResult, WorkQueueServer
 from .supervisor import Supervisor, supervise
 from .watch import WorkerWatch
+from .wqserver import Task, TaskResult, WorkQueueServer
 
 __all__ = [
     "AllWorkersLost",

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..sandbox import HeadNode
 from .harness import MasterProcess, PlainSsh, Supervised, machine, summary, workers
-from .paths import TwoHop
+from .netpaths import TwoHop
 from .report import compare, interleaved
 
 PATHS = ("direct", "wqsupervisor", "ssh -N -R")

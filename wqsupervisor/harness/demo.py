@@ -17,11 +17,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .events import Event, TunnelDown, TunnelUp, WorkerCountChanged
-from .process import terminate
+from ..events import Event, TunnelDown, TunnelUp, WorkerCountChanged
+from ..process import terminate
+from ..supervisor import supervise
+from ..wqserver import Task, WorkQueueServer, free_port
 from .sandbox import HeadNode, start_worker
-from .server import Task, WorkQueueServer, free_port
-from .supervisor import supervise
 
 
 @dataclass

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import WQSupervisorError
+from ...errors import WQSupervisorError
 from . import report, taskrate
 from .harness import machine
-from .paths import CONCURRENT_PATHS, PATHS, Bed
+from .netpaths import CONCURRENT_PATHS, PATHS, Bed
 
 SECTIONS = ("bulk", "concurrency", "latency", "tasks", "recovery")
 # Short enough for a full run; `--only recovery` runs every fault of the lab.
@@ -118,7 +118,7 @@ def command_line(argv0: str, args: Sequence[str]) -> str:
     if here.name == "__main__.py" and here.parent.name == "wqsupervisor":
         prefix = "python3 -m wqsupervisor bench"
     elif here.name == "suite.py" and here.parent.name == "bench":
-        prefix = "python3 -m wqsupervisor.bench.suite"
+        prefix = "python3 -m wqsupervisor.harness.bench.suite"
     elif here.name == "wqsupervisor":
         prefix = "wqsupervisor bench"
     else:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import WQSupervisorError
+from ...errors import WQSupervisorError
 from .harness import summary
 
 Summary = dict[str, Any]

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .errors import WQSupervisorError
-from .process import owned_argv, pid_alive, terminate, wait_gone
+from ..config import Settings
+from ..errors import WQSupervisorError
+from ..process import owned_argv, pid_alive, terminate, wait_gone
 
 ALIAS = "headnode"
 

@@ -9,7 +9,7 @@ Three hosts, each a network namespace that the lab creates and removes::
   ``node`` cannot reach ``campus``; ``campus`` drops TCP SYNs from the head's
   link, so ``head`` cannot open connections into it. Each host has only its
   connected routes: no default route, nothing beyond the lab.
-* ``head`` runs a real sshd (:class:`wqsupervisor.sandbox.HeadNode`) for an
+* ``head`` runs a real sshd (:class:`wqsupervisor.harness.sandbox.HeadNode`) for an
   unprivileged user that the lab creates and deletes, so nothing can lean on root.
 * Workers on ``node`` reach the master only as the HOWTO says: their own
   ``ssh -L`` hop to the head, then the head's ``-R`` port.
@@ -20,8 +20,8 @@ Faults are methods: :meth:`Lab.link_down`, :meth:`Lab.blackhole` and
 Everything is undone by :meth:`Lab.stop`, which also runs when the ``with``
 block raises. Needs root, ``iproute2`` and ``iptables``.
 
-``python -m wqsupervisor.lab app ...`` is the campus-side application the
-tests and benchmarks drive; ``python -m wqsupervisor.lab probe PORT`` watches
+``python -m wqsupervisor.harness.lab app ...`` is the campus-side application the
+tests and benchmarks drive; ``python -m wqsupervisor.harness.lab probe PORT`` watches
 a port from inside a namespace.
 """
 
@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import WQSupervisorError
-from .process import owned_argv, pid_alive, terminate
+from ..errors import WQSupervisorError
+from ..process import owned_argv, pid_alive, terminate
 from .sandbox import HeadNode
 
 CAMPUS, HEAD, NODE = "campus", "head", "node"
@@ -584,13 +584,13 @@ class Lab:
 def _python_env() -> dict[str, str]:
     from .sandbox import debian_work_queue_path
 
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, debian_work_queue_path(), os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
 
 
 class CampusApp:
-    """A supervised master on ``campus`` (``python -m wqsupervisor.lab app``), driven from here.
+    """A supervised master on ``campus`` (``python -m wqsupervisor.harness.lab app``), driven from here.
 
     It reports JSON lines (events with the engine's own timestamps, results,
     stats every half second); this object collects them and waits on them.
@@ -615,7 +615,7 @@ class CampusApp:
         argv = [
             sys.executable,
             "-m",
-            "wqsupervisor.lab",
+            "wqsupervisor.harness.lab",
             "app",
             "--ssh-config",
             str(lab.campus_ssh_config),
@@ -751,7 +751,7 @@ class HeadProbe:
         self._lock = threading.Lock()
         self.proc = lab.popen(
             HEAD,
-            [sys.executable, "-m", "wqsupervisor.lab", "probe", str(port), str(interval)],
+            [sys.executable, "-m", "wqsupervisor.harness.lab", "probe", str(port), str(interval)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -799,7 +799,7 @@ def start_node_workers(
     extra: Sequence[str] = (),
 ) -> list[subprocess.Popen[Any]]:
     """n node launchers on ``node``, each an ssh -L hop to the head and a worker through it."""
-    from .launcher import NodeLauncher
+    from ..launcher import NodeLauncher
 
     launcher = NodeLauncher(
         remote_port=remote_port,
@@ -860,7 +860,7 @@ def _app(argv: list[str]) -> int:
     import argparse
     import queue
 
-    parser = argparse.ArgumentParser(prog="python -m wqsupervisor.lab app")
+    parser = argparse.ArgumentParser(prog="python -m wqsupervisor.harness.lab app")
     parser.add_argument("--ssh-config", required=True)
     parser.add_argument("--remote-port", type=int, required=True)
     parser.add_argument("--settings", default="{}", help="more supervisor settings, as JSON")
@@ -873,9 +873,9 @@ def _app(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from .config import settings_from_kwargs
-    from .master import read_stats
-    from .supervisor import supervise
+    from ..config import settings_from_kwargs
+    from ..master import read_stats
+    from ..supervisor import supervise
 
     lock = threading.Lock()
 
@@ -884,7 +884,7 @@ def _app(argv: list[str]) -> int:
             print(json.dumps({"kind": kind, "t": time.time(), **data}), flush=True)
 
     if args.binding == "server":
-        from .server import Task, WorkQueueServer
+        from ..wqserver import Task, WorkQueueServer
 
         q: Any = WorkQueueServer(name=f"lab-{os.getpid()}")
         make_task: Callable[[str, str], Any] = lambda cmd, tag: Task(cmd, tag=tag)  # noqa: E731
@@ -1006,5 +1006,5 @@ if __name__ == "__main__":
         sys.exit(_app(rest))
     if command == "probe":
         sys.exit(_probe(rest))
-    print("usage: python -m wqsupervisor.lab {app|probe} ...", file=sys.stderr)
+    print("usage: python -m wqsupervisor.harness.lab {app|probe} ...", file=sys.stderr)
     sys.exit(2)

@@ -6,7 +6,7 @@ as a master) and yields the 127.0.0.1 port a client connects to:
 
 * ``direct`` -- loopback TCP to the server, the limit of this machine;
 * ``ssh -R``, ``ssh -R aes128-gcm``, ``ssh -R chacha20-poly1305`` -- the HOWTO's
-  ``ssh -N -R`` to the loopback :class:`~wqsupervisor.sandbox.HeadNode`, with
+  ``ssh -N -R`` to the loopback :class:`~wqsupervisor.harness.sandbox.HeadNode`, with
   the client's default cipher or one forced with ``-o Ciphers=``;
 * ``two-hop`` -- the HOWTO's chain: that ``ssh -N -R`` on the campus side and a
   node's ``ssh -N -L`` to the head's remote port;
@@ -16,7 +16,7 @@ as a master) and yields the 127.0.0.1 port a client connects to:
 
 The load comes from a :class:`Client` in a process of its own, so neither it
 nor the server shares a GIL with the paramiko threads or the engine that run
-in this one. ``python -m wqsupervisor.bench.paths serve|client`` are those
+in this one. ``python -m wqsupervisor.harness.bench.netpaths serve|client`` are those
 two processes.
 """
 
@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..process import owned_argv, terminate
+from ...process import owned_argv, terminate
+from ...wqserver import free_port
 from ..sandbox import ALIAS, HeadNode
-from ..server import free_port
 from .harness import REPO_ROOT, PlainSsh, Supervised
 
 AES_GCM = "aes128-gcm@openssh.com"
@@ -190,13 +190,13 @@ def client() -> int:
 
 
 class _Child:
-    """A ``python -m wqsupervisor.bench.paths ROLE`` child, driven through its pipes."""
+    """A ``python -m wqsupervisor.harness.bench.netpaths ROLE`` child, driven through its pipes."""
 
     def __init__(self, role: str) -> None:
         self.role = role
         env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONWARNINGS="ignore")
         self.proc = subprocess.Popen(
-            owned_argv([sys.executable, "-m", "wqsupervisor.bench.paths", role]),
+            owned_argv([sys.executable, "-m", "wqsupervisor.harness.bench.netpaths", role]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -344,8 +344,8 @@ class ParamikoTunnel:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _start(self, settings: Any, master_port: int) -> Any:
-        from .. import openssh
-        from ..paramiko_backend import ParamikoSession
+        from ... import openssh
+        from ...paramiko_backend import ParamikoSession
 
         config = await openssh.read_config(settings)
         session = await ParamikoSession.start(

@@ -15,18 +15,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..master import MasterInfo
-from ..process import owned_argv, terminate
-from ..runner import EngineThread
+from ...master import MasterInfo
+from ...process import owned_argv, terminate
+from ...runner import EngineThread
+from ...wqserver import free_port
 from ..sandbox import ALIAS, HeadNode, debian_work_queue_path, start_worker
-from ..server import free_port
 from .master import PREFIX
 
-REPO_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 
 class MasterProcess:
-    """A master in a child process (see :mod:`wqsupervisor.bench.master`)."""
+    """A master in a child process (see :mod:`wqsupervisor.harness.bench.master`)."""
 
     def __init__(self, binding: str = "debian", pythonpath: str | None = None) -> None:
         paths = [REPO_ROOT]
@@ -36,7 +36,7 @@ class MasterProcess:
             paths.append(pythonpath)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONWARNINGS="ignore")
         self.proc = subprocess.Popen(
-            owned_argv([sys.executable, "-m", "wqsupervisor.bench.master", binding]),
+            owned_argv([sys.executable, "-m", "wqsupervisor.harness.bench.master", binding]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -237,7 +237,7 @@ def machine() -> dict[str, Any]:
             return "missing"
         return (res.stdout + res.stderr).strip().splitlines()[0] if (res.stdout + res.stderr).strip() else ""
 
-    from .. import __version__
+    from ... import __version__
 
     return {
         "cpus": os.cpu_count(),

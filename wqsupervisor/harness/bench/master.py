@@ -1,6 +1,6 @@
 """A Work Queue master in a process of its own, driven line by line from stdin.
 
-``python -m wqsupervisor.bench.master BINDING`` prints its port, then serves:
+``python -m wqsupervisor.harness.bench.master BINDING`` prints its port, then serves:
 
 * ``workers K T`` -- wait (in ``wait()``, so status requests are answered) until
   K workers are connected, at most T seconds; prints ``ok N`` or ``timeout N``;
@@ -12,7 +12,7 @@
 * ``quit``.
 
 BINDING is ``debian`` (Debian's SWIG ``work_queue``), ``ndcctools``, or
-``server`` (:class:`wqsupervisor.server.WorkQueueServer`). Answers start with
+``server`` (:class:`wqsupervisor.wqserver.WorkQueueServer`). Answers start with
 ``wqs-bench: ``; anything else on stdout is the bindings' own chatter.
 """
 
@@ -30,7 +30,7 @@ def _open(binding: str) -> tuple[Any, Any]:
     import importlib
 
     if binding == "server":
-        from wqsupervisor.server import Task, WorkQueueServer
+        from wqsupervisor.wqserver import Task, WorkQueueServer
 
         return WorkQueueServer(name="wqs-bench"), Task
     module = importlib.import_module("ndcctools.work_queue" if binding == "ndcctools" else "work_queue")

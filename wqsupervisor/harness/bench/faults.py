@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...process import pid_alive
 from ..lab import CampusApp, HeadProbe, Lab, start_node_workers
-from ..process import pid_alive
 from ..sandbox import children_of
 from .harness import machine, summary
 
