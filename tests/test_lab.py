@@ -21,16 +21,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wqsupervisor.harness.lab import (
-    CAMPUS,
-    CAMPUS_IP,
-    HEAD,
-    NODE,
-    CampusApp,
-    Lab,
-    remove_remains,
-    start_node_workers,
-)
+from wqsupervisor.harness.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, Lab, remove_remains
+from wqsupervisor.harness.labapps import CampusApp, start_node_workers
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001

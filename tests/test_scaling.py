@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from wqsupervisor.harness.lab import CampusApp, Lab
+from wqsupervisor.harness.lab import Lab
+from wqsupervisor.harness.labapps import CampusApp
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001

@@ -37,8 +37,9 @@ from typing import Any
 
 from ...process import owned_argv, terminate
 from ...wqserver import free_port
+from ..common import PACKAGE_ROOT
 from ..sandbox import ALIAS, HeadNode
-from .harness import REPO_ROOT, PlainSsh, Supervised
+from .tunnels import PlainSsh, Supervised
 
 AES_GCM = "aes128-gcm@openssh.com"
 CHACHA = "chacha20-poly1305@openssh.com"
@@ -194,7 +195,7 @@ class _Child:
 
     def __init__(self, role: str) -> None:
         self.role = role
-        env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT, PYTHONWARNINGS="ignore")
         self.proc = subprocess.Popen(
             owned_argv([sys.executable, "-m", "wqsupervisor.harness.bench.netpaths", role]),
             stdin=subprocess.PIPE,

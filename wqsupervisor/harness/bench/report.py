@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import WQSupervisorError
-from .harness import summary
+from ..common import summary
 
 Summary = dict[str, Any]
 # Display order and labels of the recovery comparators.

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import WQSupervisorError
+from ..common import machine
 from . import report, taskrate
-from .harness import machine
 from .netpaths import CONCURRENT_PATHS, PATHS, Bed
 
 SECTIONS = ("bulk", "concurrency", "latency", "tasks", "recovery")
