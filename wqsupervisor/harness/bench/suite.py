@@ -2,7 +2,7 @@
 
 One run on one machine measures, each against its comparator in the same run:
 
-* ``bulk`` -- MB/s of one stream through every path of :mod:`.paths`;
+* ``bulk`` -- MB/s of one stream through every path of :mod:`.netpaths`;
 * ``concurrency`` -- aggregate MB/s of 1, 8 and 64 streams sharing one connection;
 * ``latency`` -- p50/p99 of 64-byte round trips through every path;
 * ``tasks`` -- Work Queue tasks/s with real workers, empty and with 1 MB and
