@@ -11,7 +11,7 @@ import pathlib
 import shlex
 import sys
 
-from wqsupervisor.bench import suite
+from wqsupervisor.harness.bench import suite
 
 here = pathlib.Path(__file__).resolve().parent
 args = sys.argv[1:]

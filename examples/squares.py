@@ -6,7 +6,7 @@ Run it supervised, with workers on the far side of a firewall::
         examples/squares.py --tasks 100
 
 It uses Debian's work_queue_server (a real C master) through
-wqsupervisor.server; swap in ndcctools' WorkQueue and Task and nothing else
+wqsupervisor.wqserver; swap in ndcctools' WorkQueue and Task and nothing else
 changes. It prints one line per task and exits with --exit-status once all
 tasks are back, so a caller can see that the status is passed through.
 """
@@ -14,7 +14,7 @@ tasks are back, so a caller can see that the status is passed through.
 import argparse
 import sys
 
-from wqsupervisor.server import Task, WorkQueueServer
+from wqsupervisor.wqserver import Task, WorkQueueServer
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--tasks", type=int, default=20)

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from wqsupervisor.events import Event
+from wqsupervisor.harness.sandbox import HeadNode, start_worker
 from wqsupervisor.process import pid_alive, terminate
-from wqsupervisor.sandbox import HeadNode, start_worker
-from wqsupervisor.server import WorkQueueServer
+from wqsupervisor.wqserver import WorkQueueServer
 
 from support import free_port
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from wqsupervisor.harness.sandbox import debian_work_queue_path  # noqa: F401 - re-exported for the tests
 from wqsupervisor.process import pid_alive
-from wqsupervisor.sandbox import debian_work_queue_path  # noqa: F401 - re-exported for the tests
-from wqsupervisor.server import Task
+from wqsupervisor.wqserver import Task
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from wqsupervisor.bench import report, suite, taskrate
-from wqsupervisor.bench.master import split_run
-from wqsupervisor.bench.paths import PATHS, first_cipher
 from wqsupervisor.errors import WQSupervisorError
+from wqsupervisor.harness.bench import report, suite, taskrate
+from wqsupervisor.harness.bench.master import split_run
+from wqsupervisor.harness.bench.netpaths import PATHS, first_cipher
 
 
 def _s(median, lo, hi, n=3):
@@ -178,7 +178,10 @@ def test_command_line_names_the_way_it_was_started():
         suite.command_line("/x/wqsupervisor/__main__.py", ["--quick"])
         == "python3 -m wqsupervisor bench --quick"
     )
-    assert suite.command_line("/x/wqsupervisor/bench/suite.py", []) == "python3 -m wqsupervisor.bench.suite"
+    assert (
+        suite.command_line("/x/wqsupervisor/harness/bench/suite.py", [])
+        == "python3 -m wqsupervisor.harness.bench.suite"
+    )
     assert suite.command_line("/usr/bin/wqsupervisor", ["--out", "a b"]) == "wqsupervisor bench --out 'a b'"
 
 

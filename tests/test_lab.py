@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wqsupervisor.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, CampusApp, Lab, remove_remains, start_node_workers
+from wqsupervisor.harness.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, Lab, remove_remains
+from wqsupervisor.harness.labapps import CampusApp, start_node_workers
 from wqsupervisor.protocol import TunnelSnapshot
 
 pytestmark = pytest.mark.lab
@@ -146,7 +147,7 @@ def test_lab_removes_everything_when_its_process_is_terminated(tmp_path):
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root")
     script = (
-        "import time\nfrom wqsupervisor.lab import Lab\n"
+        "import time\nfrom wqsupervisor.harness.lab import Lab\n"
         "with Lab() as lab:\n    print(lab.tag, lab.root, flush=True)\n    time.sleep(300)\n"
     )
     tag, root, code = "", "", None

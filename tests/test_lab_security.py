@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from wqsupervisor.lab import CampusApp, Lab, start_node_workers
+from wqsupervisor.harness.lab import Lab
+from wqsupervisor.harness.labapps import CampusApp, start_node_workers
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001

@@ -17,10 +17,10 @@ import pytest
 
 from wqsupervisor import TunnelDown, TunnelFailed, TunnelStarting, TunnelState, TunnelUp, openssh, supervise
 from wqsupervisor.config import Settings
+from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.paramiko_backend import ParamikoSession, host_key_name, known_host_keys
 from wqsupervisor.process import pid_alive
-from wqsupervisor.sandbox import HeadNode
-from wqsupervisor.server import Task, WorkQueueServer
+from wqsupervisor.wqserver import Task, WorkQueueServer
 
 from support import assert_exactly_once, listening, processes_matching, python_env, run_tasks, wait_for
 

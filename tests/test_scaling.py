@@ -22,8 +22,9 @@ from wqsupervisor.batch.base import BatchOptions, JobState, SshRunner
 from wqsupervisor.batch.slurm import Slurm
 from wqsupervisor.clock import ManualClock
 from wqsupervisor.events import Event, JobsCancelled, JobsSubmitted, JobStateChanged, JobSubmitFailed
+from wqsupervisor.harness.lab import CAMPUS, NODE, Lab
+from wqsupervisor.harness.labapps import CampusApp
 from wqsupervisor.jobs import JobTracker
-from wqsupervisor.lab import CAMPUS, NODE, CampusApp, Lab
 from wqsupervisor.launcher import NodeLauncher
 from wqsupervisor.master import MasterStats
 from wqsupervisor.policy import ScalingSettings

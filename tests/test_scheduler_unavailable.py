@@ -31,11 +31,11 @@ from wqsupervisor.batch.scheduler import Scheduler
 from wqsupervisor.batch.sge import Sge
 from wqsupervisor.clock import ManualClock
 from wqsupervisor.events import Event, JobsSubmitted, JobStateChanged, JobSubmitFailed
+from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.jobs import Job, JobTracker
 from wqsupervisor.launcher import NodeLauncher
 from wqsupervisor.master import MasterStats
 from wqsupervisor.policy import ScalingSettings
-from wqsupervisor.sandbox import HeadNode
 
 from support import free_port
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from wqsupervisor.bench import soak
+from wqsupervisor.harness.bench import soak
 
 pytestmark = [pytest.mark.lab, pytest.mark.soak]
 

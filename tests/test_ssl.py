@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wqsupervisor.sandbox import start_worker
+from wqsupervisor.harness.sandbox import start_worker
 
 from support import python_env, wait_for
 

@@ -22,9 +22,9 @@ from wqsupervisor import (
     WorkersJoined,
     supervise,
 )
+from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.process import pid_alive
-from wqsupervisor.sandbox import HeadNode
-from wqsupervisor.server import Task, WorkQueueServer
+from wqsupervisor.wqserver import Task, WorkQueueServer
 
 from support import assert_exactly_once, listening, processes_matching, python_env, run_tasks, wait_for
 

@@ -46,9 +46,9 @@ from .protocol import (
     TunnelSnapshot,
     WorkersSnapshot,
 )
-from .server import Task, TaskResult, WorkQueueServer
 from .supervisor import Supervisor, supervise
 from .watch import WorkerWatch
+from .wqserver import Task, TaskResult, WorkQueueServer
 
 __all__ = [
     "AllWorkersLost",

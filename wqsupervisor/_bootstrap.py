@@ -2,7 +2,7 @@
 
 Before the script starts, an import hook wraps ``WorkQueue.__init__`` of
 ``ndcctools.work_queue``, Debian's ``work_queue`` and
-:class:`wqsupervisor.server.WorkQueueServer`, so that every master the script
+:class:`wqsupervisor.wqserver.WorkQueueServer`, so that every master the script
 creates gets a supervisor from the parent's engine. Nothing else of the
 master changes.
 """
@@ -30,7 +30,7 @@ SETTINGS_ENV = "WQSUPERVISOR_RUN_SETTINGS"
 _TARGETS = {
     "ndcctools.work_queue": "WorkQueue",
     "work_queue": "WorkQueue",
-    "wqsupervisor.server": "WorkQueueServer",
+    "wqsupervisor.wqserver": "WorkQueueServer",
 }
 _supervisors: list[Supervisor] = []
 

@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     tokens = list(sys.argv[1:] if argv is None else argv)
     if tokens[:1] == ["bench"]:
-        from .bench.suite import main as bench_main
+        from .harness.bench.suite import main as bench_main
 
         return bench_main(tokens[1:], command=" ".join(["python -m wqsupervisor", *tokens]))
     script_args: list[str] = []
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return status_main(as_json=ns.json, pid=ns.pid)
         if ns.command == "demo":
-            from .demo import run_demo
+            from .harness.demo import run_demo
 
             configure_cli_logging(ns.log_format)
             return run_demo(tasks=ns.tasks, workers=ns.workers, cuts=ns.cuts)

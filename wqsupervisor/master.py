@@ -11,7 +11,7 @@ A master is duck-typed. The supervisor needs:
   ``specify_password_file(path)`` and ``shutdown_workers(n)``.
 
 ``ndcctools.work_queue.WorkQueue``, Debian's ``work_queue.WorkQueue`` and
-:class:`wqsupervisor.server.WorkQueueServer` all meet it. Work Queue masters
+:class:`wqsupervisor.wqserver.WorkQueueServer` all meet it. Work Queue masters
 are not thread-safe, so the supervisor reads ``stats`` only from the thread
 that attaches or closes it; while the application runs, it watches the master
 through the master's own status port instead (see :mod:`wqsupervisor.wqproto`).

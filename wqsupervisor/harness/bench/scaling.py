@@ -15,14 +15,16 @@ alternate between the two tools.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..lab import CampusApp, Lab
-from .harness import machine, summary
+from ..common import machine, save, summary
+from ..lab import Lab
+from ..labapps import CampusApp
 
 REMOTE_PORT = 10001
 TOOLS = ("wqsupervisor", "work_queue_factory")
@@ -128,3 +130,35 @@ def run(
         out["ratio_first_task_wqs_over_factory"] = w["first_task_s"]["median"] / f["first_task_s"]["median"]
     out["ratio_jobs_per_task_wqs_over_factory"] = w["jobs_per_task"]["median"] / f["jobs_per_task"]["median"]
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``benchmarks/scaling.py``: the two tools alternated on a bursty workload; figures on stdout."""
+    parser = argparse.ArgumentParser(
+        description="Time to the first task on a new worker, and jobs per task on a bursty workload: "
+        "wqsupervisor's policy against work_queue_factory -T slurm, with a real Slurm in the lab."
+    )
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--burst-size", type=int, default=20)
+    parser.add_argument("--gap", type=float, default=30.0)
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+
+    result = run(reps=args.reps, bursts=args.bursts, burst_size=args.burst_size, gap=args.gap)
+    save(result, args.out, "scaling.json")
+    for tool, figures in result["tools"].items():
+        first, jobs = figures["first_task_s"], figures["jobs_per_task"]
+        print(
+            f"{tool:19s} first task {first['median']:.1f} s "
+            f"(min {first['min']:.1f}, max {first['max']:.1f}); "
+            f"jobs per task {jobs['median']:.3f} "
+            f"(min {jobs['min']:.3f}, max {jobs['max']:.3f}), n={jobs['n']}"
+        )
+    if "ratio_first_task_wqs_over_factory" in result:
+        print(
+            "wqsupervisor / work_queue_factory: "
+            f"first task {result['ratio_first_task_wqs_over_factory']:.2f}, "
+            f"jobs per task {result['ratio_jobs_per_task_wqs_over_factory']:.2f}"
+        )
+    return 0

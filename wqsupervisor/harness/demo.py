@@ -17,12 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .events import Event, TunnelDown, TunnelUp, WorkerCountChanged
-from .process import terminate
-from .protocol import SupervisorSnapshot
+from ..events import Event, TunnelDown, TunnelUp, WorkerCountChanged
+from ..process import terminate
+from ..protocol import SupervisorSnapshot
+from ..supervisor import supervise
+from ..wqserver import Task, WorkQueueServer, free_port
 from .sandbox import HeadNode, start_worker
-from .server import Task, WorkQueueServer, free_port
-from .supervisor import supervise
 
 
 @dataclass

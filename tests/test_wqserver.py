@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wqsupervisor.errors import MasterError
-from wqsupervisor.server import Task, WorkQueueServer
+from wqsupervisor.wqserver import Task, WorkQueueServer
 
 
 def test_tasks_with_awkward_output_come_back_intact(master, workers, tmp_path):

@@ -8,14 +8,17 @@ that each tunnel has been up for longer than wqsupervisor's ``stable_after``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
 import time
 from typing import Any, Protocol
 
-from ..sandbox import HeadNode
-from .harness import MasterProcess, PlainSsh, Supervised, machine, queue_status, summary, workers
+from ..common import machine, queue_status, save, summary
+from ..sandbox import HeadNode, workers
+from .master import MasterProcess
+from .tunnels import PlainSsh, Supervised
 
 
 class _Tool(Protocol):
@@ -122,3 +125,38 @@ def _wait_all_connected(master: MasterProcess, n: int, limit: float = 60.0) -> N
             return
         time.sleep(0.1)
     raise RuntimeError("the workers did not connect")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``benchmarks/recovery.py``: kill each tool's ssh in turn; medians and ratios on stdout."""
+    parser = argparse.ArgumentParser(
+        description="Median time from a killed ssh client to the forward restored and all workers back."
+    )
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--binding", default="debian", choices=("debian", "ndcctools", "server"))
+    parser.add_argument("--pythonpath", help="where ndcctools lives, for --binding ndcctools")
+    parser.add_argument("--worker", help="work_queue_worker to use (e.g. /opt/cctools/bin/work_queue_worker)")
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+
+    result = run(
+        kills=args.kills,
+        n_workers=args.workers,
+        binding=args.binding,
+        pythonpath=args.pythonpath,
+        worker_program=args.worker,
+    )
+    save(result, args.out, "recovery.json")
+    for name, tool in result["tools"].items():
+        r, w = tool["restored"], tool["workers"]
+        print(
+            f"{name:13s} forward restored median {r['median']:.3f} s "
+            f"(min {r['min']:.3f}, max {r['max']:.3f}, n={r['n']}); "
+            f"all workers back median {w['median']:.2f} s (min {w['min']:.2f}, max {w['max']:.2f})"
+        )
+    print(
+        f"ratio wqsupervisor/autossh: restored {result['ratio_restored_wqs_over_autossh']:.2f}, "
+        f"workers {result['ratio_workers_wqs_over_autossh']:.2f}"
+    )
+    return 0

@@ -15,6 +15,7 @@ one master, path and set of workers per path and round serving every size.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -24,10 +25,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ..sandbox import HeadNode
-from .harness import MasterProcess, PlainSsh, Supervised, machine, summary, workers
-from .paths import TwoHop
+from ..common import machine, save, summary
+from ..sandbox import HeadNode, workers
+from .master import MasterProcess
+from .netpaths import TwoHop
 from .report import compare, interleaved
+from .tunnels import PlainSsh, Supervised
 
 PATHS = ("direct", "wqsupervisor", "ssh -N -R")
 # The same forward as the HOWTO's, with a session: the ceiling an ssh relay allows.
@@ -226,3 +229,47 @@ def run_sizes(
                 per_path.setdefault(kind, {})[which] = entry
         out["sizes"][label] = {"input_bytes": nbytes, "tasks": tasks, "paths": per_path}
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``benchmarks/task_rate.py``: empty-task rates by path, interleaved; figures on stdout."""
+    parser = argparse.ArgumentParser(
+        description="Work Queue empty-task rate direct vs through wqsupervisor "
+        "vs through the HOWTO's ssh -N -R."
+    )
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--command", default="true")
+    parser.add_argument("--binding", default="debian", choices=("debian", "ndcctools", "server"))
+    parser.add_argument("--pythonpath", help="where ndcctools lives, for --binding ndcctools")
+    parser.add_argument("--worker", help="work_queue_worker to use (e.g. /opt/cctools/bin/work_queue_worker)")
+    parser.add_argument(
+        "--session",
+        action="store_true",
+        help="also measure a plain 'ssh -T -R ... cat' session tunnel, without supervision",
+    )
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+
+    result = run(
+        rounds=args.rounds,
+        tasks=args.tasks,
+        n_workers=args.workers,
+        command=args.command,
+        paths=(*PATHS, SESSION) if args.session else PATHS,
+        binding=args.binding,
+        pythonpath=args.pythonpath,
+        worker_program=args.worker,
+    )
+    save(result, args.out, "task_rate.json")
+    for name, path in result["paths"].items():
+        s = path["steady"]
+        line = f"{name:13s} steady {s['median']:7.1f} tasks/s (min {s['min']:.1f}, max {s['max']:.1f})"
+        if "steady_ratio_to_direct" in path:
+            r = path["steady_ratio_to_direct"]
+            line += f"  / direct {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}, n={r['n']})"
+        print(line)
+    if "steady_ratio_wqs_over_plain" in result:
+        print(f"wqsupervisor / ssh -N -R steady: {result['steady_ratio_wqs_over_plain']:.1f}x")
+    return 0

@@ -8,6 +8,7 @@ the head node), the worst recovery, and losses (which must be zero).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import random
@@ -16,8 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..lab import CampusApp, HeadProbe, Lab, start_node_workers
-from .harness import machine, summary
+from ..common import machine, save, summary
+from ..lab import Lab
+from ..labapps import CampusApp, HeadProbe, start_node_workers
 
 REMOTE_PORT = 10001
 # Tasks kept queued: two workers take about a minute for them, longer than a fault and its recovery.
@@ -166,3 +168,26 @@ def _count(items: Any) -> dict[str, int]:
     for item in items:
         out[item] = out.get(item, 0) + 1
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``benchmarks/soak.py``: soak for ``--minutes``; the figures on stdout."""
+    parser = argparse.ArgumentParser(
+        description="Soak the supervised tunnel: tasks flow while a random lab fault hits every K seconds."
+    )
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--every", type=float, default=25.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+
+    result = run(minutes=args.minutes, every=args.every, seed=args.seed)
+    save(result, args.out, "soak.json")
+    fb = result["forward_back"]
+    print(
+        f"tasks {result['tasks']}, faults {result['faults']} {result['by_kind']}, tunnel restarts "
+        f"{result['tunnel_restarts']}; forward back median {fb['median']:.2f} s, worst "
+        f"{result['worst_forward_back_s']:.2f} s; lost {result['lost']}, duplicated {result['duplicated']}, "
+        f"wrong output {result['wrong_output']}"
+    )
+    return 0

@@ -20,6 +20,7 @@ tool:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -29,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..lab import CampusApp, HeadProbe, Lab, start_node_workers
-from ..process import pid_alive
+from ...process import pid_alive
+from ..common import machine, save, summary
+from ..lab import Lab
+from ..labapps import CampusApp, HeadProbe, start_node_workers
 from ..sandbox import children_of
-from .harness import machine, summary
 
 
 @dataclass(frozen=True)
@@ -347,3 +349,43 @@ def run(
                 per_tool[tool]["restarts"] = summary([r["restarts"] for r in rows])
         out["faults"][name] = {"tools": per_tool, "raw": runs}
     return out
+
+
+def _cell(figures: dict[str, Any]) -> str:
+    if figures["n"] == 0:
+        return "never"
+    text = f"{figures['median']:.1f} ({figures['max']:.1f})"
+    return text + (f" +{figures['never']} never" if figures.get("never") else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``benchmarks/faults.py``: every fault (or some), the tools side by side, a table on stdout."""
+    parser = argparse.ArgumentParser(
+        description="Per fault: time to detection, to the forward working again, to all workers back, "
+        "and worker connections lost, for wqsupervisor, autossh -M 0 and autossh -M PORT."
+    )
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--only", nargs="*", choices=sorted(faults()))
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument(
+        "--tools",
+        nargs="*",
+        choices=tool_names(),
+        help="tools side by side (default: wqsupervisor autossh-M0 autossh-monitor)",
+    )
+    args = parser.parse_args(argv)
+
+    result = run(only=args.only, reps=args.reps, tools=args.tools)
+    save(result, args.out, "faults.json")
+    print(
+        "| fault | tool | detected s, median (worst) | forward back s | workers back s | connections lost |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, fault in result["faults"].items():
+        for tool, figures in fault["tools"].items():
+            lost = figures["lost"]
+            print(
+                f"| {name} | {tool} | {_cell(figures['detected_s'])} | {_cell(figures['forward_s'])} | "
+                f"{_cell(figures['workers_s'])} | {lost['median']:g} ({lost['max']:g}) |"
+            )
+    return 0

@@ -2,7 +2,7 @@
 
 One run on one machine measures, each against its comparator in the same run:
 
-* ``bulk`` -- MB/s of one stream through every path of :mod:`.paths`;
+* ``bulk`` -- MB/s of one stream through every path of :mod:`.netpaths`;
 * ``concurrency`` -- aggregate MB/s of 1, 8 and 64 streams sharing one connection;
 * ``latency`` -- p50/p99 of 64-byte round trips through every path;
 * ``tasks`` -- Work Queue tasks/s with real workers, empty and with 1 MB and
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import WQSupervisorError
+from ...errors import WQSupervisorError
+from ..common import machine
 from . import report, taskrate
-from .harness import machine
-from .paths import CONCURRENT_PATHS, PATHS, Bed
+from .netpaths import CONCURRENT_PATHS, PATHS, Bed
 
 SECTIONS = ("bulk", "concurrency", "latency", "tasks", "recovery")
 # Short enough for a full run; `--only recovery` runs every fault of the lab.
@@ -118,7 +118,7 @@ def command_line(argv0: str, args: Sequence[str]) -> str:
     if here.name == "__main__.py" and here.parent.name == "wqsupervisor":
         prefix = "python3 -m wqsupervisor bench"
     elif here.name == "suite.py" and here.parent.name == "bench":
-        prefix = "python3 -m wqsupervisor.bench.suite"
+        prefix = "python3 -m wqsupervisor.harness.bench.suite"
     elif here.name == "wqsupervisor":
         prefix = "wqsupervisor bench"
     else:

@@ -3,7 +3,8 @@
 :class:`HeadNode` runs a private OpenSSH ``sshd`` on 127.0.0.1 with fresh host
 and user keys and a client config that names it ``headnode``; it touches
 neither the machine's own sshd nor ``~/.ssh``. :func:`start_worker` starts a
-real ``work_queue_worker`` that is given only the head node's forwarded port.
+real ``work_queue_worker`` that is given only the head node's forwarded port,
+and :func:`workers` a few of them for the length of a block.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .errors import WQSupervisorError
-from .process import owned_argv, pid_alive, terminate, wait_gone
+from ..config import Settings
+from ..errors import WQSupervisorError
+from ..process import owned_argv, pid_alive, terminate, wait_gone
 
 ALIAS = "headnode"
 
@@ -330,3 +332,14 @@ def start_worker(
     argv += [*(extra or []), host, str(port)]
     out = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(owned_argv(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
+
+@contextlib.contextmanager
+def workers(port: int, n: int, *, program: str | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """n real workers on 127.0.0.1:port, stopped when the block ends."""
+    procs = [start_worker(port, max_backoff=2, program=program) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            terminate(p, grace=2)

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import WQSupervisorError
-from .harness import summary
+from ...errors import WQSupervisorError
+from ..common import summary
 
 Summary = dict[str, Any]
 # Display order and labels of the recovery comparators.

@@ -1,6 +1,6 @@
 """A Work Queue master in a process of its own, driven line by line from stdin.
 
-``python -m wqsupervisor.bench.master BINDING`` prints its port, then serves:
+``python -m wqsupervisor.harness.bench.master BINDING`` prints its port, then serves:
 
 * ``workers K T`` -- wait (in ``wait()``, so status requests are answered) until
   K workers are connected, at most T seconds; prints ``ok N`` or ``timeout N``;
@@ -11,17 +11,25 @@
   many failed;
 * ``quit``.
 
+:class:`MasterProcess` starts it and drives it from the benchmark.
+
 BINDING is ``debian`` (Debian's SWIG ``work_queue``), ``ndcctools``, or
-``server`` (:class:`wqsupervisor.server.WorkQueueServer`). Answers start with
+``server`` (:class:`wqsupervisor.wqserver.WorkQueueServer`). Answers start with
 ``wqs-bench: ``; anything else on stdout is the bindings' own chatter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
 from typing import Any
+
+from ...process import owned_argv, terminate
+from ..common import PACKAGE_ROOT
 
 PREFIX = "wqs-bench: "
 
@@ -30,7 +38,7 @@ def _open(binding: str) -> tuple[Any, Any]:
     import importlib
 
     if binding == "server":
-        from wqsupervisor.server import Task, WorkQueueServer
+        from wqsupervisor.wqserver import Task, WorkQueueServer
 
         return WorkQueueServer(name="wqs-bench"), Task
     module = importlib.import_module("ndcctools.work_queue" if binding == "ndcctools" else "work_queue")
@@ -101,6 +109,67 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(q, "close"):
         q.close()
     return 0
+
+
+class MasterProcess:
+    """This program in a child process, driven from the benchmark."""
+
+    def __init__(self, binding: str = "debian", pythonpath: str | None = None) -> None:
+        # Imported here: the master program itself needs none of the harness.
+        from ..sandbox import debian_work_queue_path
+
+        paths = [PACKAGE_ROOT]
+        if binding == "debian":
+            paths.append(debian_work_queue_path())
+        if pythonpath:
+            paths.append(pythonpath)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONWARNINGS="ignore")
+        self.proc = subprocess.Popen(
+            owned_argv([sys.executable, "-m", "wqsupervisor.harness.bench.master", binding]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self.port = int(self._line())
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        while line := self.proc.stdout.readline():
+            if line.startswith(PREFIX):
+                return line[len(PREFIX) :].strip()
+        raise RuntimeError(f"the benchmark master exited ({self.proc.wait()})")
+
+    def send(self, command: str) -> str:
+        """Send one command and return its answer line."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def start(self, command: str) -> None:
+        """Send a command without waiting for its answer (read it later with :meth:`answer`)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> str:
+        """The answer of a command sent with :meth:`start`."""
+        return self._line()
+
+    def run(self, n: int, command: str = "true") -> dict[str, Any]:
+        """Run n tasks; returns the submit time and every completion time."""
+        result: dict[str, Any] = json.loads(self.send(f"run {n} {command}"))
+        return result
+
+    def close(self) -> None:
+        """Stop the master."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        terminate(self.proc, grace=3)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
