@@ -134,7 +134,7 @@ class SshRunner(Runner):
         command = " ".join(shlex.quote(a) for a in argv)
         if self.env:
             command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
-        return remote_argv(self.settings, command)
+        return remote_argv(self.settings.ssh_target(), command)
 
 
 @dataclass(frozen=True)
