@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .events import Event
     from .forward import DirectProbe
     from .master import MasterInfo
-    from .tunnel import Tunnel
+    from .tunnel import Tunnel, TunnelOptions
     from .wqproto import Credentials
 
 
@@ -54,6 +54,23 @@ def sessions_for(settings: Settings) -> SessionFactory:
     return make(settings)
 
 
+def tunnel_options(settings: Settings) -> TunnelOptions:
+    """The tunnel's part of the settings (which must name a head node and a remote port)."""
+    from .liveness import Timing
+    from .tunnel import TunnelOptions
+
+    settings.require_tunnel()
+    return TunnelOptions(
+        remote_port=settings.remote_port or 0,
+        restart_policy=settings.restart_policy,
+        timing=Timing(
+            keepalive_interval=settings.keepalive_interval,
+            stall_after=settings.stall_after,
+            probe_interval=settings.probe_interval,
+        ),
+    )
+
+
 def tunnel_for(
     settings: Settings,
     master: MasterInfo,
@@ -67,10 +84,10 @@ def tunnel_for(
     label: str | None = None,
 ) -> Tunnel:
     """A tunnel for ``master`` with these settings' head node, options and transport."""
-    from .tunnel import Tunnel, TunnelOptions
+    from .tunnel import Tunnel
     from .wqproto import NO_CREDENTIALS
 
-    options = TunnelOptions.from_settings(settings)
+    options = tunnel_options(settings)
     return Tunnel(
         settings.ssh_target(),
         options,

@@ -1,18 +1,13 @@
 """The tunnel: one reverse forward from the head node to this master, kept alive.
 
-A :class:`Tunnel` runs attempts one after another. An attempt starts ssh,
-waits for its session, proves that the head node's remote port reaches *this*
-master, and then watches it until it ends; the restart policy decides what
-comes next. Every state change goes through :meth:`Tunnel._transition`, which
-refuses the ones that make no sense::
-
-    NEW -> CONNECTING -> UP <-> STALLED
-               |          |        |
-               v          v        v
-             DOWN <-------+--------+ -> CONNECTING ...
-               |
-               v
-            FAILED        (any) -> CLOSED
+A :class:`Tunnel` runs attempts one after another. An attempt starts a
+session (:mod:`wqsupervisor.session`, from the transport it was given), waits
+for it, proves that the head node's remote port reaches *this* master
+(:mod:`wqsupervisor.forward`), and then watches it until it ends
+(:mod:`wqsupervisor.liveness` decides, :mod:`wqsupervisor.sessionwatch` looks and acts); the
+restart policy (:mod:`wqsupervisor.backoff`) decides what comes next. The
+remote port is :mod:`wqsupervisor.remoteport`'s. Every state change goes
+through :meth:`Tunnel._transition` and the table in :mod:`wqsupervisor.lifecycle`.
 
 A restart closes every worker's connection, and a worker that loses its
 master kills the tasks it runs, so a silent session is not restarted on
@@ -24,11 +19,11 @@ connection reaches the head and the old session has had its chance to resume.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import tcpconn
 from .backoff import GiveUp, RestartPolicy, RestartState
@@ -46,44 +41,28 @@ from .events import (
     TunnelStarting,
     TunnelUp,
 )
-from .forward import DirectProbe, ForwardCheck, ForwardProver
+from .forward import DirectProbe, ForwardProver
 from .headprobe import head_returns, probe_head
 from .lifecycle import TunnelState
-from .liveness import GRACE_CAPPED, GRACE_UNCAPPED, Liveness, Observation, Reach, Timing
+from .liveness import GRACE_CAPPED, GRACE_UNCAPPED, Liveness, Timing
 from .logs import get_logger
 from .master import MasterInfo
 from .remoteport import RemotePort
 from .session import Session, SessionEnded, SessionFactory, SessionFailed, SessionFailure
+from .sessionwatch import Reporter, watch
 from .target import SshTarget
 from .wqproto import NO_CREDENTIALS, Credentials
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 __all__ = ["GRACE_CAPPED", "GRACE_UNCAPPED", "Tunnel", "TunnelOptions", "TunnelRecord"]
 
 
 @dataclass(frozen=True)
 class TunnelOptions:
-    """How one tunnel behaves: its remote port, restarts and liveness intervals."""
+    """How one tunnel behaves: its remote port (0: the head picks), restarts and liveness intervals."""
 
     remote_port: int
     restart_policy: RestartPolicy
     timing: Timing
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TunnelOptions:
-        """The tunnel's part of the settings."""
-        settings.require_tunnel()
-        return cls(
-            remote_port=settings.remote_port or 0,
-            restart_policy=settings.restart_policy,
-            timing=Timing(
-                keepalive_interval=settings.keepalive_interval,
-                stall_after=settings.stall_after,
-                probe_interval=settings.probe_interval,
-            ),
-        )
 
 
 @dataclass
@@ -448,77 +427,37 @@ class Tunnel:
     # -- watching a live session ------------------------------------------------------------
 
     async def _watch(self, session: Session) -> tuple[str, int | None, bool]:
-        """Watch an up session until it ends or must be replaced: (reason, exit code, replaced).
-
-        The decisions are :class:`~wqsupervisor.liveness.Liveness`'s; this
-        loop only runs the pings and probes it asks for and reports back.
-        """
-        timing = self.options.timing
-        exited = asyncio.create_task(session.exited())
-        closing = asyncio.create_task(self._closing.wait())
-        ping: asyncio.Task[float] | None = None
-        head: asyncio.Task[Reach] | None = None
-        check: asyncio.Task[ForwardCheck] | None = None
+        """Watch an up session until it ends or must be replaced: (reason, exit code, replaced)."""
         live = Liveness.start(
-            timing, self._clock.monotonic(), grace=self.grace, rto_lifted=self.record.rto_lifted
+            self.options.timing, self._clock.monotonic(), grace=self.grace, rto_lifted=self.record.rto_lifted
         )
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    [exited, closing],
-                    timeout=min(timing.keepalive_interval, 0.25),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if closing in done:
-                    return "closed", None, False
-                if exited in done:
-                    return self._seen(session.failure()).message, exited.result(), False
-                seen = Observation()
-                if ping is not None and ping.done():
-                    rtt = ping.result() if ping.exception() is None else None
-                    seen = Observation(pinged=True, rtt=rtt)
-                    if rtt is not None:
-                        self.record.last_rtt = rtt
-                    ping = None
-                if head is not None and head.done():
-                    seen = replace(seen, head=head.result() if head.exception() is None else Reach.DOWN)
-                    head = None
-                if check is not None and check.done():
-                    seen = replace(
-                        seen, forward=check.result() if check.exception() is None else ForwardCheck.REFUSED
-                    )
-                    check = None
-                live, d = live.observe(seen, self._clock.monotonic())
-                if d.ping:
-                    ping = asyncio.create_task(session.ping())
-                if d.stalled is not None:
-                    self._transition(TunnelState.STALLED)
-                    self.record.stalls += 1
-                    self._emit(
-                        TunnelStalled, silent_for=round(d.stalled, 2), reason="no answer through the session"
-                    )
-                if d.resumed is not None:
-                    self._transition(TunnelState.UP)
-                    self.record.resumes += 1
-                    self._emit(TunnelResumed, stalled_for=round(d.resumed, 2))
-                    if head is not None:
-                        head.cancel()
-                        head = None
-                if d.cap is not None and self._cap_retransmissions(session, d.cap):
-                    live = live.capped(d.cap)
-                if d.end is not None:
-                    return d.end, None, d.replace
-                if d.probe_head:
-                    head = asyncio.create_task(probe_head(self._sessions.head, self.target, timeout=1.0))
-                if d.probe_forward:
-                    check = asyncio.create_task(self._prover.check(session))
-        finally:
-            closing.cancel()
-            for task in (ping, head, check):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+        return await watch(
+            session,
+            live,
+            clock=self._clock,
+            closing=self._closing,
+            probe_head=lambda: probe_head(self._sessions.head, self.target, timeout=1.0),
+            check_forward=lambda: self._prover.check(session),
+            report=Reporter(
+                rtt=self._rtt,
+                stalled=self._stalled,
+                resumed=self._resumed,
+                cap=functools.partial(self._cap_retransmissions, session),
+            ),
+        )
+
+    def _rtt(self, seconds: float) -> None:
+        self.record.last_rtt = seconds
+
+    def _stalled(self, silent_for: float) -> None:
+        self._transition(TunnelState.STALLED)
+        self.record.stalls += 1
+        self._emit(TunnelStalled, silent_for=round(silent_for, 2), reason="no answer through the session")
+
+    def _resumed(self, stalled_for: float) -> None:
+        self._transition(TunnelState.UP)
+        self.record.resumes += 1
+        self._emit(TunnelResumed, stalled_for=round(stalled_for, 2))
 
     def _cap_retransmissions(self, session: Session, on: bool) -> bool:
         """Cap (or uncap) the session socket's retransmission backoff; True when it was done.
