@@ -90,7 +90,6 @@ LOGGER_NAME = "wqsupervisor.paramiko"
 logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
 
 _JOIN_TIMEOUT = 5.0
-_ENDING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP})
 
 
 class ProxyUnsupported(Exception):
@@ -227,11 +226,6 @@ class ParamikoSession:
         return await asyncio.open_connection(sock=ours)
 
     # -- stopping ------------------------------------------------------------------------------
-
-    def signal(self, sig: int) -> None:
-        """SIGTERM, SIGKILL, SIGINT or SIGHUP end the session at once; other signals mean nothing here."""
-        if sig in _ENDING_SIGNALS:
-            self._stop(sig)
 
     def kill_now(self) -> None:
         """End the session without waiting (the supervisor itself is dying)."""
