@@ -37,7 +37,6 @@ from wqsupervisor.batch.pbs import Pbs, Torque
 from wqsupervisor.batch.sge import Sge
 from wqsupervisor.config import Settings
 from wqsupervisor.errors import ConfigError, WQSupervisorError
-from wqsupervisor.openssh import remote_argv
 
 DATA = Path(__file__).parent / "data" / "batch"
 WORKDIR = "/home/ana/.wqsupervisor/9123"
@@ -861,7 +860,7 @@ def test_a_command_that_outlives_its_timeout_is_marked_timed_out():
 
 
 def test_the_ssh_runner_builds_the_same_command_line_from_a_target_as_from_settings():
-    """SshRunner(settings.ssh_target()) runs exactly the ssh command line remote_argv builds from Settings."""
+    """SshRunner(settings.ssh_target()) runs exactly the ssh command line that was built from Settings before."""
     settings = Settings(
         via="ana@head.example.org",
         ssh_port=2222,
@@ -873,4 +872,42 @@ def test_the_ssh_runner_builds_the_same_command_line_from_a_target_as_from_setti
     )
     runner = SshRunner(settings.ssh_target(), {"SLURM_CONF": "/etc/slurm/x.conf"})
     command = "env SLURM_CONF=/etc/slurm/x.conf squeue -h -o '%i %T'"
-    assert runner.argv(["squeue", "-h", "-o", "%i %T"]) == remote_argv(settings, command)
+    # The command line remote_argv(settings, command) built before SshTarget existed, option for option.
+    assert runner.argv(["squeue", "-h", "-o", "%i %T"]) == [
+        "/opt/ssh/bin/ssh",
+        "-F",
+        "/home/ana/.ssh/config.cluster",
+        "-p",
+        "2222",
+        "-i",
+        "/home/ana/.ssh/id_cluster",
+        *(
+            [
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-o",
+                "StreamLocalBindUnlink=yes",
+                "-o",
+                "ControlMaster=no",
+            ]
+        ),
+        *(
+            [
+                "-o",
+                "ControlPath=none",
+                "-o",
+                "ForwardAgent=no",
+                "-o",
+                "ForwardX11=no",
+                "-o",
+                "ClearAllForwardings=no",
+            ]
+        ),
+        *(["-o", "ProxyJump=gw.example.org", "-o", "Ciphers=aes256-ctr"]),
+        *(["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=40", "-o", "ConnectTimeout=7"]),
+        "-T",
+        "ana@head.example.org",
+        command,
+    ]

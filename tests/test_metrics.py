@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from wqsupervisor.backends import tunnel_for
 from wqsupervisor.clock import SystemClock
 from wqsupervisor.config import Settings
 from wqsupervisor.engine import Engine, Supervised
@@ -19,7 +20,6 @@ from wqsupervisor.logs import register_secret
 from wqsupervisor.master import MasterInfo, MasterStats
 from wqsupervisor.metrics import MetricsServer, SnapshotCollector, new_recoveries
 from wqsupervisor.protocol import SupervisorSnapshot
-from wqsupervisor.tunnel import Tunnel
 from wqsupervisor.watch import WorkerWatch
 
 # What JobTracker.snapshot() reports: counts by state, plus settings that are not states.
@@ -164,7 +164,7 @@ def test_scrape_a_real_engine(serve, tmp_path):
     async def no_probe(_timeout: float) -> None:
         return None
 
-    tunnel = Tunnel(
+    tunnel = tunnel_for(
         settings, master, emit=lambda _e: None, rundir=str(tmp_path), direct_probe=no_probe, clock=clock
     )
     tunnel.record.restarts = 2

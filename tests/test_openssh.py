@@ -11,9 +11,9 @@ from wqsupervisor.openssh import (
     FAST_CIPHER,
     REMOTE_COMMAND,
     SshConfig,
-    SshFailure,
     allocated_port,
     cipher_preference,
+    classify,
     read_config,
     tunnel_argv,
 )
@@ -25,6 +25,7 @@ S = Settings(
     identity="/k",
     ssh_options=(("ServerAliveInterval", "30"),),
 )
+T = S.ssh_target()
 
 
 def _options(argv: list[str]) -> list[str]:
@@ -33,7 +34,7 @@ def _options(argv: list[str]) -> list[str]:
 
 def test_the_tunnel_command_line():
     """A session with a waiting command (not -N), the reverse forward on loopback, the probe socket."""
-    argv = tunnel_argv(S, master_port=9123, remote_port=10001, probe_path="/r/p.sock")
+    argv = tunnel_argv(T, master_port=9123, remote_port=10001, probe_path="/r/p.sock")
     assert argv[0] == "ssh" and "-N" not in argv and "-T" in argv
     assert argv[argv.index("-R") + 1] == "127.0.0.1:10001:localhost:9123"
     assert argv[argv.index("-L") + 1] == "/r/p.sock:127.0.0.1:10001"
@@ -47,7 +48,7 @@ def test_the_tunnel_command_line():
 
 def test_user_options_win_over_our_defaults():
     """ssh keeps the first value of an option: the user's come before our ServerAlive defaults."""
-    opts = _options(tunnel_argv(S, master_port=1, remote_port=2, probe_path=None))
+    opts = _options(tunnel_argv(T, master_port=1, remote_port=2, probe_path=None))
     assert opts.index("ServerAliveInterval=30") < opts.index("ServerAliveInterval=15")
 
 
@@ -73,7 +74,8 @@ def test_fast_cipher_preferred_unless_the_user_chose(tmp_path):
     chosen.write_text("Host head\n  HostName 127.0.0.1\n  Ciphers chacha20-poly1305@openssh.com\n")
 
     async def pref(settings: Settings) -> list[str]:
-        return await cipher_preference(settings, await read_config(settings))
+        target = settings.ssh_target()
+        return await cipher_preference(target, await read_config(target))
 
     base = Settings(via="head", remote_port=1)
     assert asyncio.run(pref(base.replace(ssh_config=str(plain)))) == ["-o", f"Ciphers=^{FAST_CIPHER}"]
@@ -117,19 +119,19 @@ REAL = {
 )
 def test_ssh_errors_are_classified(kind, permanent):
     """Each real ssh error maps to its kind; permanent ones are not retried; each has a hint."""
-    failure = SshFailure.from_output(REAL[kind], 255, S, ever_up=False)
+    failure = classify(REAL[kind], 255, T, ever_up=False)
     assert (failure.kind, failure.permanent) == (kind, permanent)
     assert failure.hint
 
 
 def test_a_name_lookup_failure_after_the_tunnel_was_up_is_transient():
     """DNS fails for a while after a network change; a tunnel that has been up keeps retrying."""
-    assert not SshFailure.from_output(REAL["unknown_host"], 255, S, ever_up=True).permanent
+    assert not classify(REAL["unknown_host"], 255, T, ever_up=True).permanent
 
 
 def test_killed_ssh_is_described_by_its_signal():
     """An ssh that died of a signal says which one."""
-    assert SshFailure.from_output("", -9, S, ever_up=True).message == "ssh ended (killed by SIGKILL)"
+    assert classify("", -9, T, ever_up=True).message == "ssh ended (killed by SIGKILL)"
 
 
 def test_allocated_port_is_read_from_stderr():

@@ -153,19 +153,19 @@ def test_secrets_never_reach_logs_events_or_status(tmp_path):
 @pytest.mark.parametrize(("bind", "warned"), [("127.0.0.1", False), ("localhost", False), ("0.0.0.0", True)])
 def test_a_remote_port_beyond_loopback_is_bound_only_with_a_warning(bind, warned):
     """The head node binds the port on its loopback unless asked; another address is warned about."""
+    from wqsupervisor.backends import tunnel_for
     from wqsupervisor.master import MasterInfo
     from wqsupervisor.openssh import tunnel_argv
-    from wqsupervisor.tunnel import Tunnel
 
     async def direct(_timeout: float) -> None:
         return None
 
     settings = Settings(via="headnode", remote_port=10001, remote_bind=bind, allow_no_password=True)
     with capture_logs() as logs:
-        Tunnel(settings, MasterInfo(port=9123), emit=lambda e: None, rundir="/tmp", direct_probe=direct)
+        tunnel_for(settings, MasterInfo(port=9123), emit=lambda e: None, rundir="/tmp", direct_probe=direct)
     exposed = [e for e in logs if e["event"] == "tunnel.remote_port_exposed"]
     assert bool(exposed) is warned, logs
     if warned:
         assert exposed[0]["bind"] == bind and exposed[0]["log_level"] == "warning"
-    argv = tunnel_argv(settings, master_port=9123, remote_port=10001, probe_path=None)
+    argv = tunnel_argv(settings.ssh_target(), master_port=9123, remote_port=10001, probe_path=None)
     assert f"{bind}:10001:localhost:9123" in argv

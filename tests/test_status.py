@@ -66,13 +66,13 @@ def test_status_without_a_supervisor_says_so():
 
 def test_an_illegal_tunnel_transition_is_refused(head):
     """The lifecycle refuses a jump that makes no sense, with a named exception."""
+    from wqsupervisor.backends import tunnel_for
     from wqsupervisor.master import MasterInfo
-    from wqsupervisor.tunnel import Tunnel
 
     async def direct(_timeout: float) -> None:
         return None
 
-    tunnel = Tunnel(
+    tunnel = tunnel_for(
         head.settings(remote_port=10001),
         MasterInfo(port=9123),
         emit=lambda e: None,

@@ -1,14 +1,25 @@
-"""The supervised tunnel end to end: real sshd on loopback, real master, real workers."""
+"""The supervised tunnel end to end, for every transport: real sshd on loopback, real master, real workers.
+
+Each test runs once per session implementation (the ``backend`` fixture); a
+new transport is one more name in :data:`wqsupervisor.backends.BACKENDS`.
+Tests that only make sense for one transport live in ``test_openssh.py`` or
+``test_paramiko_backend.py``, or are marked below.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -22,19 +33,45 @@ from wqsupervisor import (
     WorkersJoined,
     supervise,
 )
+from wqsupervisor.backends import BACKENDS, sessions_for
+from wqsupervisor.config import Settings
 from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.process import pid_alive
+from wqsupervisor.session import Session, SessionEnded
 from wqsupervisor.wqserver import Task, WorkQueueServer
 
 from support import assert_exactly_once, listening, processes_matching, python_env, run_tasks, wait_for
 
+# Transports that run their session inside the agent process, without an ssh client.
+IN_PROCESS = {"paramiko"}
 
-def test_tasks_run_on_workers_that_only_know_the_remote_port(head, master, remote_port, workers, recorder):
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each session implementation in turn."""
+    return str(request.param)
+
+
+def settings_for(head: HeadNode, backend: str, remote_port: int, **options: Any) -> Settings:
+    """The sandbox head node's settings with ``backend``."""
+    return head.settings(remote_port=remote_port, backend=backend, **options)
+
+
+def test_tasks_run_on_workers_that_only_know_the_remote_port(
+    head, master, remote_port, workers, recorder, backend
+):
     """Workers given only the head node's forwarded port run every task, once, correctly."""
     assert remote_port != master.port
-    with supervise(master, head.settings(remote_port=remote_port), on_event=recorder) as sup:
+    with supervise(master, settings_for(head, backend, remote_port), on_event=recorder) as sup:
         assert sup.wait_until_up(20)
         assert sup.state is TunnelState.UP
+        snap = sup.snapshot().masters[0].tunnel
+        assert snap.remote_pid in head.sessions(), "the session's sshd on the head is known"
+        if backend in IN_PROCESS:
+            assert snap.ssh_pid is None, "no ssh process: the session lives in the agent"
+            assert not processes_matching(f"{remote_port}:localhost:{master.port}"), (
+                "an ssh client was started"
+            )
         workers(remote_port, n=2)
         assert_exactly_once(run_tasks(master, 30), 30)
         # The engine counts workers through the master's status port, which
@@ -52,12 +89,18 @@ def test_tasks_run_on_workers_that_only_know_the_remote_port(head, master, remot
         assert snap.tunnel.state.value == "up"
         assert snap.tunnel.verified_by in ("status", "connect")
         assert snap.workers.peak >= 1
+        wait_for(
+            lambda: sup.snapshot().masters[0].tunnel.rtt_ms is not None,
+            10,
+            "a ping through the session",
+        )
     assert not listening(remote_port), "the remote port outlived close()"
+    wait_for(lambda: not head.sessions(), 10, "the head's sshd session to end")
 
 
-def test_closing_the_tunnel_cuts_the_workers_off(head, master, remote_port, workers, recorder):
+def test_closing_the_tunnel_cuts_the_workers_off(head, master, remote_port, workers, recorder, backend):
     """The workers really go through the tunnel: without it they lose the master."""
-    sup = supervise(master, head.settings(remote_port=remote_port), on_event=recorder)
+    sup = supervise(master, settings_for(head, backend, remote_port), on_event=recorder)
     try:
         assert sup.wait_until_up(20)
         workers(remote_port)
@@ -78,7 +121,7 @@ def _ssh_pid(sup) -> int:
 
 
 def test_ssh_client_sigkilled_mid_run(head, master, remote_port, workers, recorder):
-    """The ssh client is SIGKILLed mid-run: the tunnel comes back and every task returns exactly once."""
+    """(OpenSSH) The ssh client is SIGKILLed mid-run: the tunnel comes back and every task returns exactly once."""
     with supervise(
         master, head.settings(remote_port=remote_port, stable_after=1.0), on_event=recorder
     ) as sup:
@@ -102,9 +145,32 @@ def test_ssh_client_sigkilled_mid_run(head, master, remote_port, workers, record
         assert _ssh_pid(sup) != killed[0]
 
 
-def test_head_sshd_restarted_mid_run(head, master, remote_port, workers, recorder):
+def test_head_sessions_killed_mid_run(head, master, remote_port, workers, recorder, backend):
+    """The head's sshd sessions are SIGKILLed mid-run: the tunnel comes back, every task returns exactly once."""
+    settings = settings_for(head, backend, remote_port, stable_after=1.0)
+    with supervise(master, settings, on_event=recorder) as sup:
+        assert sup.wait_until_up(20)
+        workers(remote_port, n=2)
+        killed: list[int] = []
+
+        def cut(done: int) -> None:
+            if done == 20 and not killed:
+                killed.extend(head.kill_sessions())
+
+        results = run_tasks(master, 80, cut)
+        assert killed
+        assert_exactly_once(results, 80)
+        down = recorder.wait(TunnelDown, 5)[0]
+        assert "closed by remote host" in down.reason, down.reason
+        ups = recorder.wait(TunnelUp, 20, count=2)
+        assert ups[1].restarts == 1
+        assert sup.state is TunnelState.UP
+        assert not set(killed) & set(head.sessions())
+
+
+def test_head_sshd_restarted_mid_run(head, master, remote_port, workers, recorder, backend):
     """The head node's sshd is restarted (all sessions die): the tunnel comes back, nothing is lost."""
-    with supervise(master, head.settings(remote_port=remote_port), on_event=recorder) as sup:
+    with supervise(master, settings_for(head, backend, remote_port), on_event=recorder) as sup:
         assert sup.wait_until_up(20)
         workers(remote_port, n=2)
         restarted = []
@@ -124,9 +190,9 @@ def test_head_sshd_restarted_mid_run(head, master, remote_port, workers, recorde
         assert all(e.after_tunnel_drop for e in lost)
 
 
-def direct_settings(head: HeadNode, remote_port: int):
+def direct_settings(head: HeadNode, remote_port: int, backend: str = "openssh") -> Settings:
     """Settings that name the head node by address and key, without its ssh_config alias."""
-    return head.settings(remote_port=remote_port).replace(
+    return settings_for(head, backend, remote_port).replace(
         ssh_config=None,
         via=f"{head.user}@127.0.0.1",
         ssh_port=head.port,
@@ -150,43 +216,48 @@ def _assert_fails(head_settings, recorder, timeout=30) -> TunnelFailed:
             sup.close()
 
 
-def test_wrong_key_fails_clearly_without_retrying_forever(head, remote_port, recorder, tmp_path):
+def test_wrong_key_fails_clearly_without_retrying_forever(head, remote_port, recorder, tmp_path, backend):
     """A key the head node does not accept: a clear error, no endless retries, no ssh left."""
     key = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    settings = direct_settings(head, remote_port).replace(identity=str(key))
+    settings = direct_settings(head, remote_port, backend).replace(identity=str(key))
     failed = _assert_fails(settings, recorder)
     assert "Permission denied" in failed.error
+    assert "Permission denied (publickey)" in failed.error
     assert "identity" in failed.hint.lower()
     assert len(recorder.of(TunnelStarting)) == 1, "authentication failures are not retried"
 
 
-def test_unknown_host_key_fails_clearly(head, remote_port, recorder, tmp_path):
-    """A head node whose host key is not in known_hosts: refused, with what to do."""
+def test_unknown_host_key_fails_clearly(head, remote_port, recorder, tmp_path, backend):
+    """A head node whose host key is in no known_hosts file: refused, never added, with what to do."""
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     failed = _assert_fails(
-        head.settings(remote_port=remote_port, ssh_options=(("UserKnownHostsFile", str(empty)),)), recorder
+        settings_for(head, backend, remote_port, ssh_options=(("UserKnownHostsFile", str(empty)),)), recorder
     )
     assert "known_hosts" in failed.error
+    assert "not in known_hosts" in failed.error
     assert "by hand" in failed.hint
+    assert empty.read_text() == "", "the key was added to known_hosts"
 
 
-def test_changed_host_key_fails_clearly(head, remote_port, recorder, tmp_path):
+def test_changed_host_key_fails_clearly(head, remote_port, recorder, tmp_path, backend):
     """A host key that changed is never accepted and never retried."""
     other = HeadNode(str(tmp_path / "other"), port=head.port)
     failed = _assert_fails(
-        head.settings(remote_port=remote_port, ssh_options=(("UserKnownHostsFile", str(other.known_hosts)),)),
+        settings_for(
+            head, backend, remote_port, ssh_options=(("UserKnownHostsFile", str(other.known_hosts)),)
+        ),
         recorder,
     )
     assert "does not match" in failed.error
     assert len(recorder.of(TunnelStarting)) == 1
 
 
-def test_nothing_listening_gives_up_after_bounded_retries(head, remote_port, recorder):
+def test_nothing_listening_gives_up_after_bounded_retries(head, remote_port, recorder, backend):
     """Nothing accepts ssh on the port: a few spaced retries, then a clear failure."""
     dead_port = remote_port  # free: nothing listens there
-    settings = direct_settings(head, dead_port).replace(
+    settings = direct_settings(head, dead_port, backend).replace(
         ssh_port=dead_port, start_attempts=3, backoff_initial=0.1
     )
     failed = _assert_fails(settings, recorder)
@@ -195,12 +266,12 @@ def test_nothing_listening_gives_up_after_bounded_retries(head, remote_port, rec
     assert len(recorder.of(TunnelStarting)) == 3
 
 
-def test_remote_port_taken_by_another_program(head, remote_port, recorder):
+def test_remote_port_taken_by_another_program(head, remote_port, recorder, backend):
     """A remote port already bound on the head node by something else: the error names the port."""
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", remote_port))
         squatter.listen()
-        failed = _assert_fails(head.settings(remote_port=remote_port), recorder)
+        failed = _assert_fails(settings_for(head, backend, remote_port), recorder)
     assert f"remote port {remote_port}" in failed.error
     assert "python" in failed.error, "the error says who holds the port"
     assert "--remote-port" in failed.hint
@@ -210,39 +281,143 @@ _APP = textwrap.dedent(
     """
     import sys, time
     from wqsupervisor import Settings, WorkQueueServer, supervise
-    cfg, port = sys.argv[1], int(sys.argv[2])
+    cfg, port, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     q = WorkQueueServer()
-    sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port, allow_no_password=True),
+    sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port, backend=backend,
+                                allow_no_password=True),
                     log_events=False)
     assert sup.wait_until_up(20)
     snap = sup.snapshot().masters[0].tunnel
-    print(sup._agent.pid, snap.ssh_pid, flush=True)
+    print(sup._agent.pid, snap.ssh_pid or 0, flush=True)
     time.sleep(600)
     """
 )
 
 
 @pytest.mark.parametrize("victim", ["application", "agent"])
-def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_port, victim):
+def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_port, victim, backend):
     """SIGKILL of the application or of the agent: no ssh survives, here or on the head node."""
     with subprocess.Popen(
-        [sys.executable, "-c", _APP, str(head.ssh_config), str(remote_port)],
+        [sys.executable, "-c", _APP, str(head.ssh_config), str(remote_port), backend],
         stdout=subprocess.PIPE,
         text=True,
         env=python_env(),
     ) as app:
         try:
             agent_pid, ssh_pid = map(int, app.stdout.readline().split())
+            assert (ssh_pid == 0) is (backend in IN_PROCESS)
             wait_for(lambda: listening(remote_port), 10, "the remote port")
             sessions = head.sessions()
             assert sessions, "the tunnel has a session on the head node"
             os.kill(app.pid if victim == "application" else agent_pid, signal.SIGKILL)
-            wait_for(lambda: not pid_alive(ssh_pid), 10, "ssh to exit")
+            if ssh_pid:
+                wait_for(lambda: not pid_alive(ssh_pid), 10, "ssh to exit")
             assert not processes_matching(f"{remote_port}:localhost:")
             wait_for(lambda: not any(p in head.sessions() for p in sessions), 10, "the head's session to end")
             wait_for(lambda: not listening(remote_port), 10, "the remote port to close")
-            if victim == "application":
-                wait_for(lambda: not pid_alive(agent_pid), 10, "the agent to exit")
+            wait_for(lambda: not pid_alive(agent_pid), 10, "the agent to exit")
         finally:
             app.kill()
             app.wait()
+
+
+# -- a session driven directly, through the session interface ----------------------------------
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def drive(body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` in a fresh event loop and check that it leaves no thread and no descriptor behind."""
+    threads = {t.ident for t in threading.enumerate()}
+    fds = _fds()
+    asyncio.run(body())
+    left = [t.name for t in threading.enumerate() if t.ident not in threads]
+    assert not left, f"threads left: {left}"
+    assert _fds() <= fds, f"descriptors left: {sorted(_fds() - fds)}"
+
+
+async def start_session(settings: Settings, master_port: int | None, rundir: str) -> Session:
+    """A session of ``settings.backend`` started directly (no tunnel), as the tunnel starts one."""
+    sessions = sessions_for(settings)
+    await sessions.prepare(rundir, "direct")
+    assert settings.remote_port is not None
+    return await sessions.start(master_port=master_port, remote_port=settings.remote_port, probes="probe")
+
+
+def _in_wait(q: WorkQueueServer, seconds: float) -> asyncio.Future[Any]:
+    """Keep the master in wait() (where it answers status requests) for a while."""
+    q.submit(Task("sleep 1000"))  # no worker: wait() sits out its timeout
+    return asyncio.ensure_future(asyncio.to_thread(q.wait, seconds))
+
+
+async def _status(port: int, timeout: float = 5.0) -> Any:
+    """queue_status on the head's 127.0.0.1:port, as a worker on the head node would ask."""
+    import json
+
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    try:
+        writer.write(b"queue_status\n")
+        return json.loads(await asyncio.wait_for(reader.read(), timeout))[0]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def test_direct_session_forwards_pings_probes_and_leaves_nothing(head, master, remote_port, backend):
+    """A session driven directly forwards, probes and pings, and close() leaves no thread, socket or sshd."""
+    from wqsupervisor.wqproto import request_status
+
+    async def body() -> None:
+        with tempfile.TemporaryDirectory() as rundir:
+            session = await start_session(settings_for(head, backend, remote_port), master.port, rundir)
+            try:
+                await asyncio.wait_for(session.established(), 10)
+                assert session.running
+                assert (session.pid is None) is (backend in IN_PROCESS)
+                assert session.remote_pid in head.sessions()
+                assert session.sock is not None
+                assert session.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                rtts = [await asyncio.wait_for(session.ping(), 5) for _ in range(5)]
+                assert all(0 < r < 1 for r in rtts)
+                waiting = _in_wait(master, 4)
+                await asyncio.sleep(0.2)
+                through_probe = await request_status(session.open_probe, timeout=3)
+                assert through_probe is not None and through_probe[0]["port"] == master.port
+                many = await asyncio.gather(*(_status(remote_port) for _ in range(8)))
+                assert {entry["port"] for entry in many} == {master.port}
+                await waiting
+                if backend in IN_PROCESS:
+                    assert any(t.name.startswith("wqs-paramiko") for t in threading.enumerate())
+            finally:
+                code = await session.close()
+            assert code is not None and code != 0
+            assert not session.running
+            assert not [t for t in threading.enumerate() if t.name.startswith("wqs-paramiko")]
+
+    drive(body)
+    wait_for(lambda: not listening(remote_port), 5, "the head to release the remote port")
+    wait_for(lambda: not head.sessions(), 10, "the head's sshd session to end")
+
+
+def test_session_ends_with_a_nonzero_code_when_the_head_kills_it(head, master, remote_port, backend):
+    """Killing the head's sshd session ends exited() with 255 and a transient network failure."""
+
+    async def body() -> None:
+        with tempfile.TemporaryDirectory() as rundir:
+            session = await start_session(settings_for(head, backend, remote_port), master.port, rundir)
+            try:
+                await asyncio.wait_for(session.established(), 10)
+                head.kill_sessions()
+                code = await asyncio.wait_for(session.exited(), 10)
+                assert code == 255
+                failure = session.failure().once_up()
+                assert failure.kind == "network" and not failure.permanent, failure
+                assert "closed by remote host" in failure.message, failure
+                with pytest.raises(SessionEnded):
+                    await session.ping()
+            finally:
+                await session.close()
+
+    drive(body)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from wqsupervisor.backends import tunnel_for
 from wqsupervisor.clock import SystemClock
 from wqsupervisor.config import Settings
 from wqsupervisor.engine import Engine, Supervised
@@ -26,7 +27,6 @@ from wqsupervisor.events import TunnelDown, TunnelFailed, TunnelUp, WorkersJoine
 from wqsupervisor.logs import register_secret
 from wqsupervisor.master import MasterInfo, MasterStats
 from wqsupervisor.protocol import SupervisorSnapshot
-from wqsupervisor.tunnel import Tunnel
 from wqsupervisor.view import LiveView, render, should_use_live_view
 from wqsupervisor.watch import WorkerWatch
 
@@ -131,7 +131,7 @@ def engine_snapshot(tmp_path: Path) -> SupervisorSnapshot:
     async def no_probe(_timeout: float) -> None:
         return None
 
-    tunnel = Tunnel(
+    tunnel = tunnel_for(
         settings, master, emit=lambda _e: None, rundir=str(tmp_path), direct_probe=no_probe, clock=clock
     )
     tunnel.record.restarts = 2

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
+from .backends import tunnel_for
 from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import WQSupervisorError
@@ -164,7 +165,7 @@ class Engine:
         async def direct(timeout: float) -> list[dict[str, Any]] | None:
             return await self._ask_master(master.port, credentials, timeout=timeout)
 
-        tunnel = Tunnel(
+        tunnel = tunnel_for(
             settings,
             master,
             emit=emit,

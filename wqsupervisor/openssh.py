@@ -1,4 +1,4 @@
-"""The OpenSSH client backend: the ssh command line, its config, its errors, its session.
+"""The OpenSSH client transport: the ssh command line, its config, its errors, its session.
 
 The tunnel is one ``ssh`` process that owns its own connection::
 
@@ -7,18 +7,20 @@ The tunnel is one ``ssh`` process that owns its own connection::
 
 * The session (a remote command, not ``-N``) is what makes sshd set
   TCP_NODELAY; without it Work Queue's small writes wait on delayed ACKs.
-* The remote ``cat`` echoes our keepalive lines, which measures the round trip
-  through the very connection that carries the forward, and it ends when the
-  session ends, so nothing is left running on the head node.
-* ``$PPID`` is the head's sshd process for this session: the one to end if the
-  session outlives its client and keeps the remote port bound.
+* The remote command (:data:`~wqsupervisor.session.REMOTE_COMMAND`) names the
+  head's sshd session and echoes our keepalives through the very connection
+  that carries the forward.
 * The ``-L`` unix socket leads to the head's ``127.0.0.1:REMOTE``, so a probe
   through it takes the same path as a worker on the head node.
+* When it can, the supervisor opens the TCP connection itself and hands it to
+  ssh (:mod:`wqsupervisor.tcpconn`).
 
 The user's ``~/.ssh/config`` applies (ProxyJump, IdentityFile, Ciphers...),
 except ControlMaster: a forward added through someone else's master
 connection outlives our ssh and blocks every restart, so the tunnel always
-opens its own connection.
+opens its own connection. :class:`OpenSSHSessions` is this transport's
+:class:`~wqsupervisor.session.SessionFactory`; failures are read from ssh's
+stderr (:func:`classify`).
 """
 
 from __future__ import annotations
@@ -33,16 +35,36 @@ import socket
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from . import tcpconn
+from .errors import TunnelError
 from .process import owned_argv
+from .session import (
+    FAST_CIPHER,
+    REMOTE_COMMAND,
+    HeadAddress,
+    RemoteLines,
+    SessionEnded,
+    SessionFailed,
+    SessionFailure,
+)
+from .target import SshTarget
 
-if TYPE_CHECKING:
-    from .config import Settings
-    from .target import SshTarget
-
-REMOTE_COMMAND = "exec sh -c 'echo wqs-session $PPID; exec cat'"
-FAST_CIPHER = "aes128-gcm@openssh.com"
+__all__ = [
+    "FAST_CIPHER",
+    "REMOTE_COMMAND",
+    "OpenSSHSession",
+    "OpenSSHSessions",
+    "SshConfig",
+    "allocated_port",
+    "base_argv",
+    "cipher_preference",
+    "classify",
+    "quote_argv",
+    "read_config",
+    "remote_argv",
+    "tunnel_argv",
+]
 
 # Options the tunnel cannot work without; they come first, so they win.
 _FIXED_OPTIONS = (
@@ -87,21 +109,21 @@ class SshConfig:
         )
 
 
-def base_argv(settings: Settings, *, config_file: str | None = None) -> list[str]:
-    """The ssh options every call for these settings shares (no forwards, no destination)."""
-    argv = [settings.ssh_program]
-    cfg = config_file if config_file is not None else settings.ssh_config
+def base_argv(target: SshTarget, *, config_file: str | None = None) -> list[str]:
+    """The ssh options every call to ``target`` shares (no forwards, no destination)."""
+    argv = [target.program]
+    cfg = config_file if config_file is not None else target.config_file
     if cfg:
         argv += ["-F", cfg]
-    if settings.ssh_port:
-        argv += ["-p", str(settings.ssh_port)]
-    if settings.identity:
-        argv += ["-i", settings.identity]
+    if target.port:
+        argv += ["-p", str(target.port)]
+    if target.identity:
+        argv += ["-i", target.identity]
     for key, value in _FIXED_OPTIONS:
         argv += ["-o", f"{key}={value}"]
     # ssh keeps the first value it sees for an option, so the user's come
     # before our defaults and win over them.
-    for key, value in settings.ssh_options:
+    for key, value in target.options:
         argv += ["-o", f"{key}={value}"]
     argv += [
         "-o",
@@ -111,39 +133,36 @@ def base_argv(settings: Settings, *, config_file: str | None = None) -> list[str
         # replaced, and keeps it through outages ssh alone would give up on.
         "ServerAliveCountMax=40",
         "-o",
-        f"ConnectTimeout={max(1, int(settings.connect_timeout))}",
+        f"ConnectTimeout={max(1, int(target.connect_timeout))}",
     ]
     return argv
 
 
-async def read_config(settings: Settings, *, config_file: str | None = None) -> SshConfig:
-    """Run ``ssh -G`` for the head node with these settings."""
-    assert settings.via is not None
+async def read_config(target: SshTarget, *, config_file: str | None = None) -> SshConfig:
+    """Run ``ssh -G`` for the head node."""
     proc = await asyncio.create_subprocess_exec(
-        *base_argv(settings, config_file=config_file),
+        *base_argv(target, config_file=config_file),
         "-G",
-        settings.via,
+        target.destination,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise SshFailure.from_output(
-            err.decode(errors="replace"), proc.returncode, settings, ever_up=False
-        ).as_error()
+        raise classify(err.decode(errors="replace"), proc.returncode, target).as_error()
     return SshConfig.parse(out.decode(errors="replace"))
 
 
-async def cipher_preference(settings: Settings, config: SshConfig) -> list[str]:
+async def cipher_preference(target: SshTarget, config: SshConfig) -> list[str]:
     """``-o Ciphers=^aes128-gcm...`` unless the user chose ciphers; the server still decides.
 
     The user chose when ``--ssh-option Ciphers=...`` was given or when their
     config's cipher list differs from OpenSSH's built-in one.
     """
-    if any(k.lower() == "ciphers" for k, _ in settings.ssh_options):
+    if target.option("Ciphers") is not None:
         return []
-    builtin = await read_config(settings, config_file="/dev/null")
+    builtin = await read_config(target, config_file="/dev/null")
     chosen = config.options.get("ciphers", "")
     if chosen != builtin.options.get("ciphers", ""):
         return []
@@ -153,7 +172,7 @@ async def cipher_preference(settings: Settings, config: SshConfig) -> list[str]:
 
 
 def tunnel_argv(
-    settings: Settings,
+    target: SshTarget,
     *,
     master_port: int | None,
     remote_port: int,
@@ -161,42 +180,20 @@ def tunnel_argv(
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The full command line of the tunnel's ssh (``master_port`` None: the probe forward only)."""
-    assert settings.via is not None
-    argv = base_argv(settings)
+    argv = base_argv(target)
     argv[1:1] = list(extra)
     argv.append("-T")
     if master_port is not None:
-        argv += ["-R", f"{settings.remote_bind}:{remote_port}:localhost:{master_port}"]
+        argv += ["-R", f"{target.bind}:{remote_port}:localhost:{master_port}"]
     if probe_path is not None:
         argv += ["-L", f"{probe_path}:127.0.0.1:{remote_port}"]
-    argv += [settings.via, REMOTE_COMMAND]
+    argv += [target.destination, REMOTE_COMMAND]
     return argv
 
 
-def remote_argv(settings: Settings, command: str) -> list[str]:
-    """A one-off command on the head node with the tunnel's ssh settings."""
-    assert settings.via is not None
-    return [*base_argv(settings), "-T", settings.via, command]
-
-
-def remote_argv_for(target: SshTarget, command: str) -> list[str]:
-    """:func:`remote_argv` from an :class:`~wqsupervisor.target.SshTarget`: the batch runners' form.
-
-    The same command line, option for option, as :func:`remote_argv` builds
-    from the :class:`~wqsupervisor.config.Settings` that made ``target``.
-    """
-    argv = [target.program]
-    if target.config_file:
-        argv += ["-F", target.config_file]
-    if target.port:
-        argv += ["-p", str(target.port)]
-    if target.identity:
-        argv += ["-i", target.identity]
-    for key, value in (*_FIXED_OPTIONS, *target.options):
-        argv += ["-o", f"{key}={value}"]
-    argv += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=40"]
-    argv += ["-o", f"ConnectTimeout={max(1, int(target.connect_timeout))}"]
-    return [*argv, "-T", target.destination, command]
+def remote_argv(target: SshTarget, command: str) -> list[str]:
+    """A one-off command on the head node, with the tunnel's ssh options (its own connection)."""
+    return [*base_argv(target), "-T", target.destination, command]
 
 
 # -- what went wrong ------------------------------------------------------------
@@ -208,111 +205,43 @@ _NETWORK = re.compile(
 _FORWARD_FAILED = re.compile(r"remote port forwarding failed for listen port (\d+)")
 
 
-@dataclass(frozen=True)
-class SshFailure:
-    """How an ssh run ended, classified: ``permanent`` ones are not retried."""
-
-    kind: str
-    message: str
-    hint: str
-    permanent: bool
-    port: int | None = None
-
-    @classmethod
-    def from_output(
-        cls, stderr: str, exit_code: int | None, settings: Settings, *, ever_up: bool
-    ) -> SshFailure:
-        """Classify an ssh run from its stderr and exit status."""
-        dest = settings.via or "the head node"
-        text = stderr.strip()
-        last = _last_meaningful_line(text) or f"ssh exited with status {exit_code}"
-        by_hand = f"run 'ssh {dest}' once by hand to see what it asks"
-        if m := _FORWARD_FAILED.search(text):
-            port = int(m.group(1))
-            return cls(
-                "port_taken",
-                f"the head node refused remote port {port}: it is already bound there",
-                f"pick another --remote-port, or free port {port} on {dest}",
-                permanent=True,
-                port=port,
-            )
-        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or (
-            "Host key for" in text and "has changed" in text
-        ):
-            return cls(
-                "host_key_changed",
-                f"the host key of {dest} does not match known_hosts",
-                "if the head node was reinstalled, check the new key with its admins and update "
-                "known_hosts (ssh-keygen -R HOST); otherwise do not connect",
-                permanent=True,
-            )
-        if (
-            "Host key verification failed" in text
-            or "No ED25519 host key is known" in text
-            or "No RSA host key is known" in text
-        ):
-            return cls(
-                "host_key_unknown",
-                f"the host key of {dest} is not in known_hosts and ssh runs in batch mode",
-                f"{by_hand} and accept the key after checking it",
-                permanent=True,
-            )
-        if "Permission denied" in text or "Too many authentication failures" in text:
-            return cls(
-                "auth",
-                f"ssh to {dest} failed: {last}",
-                f"check --identity or IdentityFile, or {by_hand}",
-                permanent=True,
-            )
-        if "Could not resolve hostname" in text or "Name or service not known" in text:
-            return cls(
-                "unknown_host",
-                f"ssh cannot resolve {dest}: {last}",
-                "check --via, or add the host to ~/.ssh/config",
-                # After a Wi-Fi change name lookups fail for a while; only a
-                # tunnel that never came up takes this as final.
-                permanent=not ever_up,
-            )
-        if (
-            "Bad configuration option" in text
-            or "command-line line" in text
-            or "Unsupported option" in text
-            or "usage: ssh" in text
-        ):
-            return cls(
-                "config",
-                f"ssh rejected its options: {last}",
-                "check --ssh-option and --config values",
-                permanent=True,
-            )
-        if "Connection refused" in text:
-            return cls(
-                "refused",
-                f"nothing accepts ssh connections at {dest}: {last}",
-                "check --via and --ssh-port, and that sshd runs on the head node",
-                permanent=False,
-            )
-        if _NETWORK.search(text):
-            return cls("network", f"the connection to {dest} failed: {last}", "retrying", permanent=False)
-        if exit_code in (None, 0) or exit_code < 0:
-            return cls("exited", f"ssh ended ({_describe_exit(exit_code)})", "restarting", permanent=False)
-        return cls("exited", f"ssh exited with status {exit_code}: {last}", "restarting", permanent=False)
-
-    def as_error(self) -> Exception:
-        """This failure as an exception for callers that raise."""
-        from .errors import TunnelError
-
-        return TunnelError(self.message, self.hint)
+def classify(
+    stderr: str, exit_code: int | None, target: SshTarget, *, ever_up: bool = False
+) -> SessionFailure:
+    """Classify an ssh run from its stderr and exit status (``ever_up``: the tunnel was up before)."""
+    failure = _classify(stderr.strip(), exit_code, target.destination)
+    return failure.once_up() if ever_up else failure
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-        return f"killed by signal {-code}"
-    return f"status {code}"
+def _classify(text: str, exit_code: int | None, dest: str) -> SessionFailure:
+    last = _last_meaningful_line(text) or f"ssh exited with status {exit_code}"
+    if m := _FORWARD_FAILED.search(text):
+        return SessionFailure.port_taken(dest, int(m.group(1)))
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or ("Host key for" in text and "has changed" in text):
+        return SessionFailure.host_key_changed(dest)
+    if any(words in text for words in _HOST_KEY_UNKNOWN):
+        return SessionFailure.host_key_unknown(dest)
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        return SessionFailure.auth(dest, last)
+    if "Could not resolve hostname" in text or "Name or service not known" in text:
+        return SessionFailure.unresolved(dest, last)
+    if any(words in text for words in _CONFIG):
+        return SessionFailure.config(last)
+    if "Connection refused" in text:
+        return SessionFailure.refused(dest, last)
+    if _NETWORK.search(text):
+        return SessionFailure.network(dest, last)
+    if exit_code in (None, 0) or exit_code < 0:
+        return SessionFailure.exited(exit_code)
+    return SessionFailure.exited(exit_code, last)
+
+
+_HOST_KEY_UNKNOWN = (
+    "Host key verification failed",
+    "No ED25519 host key is known",
+    "No RSA host key is known",
+)
+_CONFIG = ("Bad configuration option", "command-line line", "Unsupported option", "usage: ssh")
 
 
 def _last_meaningful_line(text: str) -> str:
@@ -332,39 +261,30 @@ def allocated_port(stderr: str) -> int | None:
 # -- the running session ----------------------------------------------------------
 
 
-class SessionEnded(Exception):
-    """The ssh process exited; ``exit_code`` and ``stderr`` say how."""
-
-    def __init__(self, exit_code: int | None, stderr: str) -> None:
-        super().__init__(f"ssh exited ({_describe_exit(exit_code)})")
-        self.exit_code = exit_code
-        self.stderr = stderr
-
-
 class OpenSSHSession:
-    """One running tunnel ssh: its stdin/stdout carry keepalives, stderr diagnostics."""
+    """One running tunnel ssh: its stdin/stdout carry keepalives, stderr its diagnostics."""
 
     def __init__(
-        self, proc: asyncio.subprocess.Process, probe_path: str | None, sock: socket.socket | None = None
+        self,
+        proc: asyncio.subprocess.Process,
+        target: SshTarget,
+        probe_path: str | None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.proc = proc
+        self.target = target
         self.probe_path = probe_path
         # Our copy of the connection handed to ssh (for TCP_INFO); closed as soon
         # as ssh exits, or the head would see the connection live on.
         self.sock = sock
-        self.remote_pid: int | None = None
         self._stderr: deque[str] = deque(maxlen=60)
-        self._established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Nobody may be waiting when ssh dies first; the exit is reported elsewhere.
-        self._established.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._lines = RemoteLines()
         # Signals go through a pidfd: asyncio's Popen.terminate() polls, and a
         # poll can reap ssh under the child watcher's feet.
         try:
             self._pidfd: int | None = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):
             self._pidfd = None
-        self._pongs: dict[int, asyncio.Future[None]] = {}
-        self._seq = 0
         self._readers = [
             asyncio.create_task(self._read_stdout(), name="ssh-stdout"),
             asyncio.create_task(self._read_stderr(), name="ssh-stderr"),
@@ -373,7 +293,7 @@ class OpenSSHSession:
 
     @classmethod
     async def start(
-        cls, argv: Sequence[str], probe_path: str | None, sock: socket.socket | None = None
+        cls, argv: Sequence[str], target: SshTarget, probe_path: str | None, sock: socket.socket | None = None
     ) -> OpenSSHSession:
         """Start ssh; it gets SIGTERM from the kernel if this process dies."""
         if probe_path is not None:
@@ -386,12 +306,22 @@ class OpenSSHSession:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        return cls(proc, probe_path, sock)
+        return cls(proc, target, probe_path, sock)
 
     @property
     def pid(self) -> int:
         """The local ssh process id."""
         return self.proc.pid
+
+    @property
+    def remote_pid(self) -> int | None:
+        """The head's sshd process of this session, once it has greeted us."""
+        return self._lines.remote_pid
+
+    @property
+    def allocated_port(self) -> int | None:
+        """The port sshd chose for ``-R 0:...``, once ssh has said so."""
+        return allocated_port(self.stderr)
 
     @property
     def stderr(self) -> str:
@@ -401,17 +331,7 @@ class OpenSSHSession:
     async def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
         async for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").strip()
-            if line.startswith("wqs-session "):
-                with contextlib.suppress(ValueError):
-                    self.remote_pid = int(line.split()[1])
-                if not self._established.done():
-                    self._established.set_result(None)
-            elif line.startswith("wqs-ping "):
-                with contextlib.suppress(ValueError):
-                    fut = self._pongs.pop(int(line.split()[1]), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
+            self._lines.feed(raw.decode(errors="replace").strip())
 
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -424,20 +344,20 @@ class OpenSSHSession:
         # Let the readers take the last words before anyone classifies them.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), 1.0)
-        for fut in self._pongs.values():
-            if not fut.done():
-                fut.set_exception(SessionEnded(code, self.stderr))
-        if not self._established.done():
-            self._established.set_exception(SessionEnded(code, self.stderr))
+        self._lines.ended(code)
         return code
 
     async def established(self) -> None:
         """Wait until the remote command runs; raises :class:`SessionEnded` if ssh exits first."""
-        await asyncio.shield(self._established)
+        await asyncio.shield(self._lines.greeted)
 
     async def exited(self) -> int:
         """Wait for ssh to exit; returns its exit status."""
         return await asyncio.shield(self._exited)
+
+    def failure(self) -> SessionFailure:
+        """How ssh ended, read from its stderr."""
+        return classify(self.stderr, self.proc.returncode, self.target)
 
     @property
     def running(self) -> bool:
@@ -447,21 +367,13 @@ class OpenSSHSession:
     async def ping(self) -> float:
         """One round trip through the session; returns its seconds (wrap it in a timeout)."""
         if not self.running:
-            raise SessionEnded(self.proc.returncode, self.stderr)
+            raise SessionEnded(self.proc.returncode)
+        return await self._lines.ping(self._send)
+
+    async def _send(self, line: bytes) -> None:
         assert self.proc.stdin is not None
-        self._seq += 1
-        seq = self._seq
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pongs[seq] = fut
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
-        try:
-            self.proc.stdin.write(f"wqs-ping {seq}\n".encode())
-            await self.proc.stdin.drain()
-            await fut
-            return loop.time() - sent
-        finally:
-            self._pongs.pop(seq, None)
+        self.proc.stdin.write(line)
+        await self.proc.stdin.drain()
 
     async def open_probe(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection that enters the head node's remote port through this session."""
@@ -506,6 +418,82 @@ class OpenSSHSession:
     def kill_now(self) -> None:
         """SIGKILL ssh without waiting (used when the supervisor itself is dying)."""
         self.signal(signal.SIGKILL)
+
+
+class OpenSSHSessions:
+    """Starts a tunnel's sessions as ``ssh`` processes, on a connection of our own when it can."""
+
+    name = "openssh"
+
+    def __init__(self, target: SshTarget, *, own_socket: bool = True) -> None:
+        self.target = target
+        self._own_socket = own_socket
+        self._config: SshConfig | None = None
+        self._extra: list[str] = []
+        self._handoff: tcpconn.Handoff | None = None
+        self._rundir = ""
+        self._tag = ""
+
+    async def prepare(self, rundir: str, tag: str) -> None:
+        """Read ``ssh -G``, choose the cipher, and get ready to hand ssh its connection."""
+        self._rundir, self._tag = rundir, tag
+        self._config = await read_config(self.target)
+        self._extra = await cipher_preference(self.target, self._config)
+        if self._own_socket and not self._config.proxied and tcpconn.fd_passing_supported():
+            self._handoff = tcpconn.Handoff(rundir, tag)
+
+    @property
+    def owns_socket(self) -> bool:
+        """True when the supervisor opens the TCP connection and hands it to ssh."""
+        return self._handoff is not None
+
+    @property
+    def head(self) -> HeadAddress | None:
+        """The head's sshd as ``ssh -G`` resolves it, unless a proxy is in the way."""
+        cfg = self._config
+        return None if cfg is None or cfg.proxied else HeadAddress(cfg.hostname, cfg.port)
+
+    async def start(self, *, master_port: int | None, remote_port: int, probes: str | None) -> OpenSSHSession:
+        """Start one ssh; raises :class:`SessionFailed` when our own connection to the head fails."""
+        probe_path = os.path.join(self._rundir, f"{probes}-{self._tag}.sock") if probes else None
+        argv = tunnel_argv(
+            self.target,
+            master_port=master_port,
+            remote_port=remote_port,
+            probe_path=probe_path,
+            extra=[*self._extra, *(self._handoff.ssh_options() if self._handoff else [])],
+        )
+        try:
+            if self._handoff is None:
+                return await OpenSSHSession.start(argv, self.target, probe_path)
+            return await self._start_handed(argv, probe_path, self._handoff)
+        except tcpconn.ConnectFailed as exc:
+            raise SessionFailed(exc.failure(self.target.destination)) from None
+        except OSError as exc:
+            raise TunnelError(
+                f"cannot run {self.target.program}: {exc}",
+                "install the OpenSSH client (apt-get install openssh-client) or set ssh_program",
+            ) from exc
+
+    async def _start_handed(
+        self, argv: list[str], probe_path: str | None, handoff: tcpconn.Handoff
+    ) -> OpenSSHSession:
+        cfg = self._config
+        assert cfg is not None
+        timeout = self.target.connect_timeout
+        sock = await tcpconn.open_connection(cfg.hostname, cfg.port, timeout)
+        try:
+            async with handoff.offer(sock, timeout) as handed:
+                session = await OpenSSHSession.start(argv, self.target, probe_path, sock=sock)
+                await asyncio.wait(
+                    [handed, asyncio.create_task(session.exited())],
+                    timeout=timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        except BaseException:
+            sock.close()
+            raise
+        return session
 
 
 def quote_argv(argv: Sequence[str]) -> str:

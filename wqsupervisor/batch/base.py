@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import WQSupervisorError
 from ..launcher import NodeLauncher
-from ..openssh import remote_argv_for
+from ..openssh import remote_argv
 from ..target import SshTarget
 
 
@@ -152,7 +152,7 @@ class SshRunner(Runner):
         command = " ".join(shlex.quote(a) for a in argv)
         if self.env:
             command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
-        return remote_argv_for(self.target, command)
+        return remote_argv(self.target, command)
 
 
 @dataclass(frozen=True)

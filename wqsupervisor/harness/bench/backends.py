@@ -243,20 +243,20 @@ _WAITING_APP = textwrap.dedent(
     """
     import asyncio, sys, threading, time
     import work_queue
-    from wqsupervisor import Settings, openssh, supervise
+    from wqsupervisor import Settings, supervise
     mode, backend, cfg, remote_port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     q = work_queue.WorkQueue(port=0, name="wqs-stall")
     settings = Settings(via="headnode", ssh_config=cfg, remote_port=remote_port, allow_no_password=True,
                         backend=backend)
     if mode == "inprocess":
-        from wqsupervisor.paramiko_backend import ParamikoSession
+        import tempfile
+        from wqsupervisor.backends import sessions_for
         up = threading.Event()
 
         async def forward():
-            config = await openssh.read_config(settings)
-            session = await ParamikoSession.start(
-                settings, config, master_port=q.port, remote_port=remote_port
-            )
+            sessions = sessions_for(settings)
+            await sessions.prepare(tempfile.gettempdir(), "bench-stall")
+            session = await sessions.start(master_port=q.port, remote_port=remote_port, probes=None)
             await session.established()
             up.set()
             await session.exited()

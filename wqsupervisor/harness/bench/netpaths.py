@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -123,13 +124,11 @@ class ParamikoTunnel:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _start(self, settings: Any, master_port: int) -> Any:
-        from ... import openssh
-        from ...paramiko_backend import ParamikoSession
+        from ...backends import sessions_for
 
-        config = await openssh.read_config(settings)
-        session = await ParamikoSession.start(
-            settings, config, master_port=master_port, remote_port=self.remote_port
-        )
+        sessions = sessions_for(settings)
+        await sessions.prepare(tempfile.gettempdir(), f"bench-{self.remote_port}")
+        session = await sessions.start(master_port=master_port, remote_port=self.remote_port, probes=None)
         try:
             await asyncio.wait_for(session.established(), 30)
         except BaseException:

@@ -1,4 +1,4 @@
-"""The tunnel's TCP connection, opened by the supervisor and handed to ssh.
+"""The tunnel's own TCP connection: opened here, tuned, read with TCP_INFO, handed to ssh.
 
 Owning the socket lets the supervisor set what ssh cannot:
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import shlex
@@ -30,6 +31,8 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .session import FailureKind, SessionFailure
 
 USER_TIMEOUT_MS = 10 * 60 * 1000
 RTO_MAX_MS = 1000
@@ -78,8 +81,25 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_RTO_MAX_MS, RTO_MAX_MS)
 
 
+class ConnectFailed(OSError):
+    """The supervisor's own TCP connection to the head's sshd failed."""
+
+    def __init__(self, kind: FailureKind, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+    def failure(self, dest: str) -> SessionFailure:
+        """This failure worded for the user, ``dest`` being the head node as given."""
+        if self.kind is FailureKind.RESOLVE:
+            return SessionFailure.unresolved(dest, self.detail)
+        if self.kind is FailureKind.REFUSED:
+            return SessionFailure.refused(dest, self.detail)
+        return SessionFailure.network(dest, self.detail)
+
+
 async def open_connection(host: str, port: int, timeout: float) -> socket.socket:
-    """Connect to ``host:port`` with the tunnel's socket options; raises OSError with ssh's wording."""
+    """Connect to ``host:port`` with the tunnel's socket options; raises :class:`ConnectFailed`."""
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(
@@ -87,8 +107,8 @@ async def open_connection(host: str, port: int, timeout: float) -> socket.socket
         )
     except (socket.gaierror, TimeoutError) as exc:
         reason = exc.strerror if isinstance(exc, socket.gaierror) else "name lookup timed out"
-        raise OSError(f"ssh: Could not resolve hostname {host}: {reason}") from None
-    last: OSError | None = None
+        raise ConnectFailed(FailureKind.RESOLVE, f"Could not resolve hostname {host}: {reason}") from None
+    last: ConnectFailed | None = None
     for family, kind, proto, _, addr in infos:
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
@@ -98,12 +118,18 @@ async def open_connection(host: str, port: int, timeout: float) -> socket.socket
             return sock
         except TimeoutError:
             sock.close()
-            last = OSError(f"ssh: connect to host {host} port {port}: Connection timed out")
+            last = ConnectFailed(
+                FailureKind.NETWORK, f"connect to host {host} port {port}: Connection timed out"
+            )
         except OSError as exc:
             sock.close()
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            last = OSError(f"ssh: connect to host {host} port {port}: {reason}")
-    raise last or OSError(f"ssh: connect to host {host} port {port}: no address")
+            refused = exc.errno == errno.ECONNREFUSED
+            last = ConnectFailed(
+                FailureKind.REFUSED if refused else FailureKind.NETWORK,
+                f"connect to host {host} port {port}: {reason}",
+            )
+    raise last or ConnectFailed(FailureKind.NETWORK, f"connect to host {host} port {port}: no address")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,264 @@
+"""Liveness of an up session, as exact tables: pings, stalls, keep or replace, the RTO cap. No sleeping."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+
+from wqsupervisor.backends import BACKENDS, sessions_for
+from wqsupervisor.forward import ForwardCheck
+from wqsupervisor.liveness import (
+    GRACE_CAPPED,
+    GRACE_UNCAPPED,
+    Decision,
+    Liveness,
+    Observation,
+    Reach,
+    Timing,
+)
+from wqsupervisor.session import Session, SessionFactory
+
+T = Timing(keepalive_interval=1.0, stall_after=3.0, probe_interval=5.0)
+TICK = Observation()
+PONG = Observation(pinged=True, rtt=0.01)
+
+
+def start(grace: float = GRACE_CAPPED, rto_lifted: bool = False) -> Liveness:
+    """A session that came up at t=100."""
+    return Liveness.start(T, 100.0, grace=grace, rto_lifted=rto_lifted)
+
+
+def run(live: Liveness, steps: list[tuple[float, Observation]]) -> tuple[Liveness, list[Decision]]:
+    """Feed observations at the given times; collect the decisions."""
+    decisions = []
+    for now, seen in steps:
+        live, decision = live.observe(seen, now)
+        decisions.append(decision)
+    return live, decisions
+
+
+def test_constants_are_unchanged():
+    """The resume grace is one capped retransmission with our socket, TCP's backoff without."""
+    assert (GRACE_CAPPED, GRACE_UNCAPPED) == (2.0, 12.0)
+
+
+def test_pings_one_at_a_time_every_keepalive_interval():
+    """The first look pings at once; the next ping waits for the answer and for the interval."""
+    live, ds = run(
+        start(),
+        [
+            (100.0, TICK),
+            (100.5, TICK),
+            (101.0, TICK),
+            (101.2, PONG),
+            (102.0, TICK),
+            (102.1, PONG),
+            (102.5, TICK),
+        ],
+    )
+    assert [d.ping for d in ds] == [True, False, False, True, False, False, True]
+    assert not live.stalled and live.last_pong == 102.1
+
+
+@pytest.mark.parametrize(
+    ("silent", "stalled"),
+    [(2.9, False), (3.0, False), (3.01, True), (10.0, True)],
+)
+def test_a_session_stalls_only_after_stall_after_seconds_of_silence(silent, stalled):
+    """Silence of exactly stall_after is still up; a moment more is a stall, reported with its length."""
+    live, decision = start().observe(TICK, 100.0 + silent)
+    assert live.stalled is stalled
+    assert decision.stalled == (pytest.approx(silent) if stalled else None)
+    assert decision.end is None
+
+
+def test_a_stalled_session_resumes_on_the_next_pong_and_restores_the_cap():
+    """A pong after a stall resumes (with the stall's length), and puts the lifted cap back."""
+    live, d = start().observe(TICK, 104.0)
+    assert d.stalled == pytest.approx(4.0) and d.probe_head is False
+    live, d = live.observe(TICK, 104.25)
+    assert d.probe_head is True  # first look at the head once stalled
+    live = live.capped(True)  # nothing lifted yet
+    live, d = live.observe(PONG, 105.0)
+    assert d.resumed == pytest.approx(1.0) and d.cap is None and not live.stalled
+    lifted = start(rto_lifted=True)
+    lifted, _ = lifted.observe(TICK, 104.0)
+    lifted, d = lifted.observe(PONG, 104.5)
+    assert d.resumed == pytest.approx(0.5) and d.cap is True
+
+
+# Stall decisions: (time, head probe result reported at that time) -> (probe the head?, end?)
+KEEP_WHILE_HEAD_DOWN = [
+    (104.0, None, False, False),  # stalls
+    (104.25, None, True, False),  # probe the head
+    (104.5, Reach.DOWN, True, False),  # down: keep, probe again
+    (105.0, Reach.DOWN, True, False),
+    (130.0, Reach.DOWN, True, False),  # however long: nothing better could be opened
+]
+
+
+def test_a_silent_session_is_kept_while_the_head_cannot_be_reached():
+    """While fresh connections to the head fail, the silent session is kept, whatever its silence."""
+    live = start()
+    for now, head, probe, end in KEEP_WHILE_HEAD_DOWN:
+        live, d = live.observe(Observation(head=head), now)
+        assert (d.probe_head, d.end is not None) == (probe, end), now
+    assert live.stalled
+
+
+@pytest.mark.parametrize(
+    ("grace", "steps", "replaced_at"),
+    [
+        # head answers at 104.5: grace starts; the next probe waits for it; still answering -> replace
+        (
+            GRACE_CAPPED,
+            [
+                (104.0, None),
+                (104.25, None),
+                (104.5, Reach.UP),
+                (105.0, None),
+                (106.5, None),
+                (106.75, Reach.UP),
+            ],
+            106.75,
+        ),
+        # uncapped: 12 s of grace
+        (
+            GRACE_UNCAPPED,
+            [
+                (104.0, None),
+                (104.25, None),
+                (104.5, Reach.UP),
+                (110.0, None),
+                (116.5, None),
+                (116.75, Reach.UP),
+            ],
+            116.75,
+        ),
+        # the head goes away again within the grace: start over, keep
+        (
+            GRACE_CAPPED,
+            [(104.0, None), (104.25, None), (104.5, Reach.UP), (106.5, None), (106.75, Reach.DOWN)],
+            None,
+        ),
+    ],
+)
+def test_a_silent_session_is_replaced_only_after_the_grace(grace, steps, replaced_at):
+    """Once the head answers fresh connections, the session gets ``grace`` s; then it is replaced."""
+    live = start(grace=grace)
+    ended = None
+    for now, head in steps:
+        live, d = live.observe(Observation(head=head), now)
+        if d.end is not None:
+            assert d.replace and "replacing it" in d.end
+            ended = now
+            break
+    assert ended == replaced_at
+
+
+def test_the_replace_reason_says_how_long():
+    """The reason names the session's silence and how long the head has answered."""
+    live = start()
+    for now, head in [(104.0, None), (104.25, None), (104.5, Reach.UP), (106.5, None)]:
+        live, _ = live.observe(Observation(head=head), now)
+    _, d = live.observe(Observation(head=Reach.UP), 106.75)
+    assert d.end == (
+        "session silent for 6.8 s although the head node has answered fresh connections for 2.2 s; replacing it"
+    )
+
+
+def test_no_route_lifts_the_cap_and_stretches_the_grace_and_a_route_restores_it():
+    """NO_ROUTE: uncap (once) and give the session GRACE_UNCAPPED; the head answering again recaps."""
+    live, _ = start().observe(TICK, 104.0)
+    live, d = live.observe(TICK, 104.25)
+    assert d.probe_head
+    live, d = live.observe(Observation(head=Reach.NO_ROUTE), 104.5)
+    assert d.cap is False and d.probe_head
+    assert live.stall is not None and live.stall.grace == GRACE_UNCAPPED
+    live = live.capped(False)
+    live, d = live.observe(Observation(head=Reach.NO_ROUTE), 105.0)
+    assert d.cap is None, "already lifted"
+    live, d = live.observe(Observation(head=Reach.UP), 106.0)
+    assert d.cap is True and d.end is None
+    live = live.capped(True)
+    # the stretched grace stays for this stall: 12 s from 106.0
+    live, d = live.observe(TICK, 117.0)
+    assert not d.probe_head
+    live, d = live.observe(TICK, 118.0)
+    assert d.probe_head
+    _, d = live.observe(Observation(head=Reach.UP), 118.25)
+    assert d.end is not None and d.replace
+
+
+def test_a_failed_uncap_is_tried_again():
+    """When the cap could not be lifted (not reported as capped), the next NO_ROUTE asks again."""
+    live, _ = start().observe(TICK, 104.0)
+    live, _ = live.observe(TICK, 104.25)
+    live, d = live.observe(Observation(head=Reach.NO_ROUTE), 104.5)
+    assert d.cap is False
+    live, d = live.observe(Observation(head=Reach.NO_ROUTE), 105.0)
+    assert d.cap is False
+
+
+# Forward checks while up, every probe_interval (5 s): (time, result) -> (check now?, end reason)
+@pytest.mark.parametrize(
+    ("results", "ends"),
+    [
+        ([ForwardCheck.REACHED, ForwardCheck.HELD, ForwardCheck.REACHED], None),
+        ([ForwardCheck.LOST, ForwardCheck.REACHED, ForwardCheck.LOST], None),
+        ([ForwardCheck.LOST, ForwardCheck.REFUSED], "the remote port stopped reaching the master (refused)"),
+        ([ForwardCheck.REFUSED, ForwardCheck.LOST], "the remote port stopped reaching the master (lost)"),
+        ([ForwardCheck.WRONG], "the remote port stopped reaching the master (wrong)"),
+    ],
+)
+def test_forward_checks_end_the_session_on_a_wrong_master_or_two_losses_in_a_row(results, ends):
+    """A different master ends it at once; lost or refused must happen twice in a row."""
+    live = start()
+    live, d = live.observe(PONG, 102.5)
+    live, d = live.observe(PONG, 104.9)
+    assert not d.probe_forward
+    now, ended = 105.0, None
+    for result in results:
+        if now > 105.0:
+            live, _ = live.observe(PONG, now - 2.5)  # keep the session answering in between
+        live, d = live.observe(PONG, now)
+        assert d.probe_forward, now
+        live, d = live.observe(Observation(pinged=True, rtt=0.01, forward=result), now + 0.5)
+        assert not d.probe_forward
+        if d.end is not None:
+            assert not d.replace
+            ended = d.end
+            break
+        now += 5.0
+    assert ended == ends
+
+
+def test_no_forward_check_while_stalled_and_a_late_result_is_ignored():
+    """A check in flight when the session stalls does not count; none starts until it resumes."""
+    live, d = start().observe(PONG, 105.0)
+    assert d.probe_forward
+    live, _ = live.observe(TICK, 108.5)  # stalled (last pong 105.0)
+    assert live.stalled and live.lost_streak == 0
+    live, d = live.observe(Observation(forward=ForwardCheck.LOST), 108.75)
+    assert d.end is None and not d.probe_forward and live.lost_streak == 0
+    live, d = live.observe(PONG, 112.0)
+    assert d.resumed is not None and not d.probe_forward
+    assert live.next_probe == 117.0
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_every_transport_implements_the_session_interface(backend):
+    """Each backend's factory, and the session class its start() returns, have every member the tunnel uses."""
+    from wqsupervisor.config import Settings
+
+    factory = sessions_for(Settings(via="headnode", remote_port=10001, backend=backend))
+    assert isinstance(factory, SessionFactory)
+    assert factory.name == backend
+    cls = typing.get_type_hints(type(factory).start)["return"]
+    members = [m for m in dir(Session) if not m.startswith("_")]
+    assert set(members) >= {"established", "exited", "failure", "ping", "open_probe", "close", "kill_now"}
+    init = inspect.getsource(cls.__init__)
+    missing = [m for m in members if not hasattr(cls, m) and f"self.{m}" not in init]
+    assert not missing, f"{cls.__name__} lacks {missing}"

@@ -1,0 +1,69 @@
+"""Does the head node answer a fresh connection? The probe behind stall decisions and early wake-ups.
+
+A fresh TCP connection to the head's sshd that gets an SSH banner proves the
+path to the head works now, whatever an old session's connection is going
+through. Behind a ProxyJump or ProxyCommand only ssh itself knows the way, so
+there a one-off ``ssh head true`` answers the question instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from .clock import Clock
+from .liveness import Reach
+from .openssh import remote_argv
+from .session import HeadAddress
+from .target import SshTarget
+
+_NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+
+
+async def probe_head(head: HeadAddress | None, target: SshTarget, timeout: float) -> Reach:
+    """Open a fresh connection to the head's sshd: does it greet us, and if not, is there a route?"""
+    if head is None:
+        return Reach.UP if await _reachable_via_ssh(target, timeout) else Reach.DOWN
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(head.host, head.port, family=socket.AF_UNSPEC)
+            try:
+                banner = await reader.readline()
+            finally:
+                writer.close()
+        return Reach.UP if banner.startswith(b"SSH-") else Reach.DOWN
+    except TimeoutError:
+        return Reach.DOWN
+    except OSError as exc:
+        return Reach.NO_ROUTE if exc.errno in _NO_ROUTE else Reach.DOWN
+
+
+async def head_returns(head: HeadAddress | None, target: SshTarget, clock: Clock) -> None:
+    """Complete once the head's sshd, unreachable at first, greets a fresh connection again.
+
+    Only a change from unreachable to reachable counts: a head that was
+    reachable all along gives no reason to skip the backoff.
+    """
+    was_down = False
+    while True:
+        up = await probe_head(head, target, timeout=1.0) is Reach.UP
+        if up and was_down:
+            return
+        was_down = was_down or not up
+        await clock.sleep(0.5)
+
+
+async def _reachable_via_ssh(target: SshTarget, timeout: float) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        *remote_argv(target, "true"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout) == 0
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return False

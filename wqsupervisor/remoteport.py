@@ -1,0 +1,238 @@
+"""The tunnel's remote port on the head node: allocated once, and freed from stale sessions of ours.
+
+:class:`RemotePort` lets the head node pick a free port for ``remote_port=0``,
+and when the head refuses the port, finds out who holds it: a stale sshd
+session of ours (ended), our own live tunnel to another master (left alone,
+with an error), or something else (an error that names it).
+
+The head-node scripts are POSIX ``sh`` with ``awk`` and read ``/proc``, so they need
+no root and nothing installed on the head node. As an unprivileged user they
+only see that user's processes, which is exactly the set the supervisor may
+touch: it ends only an ``sshd`` process of its own user that holds exactly
+the remote port, never anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import TunnelError
+from .forward import ForwardProver
+from .master import MasterIdentity
+from .openssh import remote_argv
+from .session import FailureKind, SessionEnded, SessionFactory, SessionFailed, SessionFailure
+from .target import SshTarget
+
+_FIND_HOLDERS = r"""
+port=%(port)d
+hex=$(printf '%%04X' "$port")
+inodes=$(awk -v p=":$hex" 'FNR > 1 && $4 == "0A" && toupper(substr($2, length($2) - 4)) == p { print $10 }' \
+    /proc/net/tcp /proc/net/tcp6 2>/dev/null)
+echo "me $(id -u)"
+[ -n "$inodes" ] || { echo free; exit 0; }
+echo bound
+inodes=" $(echo $inodes) "
+ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v inodes="$inodes" '
+    /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); pid = a[3]; next }
+    / -> socket:\[/ { s = $NF; gsub(/socket:\[|\]/, "", s); if (index(inodes, " " s " ")) print pid }
+' | sort -u | while read -r pid; do
+    uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
+    echo "holder $pid $uid $(cat "/proc/$pid/comm" 2>/dev/null)"
+done
+"""
+
+_END_SESSION = r"""
+pid=%(pid)d
+port=%(port)d
+me=$(id -u)
+running() {  # alive and not a zombie waiting for its parent
+    state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1)
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+running || { echo gone; exit 0; }
+[ "$(cat "/proc/$pid/comm" 2>/dev/null)" = sshd ] || { echo "refused: not sshd"; exit 0; }
+[ "$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")" = "$me" ] || { echo "refused: not ours"; exit 0; }
+kill -TERM "$pid" 2>/dev/null || { echo "refused: kill failed"; exit 0; }
+kill -CONT "$pid" 2>/dev/null  # a hung (stopped) session takes TERM only once it runs
+i=0
+while running && [ $i -lt 20 ]; do sleep 0.05; i=$((i + 1)); done
+running && kill -KILL "$pid" 2>/dev/null
+echo ended
+"""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process on the head node that holds the remote port."""
+
+    pid: int
+    uid: int | None
+    command: str
+
+
+@dataclass(frozen=True)
+class PortHolders:
+    """What the head node says about a port: bound or not, and by whom (as far as we may see)."""
+
+    bound: bool
+    my_uid: int | None = None
+    holders: tuple[Holder, ...] = field(default_factory=tuple)
+
+    def stale_candidates(self, known: set[int]) -> list[int]:
+        """Our own sshd processes that hold the port: recorded sessions first."""
+        ours = [h.pid for h in self.holders if h.command == "sshd" and h.uid == self.my_uid]
+        if not ours or len(ours) != len(self.holders):
+            return []
+        return sorted(ours, key=lambda pid: pid not in known)
+
+    def describe(self) -> str:
+        """Who holds the port, for an error message."""
+        if not self.holders:
+            return "another user's process (not visible to this account)"
+        return ", ".join(f"{h.command or '?'} (pid {h.pid}, uid {h.uid})" for h in self.holders)
+
+
+async def _run_script(target: SshTarget, script: str, timeout: float) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *remote_argv(target, "sh -s"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(script.encode()), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return ""
+    return out.decode(errors="replace")
+
+
+def parse_holders(text: str) -> PortHolders:
+    """Read the output of the holder script."""
+    bound = False
+    me: int | None = None
+    holders: list[Holder] = []
+    for line in text.splitlines():
+        parts = line.split(None, 3)
+        if not parts:
+            continue
+        if parts[0] == "bound":
+            bound = True
+        elif parts[0] == "me" and len(parts) > 1 and parts[1].isdigit():
+            me = int(parts[1])
+        elif parts[0] == "holder" and len(parts) >= 2 and parts[1].isdigit():
+            uid = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+            holders.append(Holder(int(parts[1]), uid, parts[3].strip() if len(parts) > 3 else ""))
+    return PortHolders(bound=bound, my_uid=me, holders=tuple(holders))
+
+
+async def inspect_port(target: SshTarget, port: int, timeout: float = 10.0) -> PortHolders:
+    """Ask the head node whether ``port`` is bound on it, and by which processes."""
+    out = await _run_script(target, _FIND_HOLDERS % {"port": port}, timeout)
+    return parse_holders(out)
+
+
+async def end_stale_session(target: SshTarget, pid: int, port: int, timeout: float = 10.0) -> bool:
+    """End sshd process ``pid`` on the head node if it is ours; True when it is gone."""
+    out = await _run_script(target, _END_SESSION % {"pid": pid, "port": port}, timeout)
+    return out.strip().splitlines()[-1:] in (["ended"], ["gone"])
+
+
+class RemotePort:
+    """One tunnel's remote port: its number, and what to do when the head node refuses it."""
+
+    def __init__(
+        self,
+        target: SshTarget,
+        sessions: SessionFactory,
+        prover: ForwardProver,
+        port: int,
+        *,
+        on_reclaimed: Callable[[int], None],
+    ) -> None:
+        self.target = target
+        self.port = port
+        self._sessions = sessions
+        self._prover = prover
+        self._on_reclaimed = on_reclaimed
+
+    async def allocate(self) -> int:
+        """Let the head node pick a free port once; later restarts ask for that same port."""
+        try:
+            session = await self._sessions.start(
+                master_port=self._prover.master.port, remote_port=0, probes=None
+            )
+        except SessionFailed as exc:
+            raise exc.failure.as_error() from None
+        try:
+            async with asyncio.timeout(self.target.connect_timeout):
+                await session.established()
+                while (port := session.allocated_port) is None:
+                    await asyncio.sleep(0.02)
+            self.port = port
+            return port
+        except (SessionEnded, TimeoutError):
+            await session.close()
+            raise session.failure().as_error() from None
+        finally:
+            await session.close()
+
+    async def end_stale(self, pid: int) -> None:
+        """End our sshd process ``pid`` on the head node, which holds the port after its client left."""
+        if await end_stale_session(self.target, pid, self.port):
+            self._on_reclaimed(pid)
+
+    async def reclaim(self, known_pid: int | None) -> SessionFailure | None:
+        """Free the port from a stale sshd session of ours; never touch anything else.
+
+        ``known_pid`` is the head's sshd of this tunnel's last session. Returns
+        None when the port is free (again), or the failure to report.
+        """
+        holders = await inspect_port(self.target, self.port)
+        if not holders.bound:
+            return None
+        known = {known_pid} if known_pid else set()
+        stale = holders.stale_candidates(known=known)
+        dest = self.target.destination
+        if stale and not set(stale) <= known:
+            # An sshd of ours that this tunnel did not start (an earlier run?). If a
+            # master still answers through it, it is someone's live tunnel: leave it.
+            owner = await self.owner()
+            if owner is not None and not owner.matches(self._prover.expected()):
+                return SessionFailure(
+                    FailureKind.PORT_TAKEN,
+                    f"remote port {self.port} on {dest} is in use by another live tunnel "
+                    f"of yours, to the {owner}",
+                    "give each master its own --remote-port",
+                    permanent=True,
+                    port=self.port,
+                )
+        if stale:
+            for pid in stale:
+                await self.end_stale(pid)
+            return None
+        return SessionFailure(
+            FailureKind.PORT_TAKEN,
+            f"remote port {self.port} on {dest} is in use by {holders.describe()}",
+            f"pick another --remote-port, or stop what holds port {self.port} on the head node",
+            permanent=True,
+            port=self.port,
+        )
+
+    async def owner(self) -> MasterIdentity | None:
+        """Which master answers on the port through a one-off session, if any."""
+        try:
+            session = await self._sessions.start(master_port=None, remote_port=self.port, probes="owner")
+        except (SessionFailed, TunnelError, OSError):
+            return None
+        try:
+            async with asyncio.timeout(self.target.connect_timeout):
+                await session.established()
+            return await self._prover.owner(session)
+        except (SessionEnded, TimeoutError, OSError):
+            return None
+        finally:
+            await session.close()
