@@ -8,11 +8,11 @@ import typing
 import pytest
 
 from wqsupervisor.backends import BACKENDS, sessions_for
-from wqsupervisor.forward import ForwardCheck
 from wqsupervisor.liveness import (
     GRACE_CAPPED,
     GRACE_UNCAPPED,
     Decision,
+    ForwardCheck,
     Liveness,
     Observation,
     Reach,

@@ -35,8 +35,8 @@ from .events import (
     WorkersJoined,
     WorkersLost,
 )
-from .forward import ForwardCheck
 from .lifecycle import TunnelState
+from .liveness import ForwardCheck
 from .master import Master, MasterIdentity, MasterInfo, MasterStats
 from .protocol import (
     JobsSnapshot,

@@ -8,27 +8,17 @@ the master directly, and tells them apart. It loads no transport.
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import AuthenticationFailed, ProtocolError, TunnelError
+from .liveness import ForwardCheck
 from .master import MasterIdentity, MasterInfo
 from .session import Session, SessionEnded
 from .wqproto import NO_CREDENTIALS, Credentials, request_status
 
 DirectProbe = Callable[[float], Awaitable[list[dict[str, Any]] | None]]
 """Asks the master for its status on its own port (``timeout`` seconds); None when it does not answer."""
-
-
-class ForwardCheck(enum.Enum):
-    """What one probe through the head node's remote port found."""
-
-    REACHED = "reached"  # this master answered through the remote port
-    HELD = "held"  # the connection stayed open without an answer: the master is busy
-    LOST = "lost"  # the master answers here but not through the head node
-    REFUSED = "refused"  # the remote port closed the connection at once
-    WRONG = "wrong"  # a different master answered
 
 
 class ForwardProver:

@@ -27,14 +27,22 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from .forward import ForwardCheck
-
 # How long a silent session may take to answer once the head is reachable again:
 # about one capped retransmission when we own the socket, TCP's own backoff when not.
 GRACE_CAPPED = 2.0
 GRACE_UNCAPPED = 12.0
 # Forward checks in a row that found the forward lost or refused before it counts as gone.
 LOST_STREAK = 2
+
+
+class ForwardCheck(enum.Enum):
+    """What one probe through the head node's remote port found."""
+
+    REACHED = "reached"  # this master answered through the remote port
+    HELD = "held"  # the connection stayed open without an answer: the master is busy
+    LOST = "lost"  # the master answers here but not through the head node
+    REFUSED = "refused"  # the remote port closed the connection at once
+    WRONG = "wrong"  # a different master answered
 
 
 class Reach(enum.Enum):

@@ -15,8 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .clock import Clock
-from .forward import ForwardCheck
-from .liveness import Liveness, Observation, Reach
+from .liveness import ForwardCheck, Liveness, Observation, Reach
 from .session import Session
 
 
