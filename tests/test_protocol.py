@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from wqsupervisor.backends import tunnel_for
 from wqsupervisor.clock import SystemClock
 from wqsupervisor.config import Settings
 from wqsupervisor.errors import ConfigError, ProtocolError, WQSupervisorError
@@ -44,7 +45,6 @@ from wqsupervisor.protocol import (
     encode,
 )
 from wqsupervisor.runapp import EngineThread
-from wqsupervisor.tunnel import Tunnel
 
 FULL = SupervisorSnapshot(
     version="1.2.3",
@@ -223,13 +223,13 @@ def test_the_snapshot_reply_hides_secrets():
     assert "s3cret" not in snap.redacted().to_json()
 
 
-def test_a_real_tunnel_snapshot_has_exactly_the_typed_fields(tmp_path: Path):
-    """Every key Tunnel.snapshot() reports is a TunnelSnapshot field and none is missing."""
+def test_a_real_tunnel_snapshot_is_typed_and_survives_the_wire(tmp_path: Path):
+    """A real Tunnel reports a TunnelSnapshot, and its JSON form reads back as the same value."""
 
     async def no_probe(_timeout: float) -> None:
         return None
 
-    tunnel = Tunnel(
+    tunnel = tunnel_for(
         Settings(via="headnode", remote_port=9001),
         MasterInfo(port=9123),
         emit=lambda _e: None,
@@ -237,9 +237,9 @@ def test_a_real_tunnel_snapshot_has_exactly_the_typed_fields(tmp_path: Path):
         direct_probe=no_probe,
         clock=SystemClock(),
     )
-    raw = tunnel.snapshot()
-    assert set(raw) == {f.name for f in dataclasses.fields(TunnelSnapshot)}
-    typed = TunnelSnapshot.from_dict(raw)
+    typed = tunnel.snapshot()
+    assert isinstance(typed, TunnelSnapshot)
+    assert TunnelSnapshot.from_dict(json.loads(json.dumps(typed.to_dict()))) == typed
     assert typed.state is TunnelState.NEW and typed.remote_port == 9001 and typed.master_port == 9123
 
 

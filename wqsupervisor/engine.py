@@ -53,7 +53,6 @@ from .protocol import (
     SnapshotReply,
     SupervisorSnapshot,
     TasksSnapshot,
-    TunnelSnapshot,
     WorkersSnapshot,
     decode_request,
     encode,
@@ -88,7 +87,7 @@ class Supervised:
             id=self.id,
             master=MasterSummary.of(self.master),
             # Tunnel and trackers still describe themselves as mappings; read them here, once.
-            tunnel=TunnelSnapshot.from_dict(self.tunnel.snapshot()),
+            tunnel=self.tunnel.snapshot(),
             workers=WorkersSnapshot(
                 connected=st.workers_connected,
                 idle=st.workers_idle,

@@ -29,9 +29,9 @@ import socket
 import struct
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from .protocol.snapshot import TcpSnapshot
 from .session import FailureKind, SessionFailure
 
 USER_TIMEOUT_MS = 10 * 60 * 1000
@@ -132,20 +132,7 @@ async def open_connection(host: str, port: int, timeout: float) -> socket.socket
     raise last or ConnectFailed(FailureKind.NETWORK, f"connect to host {host} port {port}: no address")
 
 
-@dataclass(frozen=True)
-class TcpInfo:
-    """What the kernel knows about the connection."""
-
-    rtt_ms: float
-    retransmits: int
-    total_retrans: int
-    unacked: int
-    backoff: int
-    last_ack_recv_ms: int
-    rto_ms: float
-
-
-def tcp_info(sock: socket.socket) -> TcpInfo | None:
+def tcp_info(sock: socket.socket) -> TcpSnapshot | None:
     """Read ``TCP_INFO`` of ``sock`` (None where the platform has none)."""
     size = struct.calcsize(_TCP_INFO_FORMAT)
     try:
@@ -155,7 +142,7 @@ def tcp_info(sock: socket.socket) -> TcpInfo | None:
     if len(raw) < size:
         return None
     v = struct.unpack(_TCP_INFO_FORMAT, raw[:size])
-    return TcpInfo(
+    return TcpSnapshot(
         rtt_ms=v[8 + 15] / 1000,
         retransmits=v[2],
         total_retrans=v[8 + 23],

@@ -47,6 +47,7 @@ from .lifecycle import TunnelState
 from .liveness import GRACE_CAPPED, GRACE_UNCAPPED, Liveness, Timing
 from .logs import get_logger
 from .master import MasterInfo
+from .protocol.snapshot import TunnelSnapshot
 from .remoteport import RemotePort
 from .session import Session, SessionEnded, SessionFactory, SessionFailed, SessionFailure
 from .sessionwatch import Reporter, watch
@@ -191,35 +192,32 @@ class Tunnel:
     def __repr__(self) -> str:
         return f"<Tunnel {self.label} {self._state.name}>"
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> TunnelSnapshot:
         """The tunnel's state for status output."""
         rec = self.record
-        tcp = None
-        if self._session is not None and self._session.sock is not None:
-            info = tcpconn.tcp_info(self._session.sock)
-            tcp = info.__dict__ if info is not None else None
-        return {
-            "label": self.label,
-            "via": self.target.destination,
-            "remote_port": self.remote_port,
-            "master_port": self.master.port,
-            "state": self._state.value,
-            "since": self._clock.wall() - (self._clock.monotonic() - self._since),
-            "restarts": rec.restarts,
-            "stalls": rec.stalls,
-            "resumes": rec.resumes,
-            "reclaims": rec.reclaims,
-            "last_error": rec.last_error,
-            "rtt_ms": round(rec.last_rtt * 1000, 2) if rec.last_rtt is not None else None,
-            "verified_by": rec.verified_by,
-            "ssh_pid": rec.session_pid,
-            "remote_pid": rec.remote_pid,
-            "recoveries": [round(r, 3) for r in rec.recoveries[-20:]],
-            "socket": "owned" if self.owns_socket else "ssh",
-            "rto_capped": self.owns_socket and tcpconn.rto_cap_supported() and not rec.rto_lifted,
-            "resume_grace": self.grace,
-            "tcp": tcp,
-        }
+        sock = self._session.sock if self._session is not None else None
+        return TunnelSnapshot(
+            label=self.label,
+            via=self.target.destination,
+            remote_port=self.remote_port,
+            master_port=self.master.port,
+            state=self._state,
+            since=self._clock.wall() - (self._clock.monotonic() - self._since),
+            restarts=rec.restarts,
+            stalls=rec.stalls,
+            resumes=rec.resumes,
+            reclaims=rec.reclaims,
+            last_error=rec.last_error,
+            rtt_ms=round(rec.last_rtt * 1000, 2) if rec.last_rtt is not None else None,
+            verified_by=rec.verified_by,
+            ssh_pid=rec.session_pid,
+            remote_pid=rec.remote_pid,
+            recoveries=tuple(round(r, 3) for r in rec.recoveries[-20:]),
+            socket="owned" if self.owns_socket else "ssh",
+            rto_capped=self.owns_socket and tcpconn.rto_cap_supported() and not rec.rto_lifted,
+            resume_grace=self.grace,
+            tcp=tcpconn.tcp_info(sock) if sock is not None else None,
+        )
 
     async def close(self) -> None:
         """Stop the tunnel; returns once its session is gone. A failed tunnel stays failed until closed."""
