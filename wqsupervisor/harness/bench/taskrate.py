@@ -3,8 +3,10 @@
 Each round starts a fresh master per path, connects the same number of real
 workers through that path, runs the same tasks, and records every completion.
 The steady rate is (N - 1) tasks over the time from the first completion to
-the last, which leaves out the master's own one-second dispatch stall at the
-start (see the facts file); the whole-run rate counts from submission. Paths
+the last, which leaves out the master's own stall at the start (when the last
+worker's handshake lands in a ``wait()`` with no other event, cctools'
+``busy_waiting_flag`` makes its next poll wait 1000 ms, on any path, direct
+included); the whole-run rate counts from submission. Paths
 are interleaved inside each round, and each path's rate is divided by the
 direct rate of the same round.
 
