@@ -330,11 +330,11 @@ def test_slurm_script_maps_every_option():
 def test_slurm_script_quotes_a_work_directory_with_spaces_and_quotes():
     """A home with blanks or quotes: --output double-quoted as sbatch reads it, the launcher shell-quoted."""
     system = Slurm(Recorder())
-    system.workdir = '/home/my "dir"/.wqsupervisor/9'
+    system.workdir = '/home/my "dir" #2/.wqsupervisor/9'
     system.launcher_path = f"{system.workdir}/launcher.sh"
     lines = system.job_script().splitlines()
-    assert '#SBATCH --output="/home/my \\"dir\\"/.wqsupervisor/9/slurm-%j.out"' in lines
-    assert lines[-1] == "exec sh '/home/my \"dir\"/.wqsupervisor/9/launcher.sh'"
+    assert '#SBATCH --output="/home/my \\"dir\\" \\#2/.wqsupervisor/9/slurm-%j.out"' in lines
+    assert lines[-1] == "exec sh '/home/my \"dir\" #2/.wqsupervisor/9/launcher.sh'"
 
 
 @pytest.mark.parametrize("field", ["partition", "account", "walltime"])

@@ -62,12 +62,14 @@ def directive_value(text: str) -> str:
     """``text`` as one value of an ``#SBATCH`` line.
 
     sbatch splits those lines at blanks and ends them at an unescaped ``#``;
-    a double-quoted value, with ``\\`` before ``"`` and ``\\``, is read as it is.
+    inside double quotes, with a backslash before each backslash, double quote
+    and ``#``, a value is read as it is (by old and current sbatch alike).
     Plain paths are left as they are.
     """
     if _PLAIN.fullmatch(text):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("#", "\\#")
+    return f'"{escaped}"'
 
 
 def parse_submit(text: str) -> str:
