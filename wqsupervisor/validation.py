@@ -112,6 +112,12 @@ def shell_words(name: str, value: Any) -> None:
         ) from None
 
 
+def switch(name: str, value: Any) -> None:
+    """On or off: a bool, nothing else (``"no"`` would otherwise count as on)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, not {_shown(value)}")
+
+
 def _number(name: str, value: Any, kind: type) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if kind is int:
