@@ -201,9 +201,8 @@ def run_script(
     status = exit_status(code)
     signum = handler.received
     if watch.fatal is not None:
-        print(f"wqsupervisor: error: {watch.fatal.error}", file=sys.stderr)
-        if watch.fatal.hint:
-            print(f"wqsupervisor: hint: {watch.fatal.hint}", file=sys.stderr)
+        hint = f"; hint: {watch.fatal.hint}" if watch.fatal.hint else ""
+        print(f"wqsupervisor: error: {watch.fatal.error}{hint}", file=sys.stderr)
         status, signum = 2, None
     print(summary_line(path.name, status, time.monotonic() - started, snapshot, signum), file=sys.stderr)
     return status
