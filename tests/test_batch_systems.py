@@ -35,6 +35,7 @@ from wqsupervisor.batch.base import (
 from wqsupervisor.batch.condor import Condor
 from wqsupervisor.batch.pbs import Pbs, Torque
 from wqsupervisor.batch.sge import Sge
+from wqsupervisor.batch.slurm import Slurm
 from wqsupervisor.config import Settings
 from wqsupervisor.errors import ConfigError, WQSupervisorError
 
@@ -302,6 +303,54 @@ def test_condor_close_removes_the_held_jobs_it_saw():
     asyncio.run(system.states(["6.0", "6.1"]))
     asyncio.run(system.close())
     assert runner.calls[1:] == [["condor_rm", "6.1"], ["rm", "-rf", WORKDIR]]
+
+
+# ---------------------------------------------------------------- Slurm's job script
+
+
+def test_slurm_script_maps_every_option():
+    """Slurm: cores, memory, partition, account, time and directives in #SBATCH lines, then exec sh."""
+    assert prepared(Slurm, Recorder(), FULL).job_script() == (
+        "#!/bin/sh\n"
+        "#SBATCH --job-name=wqs-worker\n"
+        "#SBATCH --output=/home/ana/.wqsupervisor/9123/slurm-%j.out\n"
+        "#SBATCH --ntasks=1\n"
+        "#SBATCH --cpus-per-task=4\n"
+        "#SBATCH --mem=8192M\n"
+        "#SBATCH --partition=long\n"
+        "#SBATCH --account=chem42\n"
+        "#SBATCH --time=04:00:00\n"
+        "#EXTRA first\n"
+        "#EXTRA second\n"
+        "\n"
+        "exec sh /home/ana/.wqsupervisor/9123/launcher.sh\n"
+    )
+
+
+def test_slurm_script_quotes_a_work_directory_with_spaces_and_quotes():
+    """A home with blanks or quotes: --output double-quoted as sbatch reads it, the launcher shell-quoted."""
+    system = Slurm(Recorder())
+    system.workdir = '/home/my "dir" #2/.wqsupervisor/9'
+    system.launcher_path = f"{system.workdir}/launcher.sh"
+    lines = system.job_script().splitlines()
+    assert '#SBATCH --output="/home/my \\"dir\\" \\#2/.wqsupervisor/9/slurm-%j.out"' in lines
+    assert lines[-1] == "exec sh '/home/my \"dir\" #2/.wqsupervisor/9/launcher.sh'"
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "walltime"])
+@pytest.mark.parametrize("value", ["long\nhostname", "long\r", "-x", "a b", "a#b", "a;b"])
+def test_names_that_go_into_job_scripts_refuse_line_breaks_and_options(field, value):
+    """A partition, account or wall time that would become a script line or an option is refused."""
+    with pytest.raises(ConfigError, match=field):
+        BatchOptions(**{field: value})
+
+
+def test_directives_and_environment_refuse_line_breaks():
+    """A directive with a line break, or an environment name that env would read as an option, is refused."""
+    with pytest.raises(ConfigError, match="control character"):
+        BatchOptions(directives=("#SBATCH --qos=low\nhostname",))
+    with pytest.raises(ConfigError, match="environment variable name"):
+        BatchOptions(env={"--chdir": "/etc"})
 
 
 # ---------------------------------------------------------------- PBS Pro and Torque

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -198,3 +199,29 @@ def test_unknown_host_is_a_clear_error(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "cannot resolve nosuchhost.invalid" in res.stderr
     assert "--via" in res.stderr
+
+
+def test_run_ends_without_asyncio_noise_while_a_status_reader_is_connected(tmp_path):
+    """A status connection still open when run ends is hung up on: the summary is the last line, no asyncio noise."""
+    xdg, go = tmp_path / "xdg", tmp_path / "go"
+    xdg.mkdir()
+    script = tmp_path / "wait_for_go.py"
+    script.write_text(f"import os, time\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\n")
+    env = {k: v for k, v in python_env().items() if not k.startswith("WQSUPERVISOR_")}
+    env["XDG_RUNTIME_DIR"] = str(xdg)
+    argv = cli("run", "--via", "headnode", "--remote-port", "10001", "--allow-no-password", str(script))
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            sock_path = wait_for(
+                lambda: next((xdg / "wqsupervisor").glob("*.sock"), None), 30, "the status socket"
+            )
+            with socket.socket(socket.AF_UNIX) as reader:
+                reader.connect(str(sock_path))
+                go.write_text("")
+                _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines()[-1].startswith("wqsupervisor: wait_for_go.py exited with status 0"), err
+    for noise in ("Task was destroyed", "Event loop is closed", "Exception ignored", "Traceback"):
+        assert noise not in err, err

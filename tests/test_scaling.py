@@ -30,6 +30,8 @@ from wqsupervisor.master import MasterStats
 from wqsupervisor.policy import ScalingSettings
 from wqsupervisor.target import SshTarget
 
+from support import wait_for
+
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
 
@@ -138,6 +140,26 @@ def _slurm_from_campus(lab: Lab, tmp: Path, directives: tuple[str, ...]) -> Slur
     program.chmod(0o755)
     target = SshTarget("headnode", config_file=str(lab.campus_ssh_config), program=str(program))
     return Slurm(SshRunner(target, {"SLURM_CONF": lab.slurm_conf}), BatchOptions(directives=directives))
+
+
+def test_a_work_directory_with_blanks_quotes_and_hash_works_with_real_sbatch(slurm_lab, tmp_path):
+    """Real sbatch reads the quoted --output, and the job runs a launcher whose path has blanks, quotes and #."""
+    lab = slurm_lab
+    system = _slurm_from_campus(lab, tmp_path, directives=())
+    home = asyncio.run(system.runner.home())
+    system.workdir = f'{home}/my "odd" dir #2'
+    system.launcher_path = f"{system.workdir}/launcher.sh"
+    asyncio.run(system.runner.write(system.launcher_path, "#!/bin/sh\necho launcher ran\n", 0o700))
+    try:
+        [job] = asyncio.run(system.submit(1))
+        out = f"{system.workdir}/slurm-{job}.out"
+        wait_for(
+            lambda: "launcher ran" in asyncio.run(system.runner.run(["cat", out])).stdout,
+            60,
+            "the job's output at its quoted path",
+        )
+    finally:
+        asyncio.run(system.runner.run(["rm", "-rf", system.workdir]))
 
 
 def _outage_rounds(tracker: JobTracker, clock: ManualClock, rounds: int = 3) -> None:

@@ -7,17 +7,31 @@ errors into a message and an exit status instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
-from .config import parse_ssh_option, resolve, setting_fields
-from .errors import WQSupervisorError
+from .config import resolve, setting_fields
+from .errors import ConfigError, WQSupervisorError
 from .logs import configure_cli_logging
 
 # The settings the brief names, with the flag spellings users already know.
 _FLAG_NAMES = {"ssh_options": "--ssh-option", "batch_directives": "--batch-directive"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaints in one line (usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Print what is wrong in one line and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}; see '{self.prog} --help'\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -35,17 +49,9 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         if f.default not in (None, (), False):
             help_text += f" (default: {f.default})"
-        if kind.startswith("tuple[tuple[str, str]"):
-            group.add_argument(
-                flag,
-                dest=f.name,
-                action="append",
-                default=None,
-                metavar="KEY=VALUE",
-                type=parse_ssh_option,
-                help=help_text,
-            )
-        elif kind == "tuple[str, ...]":
+        # Values stay text here: config turns them into their types and checks them,
+        # with the same rules and messages as for the TOML file and the environment.
+        if kind.startswith("tuple[tuple[str, str]") or kind == "tuple[str, ...]":
             group.add_argument(
                 flag,
                 dest=f.name,
@@ -59,20 +65,12 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
                 flag, dest=f.name, action="store_const", const=True, default=None, help=help_text
             )
         else:
-            conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
-            group.add_argument(
-                flag,
-                dest=f.name,
-                type=conv,
-                default=None,
-                metavar=f.metadata["metavar"],
-                help=help_text,
-            )
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["metavar"], help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m wqsupervisor``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m wqsupervisor",
         description="Keep a Work Queue master reachable through a supervised SSH reverse tunnel.",
     )
@@ -178,11 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .runapp import run_script
 
             settings = resolve(_settings_flags(ns), ns.config)
+            _check_grace(ns.grace)
             configure_cli_logging(settings.log_format)
             return run_script(settings, ns.script, ns.args, grace=ns.grace, view=not ns.no_view)
         if ns.command == "status":
             from .status import main as status_main
 
+            if ns.pid is not None and ns.pid < 1:
+                raise ConfigError(
+                    f"--pid {ns.pid} is not a process id", "give the pid of a running supervisor"
+                )
             return status_main(as_json=ns.json, pid=ns.pid)
         if ns.command == "demo":
             from .harness.demo import run_demo
@@ -190,14 +193,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_cli_logging(ns.log_format)
             return run_demo(tasks=ns.tasks, workers=ns.workers, cuts=ns.cuts)
     except WQSupervisorError as exc:
-        print(f"wqsupervisor: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"wqsupervisor: hint: {exc.hint}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {ns.command!r}")
     return 2
+
+
+def error_line(exc: WQSupervisorError) -> str:
+    """An error and its hint for a person, on one line of stderr."""
+    line = f"wqsupervisor: error: {_one_line(exc.message)}"
+    if exc.hint:
+        line += f"; hint: {_one_line(exc.hint)}"
+    return line
+
+
+def _check_grace(grace: float) -> None:
+    if not math.isfinite(grace) or not 0 <= grace <= 3600:
+        raise ConfigError(f"--grace {grace} is not a number of seconds", "use a number from 0 to 3600")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import validation as check
 from .backoff import Backoff, RestartPolicy
 from .errors import ConfigError
 from .target import SshTarget
@@ -226,49 +227,131 @@ def setting_fields() -> list[dataclasses.Field[Any]]:
     return list(dataclasses.fields(Settings))
 
 
-def _validate(s: Settings) -> None:
-    def port(name: str, value: int | None, allow_zero: bool = False) -> None:
-        low = 0 if allow_zero else 1
-        if value is not None and not low <= value <= 65535:
-            raise ConfigError(f"{name} {value} is not a TCP port", f"use a number from {low} to 65535")
+# Upper bounds for counts: far above any real use, low enough to refuse a typo's extra digits.
+_MOST_WORKERS = 100_000
+_MOST_CORES = 4096
+_MOST_MB = 1 << 40
 
-    port("remote_port", s.remote_port, allow_zero=True)
-    port("ssh_port", s.ssh_port)
-    if s.via is not None and (not s.via.strip() or s.via.startswith("-") or any(c.isspace() for c in s.via)):
+
+def _optional(rule: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    def checked(name: str, value: Any) -> None:
+        if value is not None:
+            rule(name, value)
+
+    return checked
+
+
+def _one_of(choices: tuple[str, ...], what: str) -> Callable[[str, Any], None]:
+    def checked(name: str, value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"unknown {what} {value!r}", f"use one of: {', '.join(choices)}")
+
+    return checked
+
+
+def _seconds(zero: bool = False) -> Callable[[str, Any], None]:
+    return lambda name, value: check.seconds(name, value, zero=zero)
+
+
+def _count(low: int, high: int, meaning: str = "") -> Callable[[str, Any], None]:
+    return lambda name, value: check.count(name, value, low, high, meaning)
+
+
+def _ssh_options(_name: str, value: Any) -> None:
+    for key, text in value:
+        if not isinstance(key, str) or not key or not key.isalnum() or not isinstance(text, str):
+            raise ConfigError(
+                f"ssh option {key}={text!r} is malformed",
+                "write it as KEY=VALUE, e.g. ServerAliveInterval=15",
+            )
+        check.text(f"ssh option {key}", text, "a value")
+
+
+def _batch_env(name: str, value: Any) -> None:
+    for key, text in value:
+        check.env_name(name, key)
+        if text:
+            check.text(f"{name} {key}", text, "a value")
+
+
+def _directives(name: str, value: Any) -> None:
+    for line in value:
+        check.text(name, line, "a line of the job script")
+
+
+def _batch_word(example: str) -> Callable[[str, Any], None]:
+    return _optional(lambda name, value: check.batch_word(name, value, example))
+
+
+# One rule per setting: what its value must be, whichever source gave it.
+_RULES: dict[str, Callable[[str, Any], None]] = {
+    "via": _optional(check.host),
+    "remote_port": _optional(lambda name, value: check.port(name, value, low=0)),
+    "ssh_port": _optional(check.port),
+    "identity": _optional(lambda name, value: check.text(name, value, "a file path")),
+    "ssh_options": _ssh_options,
+    "ssh_config": _optional(lambda name, value: check.text(name, value, "a file path")),
+    "ssh_program": check.program,
+    "remote_bind": lambda name, value: check.word(name, value, "an address"),
+    "backend": _one_of(("openssh", "paramiko"), "backend"),
+    "own_socket": check.switch,
+    "password_file": _optional(lambda name, value: check.text(name, value, "a file path")),
+    "allow_no_password": check.switch,
+    "ssl": check.switch,
+    "metrics_port": _optional(check.port),
+    "metrics_host": lambda name, value: check.word(name, value, "an address"),
+    "keepalive_interval": _seconds(),
+    "stall_after": _seconds(),
+    "master_timeout": _count(0, check.LONGEST_SECONDS, " (leave the master's own)"),
+    "probe_interval": _seconds(),
+    "stats_interval": _seconds(),
+    "connect_timeout": _seconds(),
+    "start_attempts": _count(0, 1_000_000, " (no bound)"),
+    "stable_after": _seconds(zero=True),
+    "backoff_initial": _seconds(zero=True),
+    "backoff_cap": _seconds(),
+    "log_format": _one_of(("console", "json"), "log format"),
+    "workers": _optional(_one_of(WORKER_SYSTEMS, "worker system")),
+    "min_workers": _count(0, _MOST_WORKERS),
+    "max_workers": _count(1, _MOST_WORKERS),
+    "tasks_per_worker": _count(1, _MOST_WORKERS),
+    "max_pending": _count(1, _MOST_WORKERS),
+    "max_per_cycle": _count(1, _MOST_WORKERS),
+    "scale_cooldown": _seconds(zero=True),
+    "idle_time": _seconds(zero=True),
+    "factory_type": check.factory_type,
+    "worker_cores": _count(1, _MOST_CORES),
+    "worker_memory": _optional(_count(1, _MOST_MB)),
+    "worker_disk": _optional(_count(1, _MOST_MB)),
+    "worker_program": check.program,
+    "node_via": _optional(check.host),
+    "node_ssh_args": _optional(check.shell_words),
+    "partition": _batch_word("gpu"),
+    "account": _batch_word("proj42"),
+    "walltime": _batch_word("02:00:00"),
+    "batch_directives": _directives,
+    "batch_env": _batch_env,
+}
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a valid value of the setting ``name``."""
+    _RULES[name](name, value)
+
+
+def _validate(s: Settings) -> None:
+    """Every setting's rule, then the rules between settings."""
+    for f in setting_fields():
+        check_setting(f.name, getattr(s, f.name))
+    if s.backoff_initial > s.backoff_cap:
         raise ConfigError(
-            f"via {s.via!r} is not a host name", "use [USER@]HOST, e.g. alice@login.cluster.edu"
+            f"backoff_initial {s.backoff_initial} is longer than backoff_cap {s.backoff_cap}",
+            "make the first delay no longer than the longest",
         )
-    if s.backend not in ("openssh", "paramiko"):
-        raise ConfigError(f"unknown backend {s.backend!r}", "use 'openssh' or 'paramiko'")
-    if s.log_format not in ("console", "json"):
-        raise ConfigError(f"unknown log format {s.log_format!r}", "use 'console' or 'json'")
-    for name in (
-        "keepalive_interval",
-        "stall_after",
-        "probe_interval",
-        "stats_interval",
-        "connect_timeout",
-    ):
-        if getattr(s, name) <= 0:
-            raise ConfigError(f"{name} must be positive, not {getattr(s, name)}")
-    if s.master_timeout < 0:
-        raise ConfigError(
-            f"master_timeout must be 0 (leave the master's own) or more, not {s.master_timeout}"
-        )
-    if s.start_attempts < 0:
-        raise ConfigError("start_attempts must be 0 (no bound) or more")
-    if s.workers is not None and s.workers not in WORKER_SYSTEMS:
-        raise ConfigError(f"unknown worker system {s.workers!r}", f"use one of: {', '.join(WORKER_SYSTEMS)}")
     try:
         s.scaling  # noqa: B018 - validates the limits
     except ValueError as exc:
         raise ConfigError(f"worker limits: {exc}", "check --min-workers/--max-workers") from None
-    for key, value in s.ssh_options:
-        if not key or not key.isalnum() or "\n" in value:
-            raise ConfigError(
-                f"ssh option {key}={value!r} is malformed",
-                "write it as KEY=VALUE, e.g. ServerAliveInterval=15",
-            )
 
 
 def parse_ssh_option(text: str) -> tuple[str, str]:
@@ -282,6 +365,16 @@ def parse_ssh_option(text: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_env_pair(text: str) -> tuple[str, str]:
+    """Split ``KEY=VALUE`` of ``batch_env`` into a pair (the value may be empty, the name may not)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(
+            f"batch_env {text!r} is not KEY=VALUE", "e.g. --batch-env SLURM_CONF=/etc/slurm/slurm.conf"
+        )
+    return key, value
+
+
 def _is_pairs(f: dataclasses.Field[Any]) -> bool:
     return str(f.type).startswith("tuple[tuple[str, str]")
 
@@ -290,44 +383,75 @@ def _is_strings(f: dataclasses.Field[Any]) -> bool:
     return str(f.type) == "tuple[str, ...]"
 
 
-def _coerce(f: dataclasses.Field[Any], value: Any, origin: str) -> Any:
+def _pair(f: dataclasses.Field[Any], item: Any) -> tuple[str, str]:
+    if isinstance(item, list | tuple) and len(item) == 2:
+        return (item[0], item[1])
+    if not isinstance(item, str):
+        raise TypeError(item)
+    return parse_env_pair(item) if f.name == "batch_env" else parse_ssh_option(item)
+
+
+def _convert(f: dataclasses.Field[Any], value: Any) -> Any:
     kind = str(f.type)
+    if _is_pairs(f):
+        if isinstance(value, Mapping):
+            return tuple((str(k), str(v)) for k, v in value.items())
+        if isinstance(value, str):
+            value = [p for p in value.replace("\n", ";").split(";") if p.strip()]
+        if not isinstance(value, list | tuple):
+            raise TypeError(value)
+        return tuple(_pair(f, item) for item in value)
+    if _is_strings(f):
+        if isinstance(value, str):
+            value = [p for p in value.split("\n") if p.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+            raise TypeError(value)
+        return tuple(value)
+    if value is None:
+        return None
+    if kind.startswith("bool"):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if not isinstance(value, bool | int):
+            raise TypeError(value)
+        return bool(value)
+    if kind.startswith("int"):
+        # A float, even 10001.0, is refused: a port or a count written as one is a slip.
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise TypeError(value)
+        return int(value)
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise TypeError(value)
+        return float(value)
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise TypeError(value)
+    return str(value)
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, origin: str, *, name_origin: bool = True) -> Any:
+    """``value`` from ``origin`` as the setting's type, checked by its rule; errors name the origin
+    (a broken rule's, only with ``name_origin``: a keyword argument needs no "where")."""
     try:
-        if _is_pairs(f):
-            if isinstance(value, Mapping):
-                return tuple((str(k), str(v)) for k, v in value.items())
-            if isinstance(value, str):
-                value = [p for p in value.replace("\n", ";").split(";") if p.strip()]
-            return tuple(
-                tuple(item) if isinstance(item, list | tuple) else parse_ssh_option(str(item))
-                for item in value
-            )
-        if _is_strings(f):
-            if isinstance(value, str):
-                value = [p for p in value.split("\n") if p.strip()]
-            return tuple(str(item) for item in value)
-        if value is None:
-            return None
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off", ""):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind.startswith("int"):
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return str(value)
+        converted = _convert(f, value)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"{origin}: {f.name} = {value!r} is not a valid {kind.split(' ', maxsplit=1)[0]}",
+            f"{origin}: {f.name} = {value!r} is not a valid {str(f.type).split(' ', maxsplit=1)[0]}",
             "see 'python -m wqsupervisor run --help'",
         ) from None
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc.message}", exc.hint) from None
+    try:
+        check_setting(f.name, converted)
+    except ConfigError as exc:
+        if not name_origin:
+            raise
+        raise ConfigError(f"{origin}: {exc.message}", exc.hint) from None
+    return converted
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -345,12 +469,22 @@ def from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Settings found in a TOML file (``remote-port`` and ``remote_port`` both work)."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist", "check the path given to --config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a directory", "give the path of a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}", "check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte {exc.start})", "save it as UTF-8, as TOML requires"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}", "see https://toml.io") from None
     table = data.get("wqsupervisor", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{p}: [wqsupervisor] is not a table", "write the settings under [wqsupervisor]")
     known = {f.name: f for f in setting_fields()}
     found: dict[str, Any] = {}
     for raw_key, value in table.items():
@@ -379,6 +513,8 @@ def resolve(
     for key, value in (flags or {}).items():
         if value is None or (isinstance(value, list | tuple) and not value):
             continue
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}", f"known settings: {', '.join(known)}")
         merged[key] = _coerce(known[key], value, "command line")
     for f in setting_fields():
         if _is_pairs(f) and f.name in merged:
@@ -397,7 +533,7 @@ def settings_from_kwargs(kwargs: Mapping[str, Any], base: Settings | None = None
     data: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
     for key, value in kwargs.items():
         given = tuple(value.items()) if _is_pairs(known[key]) and isinstance(value, Mapping) else value
-        data[key] = _coerce(known[key], given, "argument") if given is not None else None
+        data[key] = _coerce(known[key], given, "argument", name_origin=False) if given is not None else None
     return Settings(**data)
 
 

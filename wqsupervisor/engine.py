@@ -120,6 +120,9 @@ class Engine:
         self.recent: deque[Event] = deque(maxlen=_RECENT_EVENTS)
         self._sinks: list[Callable[[Event, str], None]] = []
         self._servers: list[tuple[asyncio.AbstractServer, str]] = []
+        # Open connections (handles, status readers), ended by close() so that
+        # no task of theirs is left pending when the loop goes.
+        self._clients: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self.started = self.clock.wall()
         self.closed = asyncio.Event()
 
@@ -245,9 +248,22 @@ class Engine:
                 await server.wait_closed()
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        await self._end_clients()
         if self._own_rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
         self.closed.set()
+
+    async def _end_clients(self, grace: float = 5.0) -> None:
+        """Hang up on every connection still open and wait for its task to end."""
+        for writer in self._clients.values():
+            writer.close()
+        tasks = list(self._clients)
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def kill_children_now(self) -> None:
         """SIGKILL every ssh child at once (the engine's process is about to die)."""
@@ -346,19 +362,29 @@ class Engine:
 
         remove = self.add_sink(sink)
         sender = asyncio.create_task(_send_lines(writer, out))
+        me = asyncio.current_task()
+        if me is not None:
+            self._clients[me] = writer
         try:
             while line := await reader.readline():
                 out.put_nowait(await self._handle(line, owner))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            for sup_id in [k for k, s in self.masters.items() if s.owner is owner]:
-                await self.detach(sup_id)
-            remove()
-            out.put_nowait(None)
-            with contextlib.suppress(Exception):
-                await sender
-            writer.close()
+            try:
+                for sup_id in [k for k, s in self.masters.items() if s.owner is owner]:
+                    await self.detach(sup_id)
+            finally:
+                remove()
+                out.put_nowait(None)
+                try:
+                    with contextlib.suppress(Exception):
+                        await sender
+                finally:
+                    sender.cancel()  # only when this task itself was cancelled meanwhile
+                    writer.close()
+                    if me is not None:
+                        self._clients.pop(me, None)
 
     async def _handle(self, line: bytes, owner: object) -> Reply:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import stat
 import tempfile
 from pathlib import Path
@@ -31,8 +32,14 @@ _DIR_MODE = 0o700
 def private_dir() -> Path:
     """``~/.wqsupervisor`` (0700): where generated passwords live."""
     path = Path.home() / ".wqsupervisor"
-    path.mkdir(mode=_DIR_MODE, exist_ok=True)
-    os.chmod(path, _DIR_MODE)
+    try:
+        path.mkdir(mode=_DIR_MODE, exist_ok=True)
+        os.chmod(path, _DIR_MODE)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create {path} for the password file: {exc.strerror}",
+            "give --password-file a path of your own instead of 'auto', or set HOME",
+        ) from None
     return path
 
 
@@ -48,9 +55,15 @@ def create_password_file(path: str | os.PathLike[str] | None = None) -> Path:
         target.unlink()
     else:
         target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(32) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".wq-password-", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".wq-password-", dir=target.parent)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create password file {target}: {exc.strerror}",
+            "give a path in a directory you can write to",
+        ) from None
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(password)
@@ -59,6 +72,11 @@ def create_password_file(path: str | os.PathLike[str] | None = None) -> Path:
     except FileExistsError:
         raise ConfigError(
             f"password file {target} already exists", "use it, or choose another path"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create password file {target}: {exc.strerror}",
+            "give a path on a file system that allows hard links and that you can write to",
         ) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -71,7 +89,6 @@ def read_password(path: str | os.PathLike[str]) -> bytes:
     p = Path(path)
     try:
         mode = p.stat().st_mode
-        data = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"password file {p} does not exist",
@@ -79,11 +96,20 @@ def read_password(path: str | os.PathLike[str]) -> bytes:
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read password file {p}: {exc.strerror}", "check its permissions") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(
+            f"password file {p} is not a regular file",
+            "give a file only you can read, or a path that does not exist yet (it is then created)",
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"password file {p} can be read by other users (mode {stat.filemode(mode)})",
-            f"chmod 600 {p}",
+            f"chmod 600 {shlex.quote(str(p))}",
         )
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read password file {p}: {exc.strerror}", "check its permissions") from None
     if not data.strip():
         raise ConfigError(
             f"password file {p} is empty", "put a password in it, or let wqsupervisor create one"

@@ -30,8 +30,10 @@ from .engine import Engine
 from .errors import ConfigError
 from .events import Event, TunnelFailed, TunnelUp, log_event
 from .lifecycle import TunnelState
+from .passwords import AUTO, prepare, private_dir
 from .process import exit_status
 from .protocol import SupervisorSnapshot
+from .status import status_dir
 from .supervisor import ENGINE_ENV
 
 T = TypeVar("T")
@@ -46,10 +48,18 @@ class EngineThread:
             target=self._loop.run_forever, name="wqsupervisor-engine", daemon=True
         )
         self._thread.start()
-        self.engine: Engine = self.call(self._make())
-        self.socket_path = os.path.join(self.engine.rundir, "engine.sock")
-        self.call(self.engine.serve_unix(self.socket_path))
-        self.call(self.engine.serve_status())
+        try:
+            self.engine: Engine = self.call(self._make())
+        except BaseException:
+            self._end_loop()
+            raise
+        try:
+            self.socket_path = os.path.join(self.engine.rundir, "engine.sock")
+            self.call(self.engine.serve_unix(self.socket_path))
+            self.call(self.engine.serve_status())
+        except BaseException:
+            self.stop()
+            raise
         if log:
             self.engine.add_sink(lambda event, _state: log_event(event))
 
@@ -79,6 +89,9 @@ class EngineThread:
             return
         with contextlib.suppress(Exception):
             self.call(self.engine.close(), timeout=30)
+        self._end_loop()
+
+    def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
@@ -129,10 +142,13 @@ def run_script(
     if not path.is_file():
         raise ConfigError(f"no such script: {script}", "give the path of a Python master script")
     settings.require_tunnel()
-    if settings.password_file is None and not settings.allow_no_password:
-        from .passwords import prepare
-
-        prepare(settings, None)  # raises the explanation, before the script starts
+    # Everything that can be wrong with the settings or the machine is said now,
+    # before the engine, the metrics or the script start.
+    if settings.password_file == AUTO:
+        private_dir()
+    elif settings.password_file is not None or not settings.allow_no_password:
+        prepare(settings, None)  # creates a missing file; raises the explanation
+    status_dir()
     started = time.monotonic()
     from .view import should_use_live_view
 
@@ -185,9 +201,8 @@ def run_script(
     status = exit_status(code)
     signum = handler.received
     if watch.fatal is not None:
-        print(f"wqsupervisor: error: {watch.fatal.error}", file=sys.stderr)
-        if watch.fatal.hint:
-            print(f"wqsupervisor: hint: {watch.fatal.hint}", file=sys.stderr)
+        hint = f"; hint: {watch.fatal.hint}" if watch.fatal.hint else ""
+        print(f"wqsupervisor: error: {watch.fatal.error}{hint}", file=sys.stderr)
         status, signum = 2, None
     print(summary_line(path.name, status, time.monotonic() - started, snapshot, signum), file=sys.stderr)
     return status

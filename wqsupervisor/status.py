@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -23,15 +24,35 @@ _DIR_MODE = 0o700
 
 
 def status_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/wqsupervisor`` when there is one, else ``~/.cache/wqsupervisor/run`` (0700)."""
+    """``$XDG_RUNTIME_DIR/wqsupervisor`` when there is one, else ``~/.cache/wqsupervisor/run`` (0700).
+
+    Raises :class:`WQSupervisorError` when it cannot be made, or when it is not
+    a directory of this user's own: sockets there answer with a supervisor's
+    state, so another user's directory must not be used (nor re-moded).
+    """
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = (
         Path(runtime) / "wqsupervisor"
         if runtime and Path(runtime).is_dir()
         else (Path.home() / ".cache" / "wqsupervisor" / "run")
     )
-    base.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(base, _DIR_MODE)
+    hint = "set XDG_RUNTIME_DIR (or HOME) to a directory of your own"
+    if not (runtime and Path(runtime).is_dir()) and not Path.home().is_dir():
+        raise WQSupervisorError(f"the home directory {Path.home()} is not a directory", hint)
+    try:
+        base.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        info = base.lstat()
+    except OSError as exc:
+        raise WQSupervisorError(f"cannot create the runtime directory {base}: {exc.strerror}", hint) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise WQSupervisorError(f"the runtime directory {base} is not a directory", f"remove it, or {hint}")
+    if info.st_uid != os.getuid():
+        raise WQSupervisorError(
+            f"the runtime directory {base} belongs to uid {info.st_uid}, not to you (uid {os.getuid()})",
+            f"remove it, or {hint}",
+        )
+    if stat.S_IMODE(info.st_mode) != _DIR_MODE:
+        os.chmod(base, _DIR_MODE)
     return base
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import validation as check
 from ..errors import WQSupervisorError
 from ..launcher import NodeLauncher
 from ..openssh import remote_argv
@@ -167,6 +168,20 @@ class BatchOptions:
     disk_mb: int | None = None
     directives: tuple[str, ...] = ()  # extra lines for the job script's header, as they are
     env: Mapping[str, str] = field(default_factory=dict)  # environment for the scheduler's commands
+
+    def __post_init__(self) -> None:
+        # These go into job scripts and submit descriptions as they are: a line
+        # break would start a line of its own there, a command or a directive.
+        for name, example in (("partition", "gpu"), ("account", "proj42"), ("walltime", "02:00:00")):
+            value = getattr(self, name)
+            if value is not None:
+                check.batch_word(name, value, example)
+        for line in self.directives:
+            check.text("directives", line, "a line of the job script")
+        for key, value in self.env.items():
+            check.env_name("env", key)
+            if value:
+                check.text(f"env {key}", value, "a value")
 
 
 class BatchSystem(abc.ABC):

@@ -11,11 +11,14 @@ unknown (see :mod:`wqsupervisor.batch.scheduler`).
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Sequence
 
 from .base import JobState
 from .scheduler import Scheduler
 
+_PLAIN = re.compile(r"[A-Za-z0-9_./%:@+=,-]+")
 # squeue's %T names, in Slurm's words.
 _STATES = {
     "PENDING": JobState.PENDING,
@@ -55,6 +58,20 @@ def parse_states(text: str) -> dict[str, JobState]:
     return out
 
 
+def directive_value(text: str) -> str:
+    """``text`` as one value of an ``#SBATCH`` line.
+
+    sbatch splits those lines at blanks and ends them at an unescaped ``#``;
+    inside double quotes, with a backslash before each backslash, double quote
+    and ``#``, a value is read as it is (by old and current sbatch alike).
+    Plain paths are left as they are.
+    """
+    if _PLAIN.fullmatch(text):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("#", "\\#")
+    return f'"{escaped}"'
+
+
 def parse_submit(text: str) -> str:
     """Read ``sbatch --parsable`` output: ``JOBID`` or ``JOBID;CLUSTER``."""
     job = text.strip().splitlines()[-1].split(";")[0].strip() if text.strip() else ""
@@ -78,7 +95,7 @@ class Slurm(Scheduler):
         lines = [
             "#!/bin/sh",
             "#SBATCH --job-name=wqs-worker",
-            f"#SBATCH --output={self.workdir}/slurm-%j.out",
+            f"#SBATCH --output={directive_value(f'{self.workdir}/slurm-%j.out')}",
             "#SBATCH --ntasks=1",
             f"#SBATCH --cpus-per-task={o.cores}",
         ]
@@ -91,7 +108,7 @@ class Slurm(Scheduler):
         if o.walltime:
             lines.append(f"#SBATCH --time={o.walltime}")
         lines += list(o.directives)
-        lines += ["", f"exec sh {self.launcher_path}", ""]
+        lines += ["", f"exec sh {shlex.quote(self.launcher_path or '')}", ""]
         return "\n".join(lines)
 
     async def submit(self, count: int) -> list[str]:

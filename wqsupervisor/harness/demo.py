@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .. import validation as check
 from ..events import Event, TunnelDown, TunnelUp, WorkerCountChanged
 from ..process import terminate
 from ..protocol import SupervisorSnapshot
@@ -55,8 +56,20 @@ def _expected(i: int) -> str:
     return f"task {i} squared is {i * i}"
 
 
+def check_demo(tasks: int, workers: int, cuts: int) -> None:
+    """Raise :class:`ConfigError` unless the counts make a demo that can finish."""
+    check.count("tasks", tasks, 1, 100_000)
+    # Without a worker the tasks would wait for ever.
+    check.count("workers", workers, 1, 64)
+    check.count("cuts", cuts, 0, tasks - 1 if tasks > 1 else 0)
+
+
 def run_demo(tasks: int = 200, workers: int = 2, cuts: int = 1) -> int:
-    """Run the demo; returns 0 when every task came back once and correct."""
+    """Run the demo; returns 0 when every task came back once and correct.
+
+    Raises :class:`ConfigError` for counts it cannot run with, before anything starts.
+    """
+    check_demo(tasks, workers, cuts)
     started = time.monotonic()
     timeline = _Timeline()
     cut_log: list[tuple[str, float, int]] = []
