@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,3 +124,17 @@ def assert_exactly_once(results: dict[str, list[str]], n: int) -> None:
     assert sorted(results, key=int) == [str(i) for i in range(n)], "a task is missing"
     for tag, outputs in results.items():
         assert outputs == [f"out-{tag}-{int(tag) * 7}"], f"task {tag} returned {outputs}"
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def drive(body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` in a fresh event loop and check that it leaves no thread and no descriptor behind."""
+    threads = {t.ident for t in threading.enumerate()}
+    fds = _fds()
+    asyncio.run(body())
+    left = [t.name for t in threading.enumerate() if t.ident not in threads]
+    assert not left, f"threads left: {left}"
+    assert _fds() <= fds, f"descriptors left: {sorted(_fds() - fds)}"

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import threading
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import paramiko
@@ -23,26 +21,12 @@ from wqsupervisor.session import FailureKind, SessionEnded
 from wqsupervisor.sshkeys import host_key_name, known_host_keys
 from wqsupervisor.tcpconn import ConnectFailed
 
-from support import free_port, listening, wait_for
+from support import drive, free_port, listening, wait_for
 
 
 def paramiko_settings(head: HeadNode, remote_port: int, **options: Any) -> Settings:
     """The sandbox head node's settings with the paramiko backend."""
     return head.settings(remote_port=remote_port, backend="paramiko", **options)
-
-
-def _fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-def drive(body: Callable[[], Awaitable[None]]) -> None:
-    """Run ``body`` in a fresh event loop and check that it leaves no thread and no descriptor behind."""
-    threads = {t.ident for t in threading.enumerate()}
-    fds = _fds()
-    asyncio.run(body())
-    left = [t.name for t in threading.enumerate() if t.ident not in threads]
-    assert not left, f"threads left: {left}"
-    assert _fds() <= fds, f"descriptors left: {sorted(_fds() - fds)}"
 
 
 async def _session(settings: Settings, master_port: int | None) -> ParamikoSession:

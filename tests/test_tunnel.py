@@ -19,7 +19,6 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -41,7 +40,7 @@ from wqsupervisor.process import pid_alive
 from wqsupervisor.session import Session, SessionEnded
 from wqsupervisor.wqserver import Task, WorkQueueServer
 
-from support import assert_exactly_once, listening, processes_matching, python_env, run_tasks, wait_for
+from support import assert_exactly_once, drive, listening, processes_matching, python_env, run_tasks, wait_for
 
 # Transports that run their session inside the agent process, without an ssh client.
 IN_PROCESS = {"paramiko"}
@@ -329,20 +328,6 @@ def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_por
 
 
 # -- a session driven directly, through the session interface ----------------------------------
-
-
-def _fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-def drive(body: Callable[[], Awaitable[None]]) -> None:
-    """Run ``body`` in a fresh event loop and check that it leaves no thread and no descriptor behind."""
-    threads = {t.ident for t in threading.enumerate()}
-    fds = _fds()
-    asyncio.run(body())
-    left = [t.name for t in threading.enumerate() if t.ident not in threads]
-    assert not left, f"threads left: {left}"
-    assert _fds() <= fds, f"descriptors left: {sorted(_fds() - fds)}"
 
 
 async def start_session(settings: Settings, master_port: int | None, rundir: str) -> Session:
