@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -52,7 +57,7 @@ def password_master(tmp_path):
     ) as proc:
         try:
             port = int(wait_for(proc.stdout.readline, 30, "the master's port"))
-            yield port, pw.read_bytes()
+            yield port, pw.read_bytes(), proc.pid
         finally:
             proc.kill()
             proc.wait()
@@ -69,7 +74,7 @@ def test_the_handshake_math():
 
 def test_status_with_the_right_password(password_master):
     """With the master's password file, the supervisor gets the master's status."""
-    port, password = password_master
+    port, password, _ = password_master
     reply = _status(port, password)
     assert reply[0]["port"] == port and reply[0]["project"] == "proto-test"
     assert reply[0]["tasks_waiting"] + reply[0]["tasks_running"] >= 1
@@ -77,14 +82,14 @@ def test_status_with_the_right_password(password_master):
 
 def test_status_with_a_wrong_password_is_refused(password_master):
     """A wrong password is an AuthenticationFailed that says the files differ."""
-    port, _ = password_master
+    port, _, _ = password_master
     with pytest.raises(AuthenticationFailed, match="different password files|refused"):
         _status(port, b"wrong\n")
 
 
 def test_status_without_a_password_says_one_is_needed(password_master):
     """Asking a password-protected master without one names the missing setting."""
-    port, _ = password_master
+    port, _, _ = password_master
     with pytest.raises(AuthenticationFailed, match="asks for a password") as info:
         _status(port, None)
     assert "password_file" in info.value.hint
@@ -107,3 +112,48 @@ def test_a_password_for_a_master_without_one(tmp_path):
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_peer_that_never_stops_talking_is_cut_off_at_the_bound():
+    """A reply that runs past 64 MiB is a ProtocolError, raised long before the timeout, not a memory leak."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        stop = threading.Event()
+
+        def endless() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(64)
+                chunk = b"x" * (1 << 20)
+                try:
+                    while not stop.is_set():
+                        conn.sendall(chunk)
+                except OSError:
+                    pass  # the client hung up: that is the point
+
+        talker = threading.Thread(target=endless, daemon=True)
+        talker.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(ProtocolError, match="longer than 64 MiB"):
+                _status(port, None)
+        finally:
+            stop.set()
+            talker.join(10)
+        assert time.monotonic() - started < 5, "cut off by the bound, not by the timeout"
+        assert not talker.is_alive()
+
+
+def test_a_handshake_later_than_the_peek_still_says_a_password_is_needed(password_master):
+    """A password master that greets only after the 50 ms peek (busy, or a loaded machine) is still named as such."""
+    port, _, pid = password_master
+    os.kill(pid, signal.SIGSTOP)  # the kernel still accepts; the master's greeting waits for SIGCONT
+    waker = threading.Timer(0.3, os.kill, (pid, signal.SIGCONT))
+    waker.start()
+    try:
+        with pytest.raises(AuthenticationFailed, match="asks for a password") as info:
+            _status(port, None)
+        assert "password_file" in info.value.hint
+    finally:
+        waker.join()
+        os.kill(pid, signal.SIGCONT)

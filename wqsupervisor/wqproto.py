@@ -123,7 +123,8 @@ async def request_status(
 
     Raises :class:`TimeoutError` when nothing comes back within ``timeout``
     (a master outside ``wait()``, or a hung path), :class:`ProtocolError` when
-    the connection closes without a reply or the reply is not JSON.
+    the connection closes without a reply, the reply is not JSON, or it runs
+    past 64 MiB.
     """
     if request not in STATUS_REQUESTS:
         raise ValueError(f"unknown status request {request!r}")
@@ -135,28 +136,40 @@ async def request_status(
             if credentials.password is not None:
                 await authenticate(reader, writer, credentials.password)
             elif await _peek_auth(reader):
-                raise AuthenticationFailed(
-                    "the master asks for a password",
-                    "give the supervisor the master's password file (password_file=...)",
-                )
+                raise _password_wanted()
             writer.write(request.encode() + b"\n")
             await writer.drain()
-            body = await reader.read(_MAX_REPLY)
-            while chunk := await reader.read(_MAX_REPLY):
+            body = bytearray()
+            while chunk := await reader.read(1 << 20):
                 body += chunk
+                if len(body) > _MAX_REPLY:
+                    # A master's status is kilobytes; whatever talks on without end is not one.
+                    raise ProtocolError(
+                        f"the status reply is longer than {_MAX_REPLY >> 20} MiB: not a Work Queue master"
+                    )
     finally:
         writer.close()
     if not body:
         raise ProtocolError("the connection closed without a status reply")
+    if body.startswith(AUTH_IDENT + b"\n"):
+        # The handshake came later than the peek waited (a busy master or machine).
+        raise _password_wanted()
     try:
         reply = json.loads(body)
     except ValueError as exc:
-        raise ProtocolError(f"the status reply is not JSON: {body[:80]!r}") from exc
+        raise ProtocolError(f"the status reply is not JSON: {bytes(body[:80])!r}") from exc
     if isinstance(reply, dict):
         reply = [reply]
     if not isinstance(reply, list):
         raise ProtocolError("the status reply is not a JSON array")
     return [item for item in reply if isinstance(item, dict)]
+
+
+def _password_wanted() -> AuthenticationFailed:
+    return AuthenticationFailed(
+        "the master asks for a password",
+        "give the supervisor the master's password file (password_file=...)",
+    )
 
 
 async def _peek_auth(reader: asyncio.StreamReader) -> bool:
