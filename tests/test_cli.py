@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from wqsupervisor.process import pid_alive
+
 from support import REPO, listening, processes_matching, python_env, wait_for
 
 SQUARES = str(REPO / "examples" / "squares.py")
@@ -97,6 +99,34 @@ def test_sigterm_ends_the_script_then_the_tunnel_with_a_summary(head, remote_por
     assert not processes_matching(f"{remote_port}:localhost:")
     summary = err.strip().splitlines()[-1]
     assert "after SIGTERM" in summary and "tunnel headnode" in summary, summary
+
+
+def test_a_sigkilled_run_takes_its_script_with_it(head, remote_port, tmp_path):
+    """SIGKILL of run ends the script it started at once, as if run had exec'd it: no orphan keeps running."""
+    pidfile = tmp_path / "app.pid"
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import os, sys, time\n"
+        "with open(sys.argv[1] + '.tmp', 'w') as f:\n"
+        "    f.write(str(os.getpid()))\n"
+        "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+        "time.sleep(300)\n"
+    )
+    with subprocess.Popen(
+        _run_args(head, remote_port, str(app), str(pidfile)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=python_env(),
+    ) as proc:
+        try:
+            wait_for(pidfile.exists, 30, "the script to start")
+            app_pid = int(pidfile.read_text())
+            assert pid_alive(app_pid)
+            proc.kill()
+            proc.wait(10)
+            wait_for(lambda: not pid_alive(app_pid), 10, "the script to die with run")
+        finally:
+            proc.kill()
 
 
 def test_ctrl_c_reaches_the_script_and_ends_the_run(head, remote_port):

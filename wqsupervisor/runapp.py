@@ -31,7 +31,7 @@ from .errors import ConfigError
 from .events import Event, TunnelFailed, TunnelUp, log_event
 from .lifecycle import TunnelState
 from .passwords import AUTO, prepare, private_dir
-from .process import exit_status
+from .process import exit_status, owned_argv
 from .protocol import SupervisorSnapshot
 from .status import status_dir
 from .supervisor import ENGINE_ENV
@@ -172,7 +172,8 @@ def run_script(
     env[SETTINGS_ENV] = json.dumps(settings.to_dict())
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    argv = [sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args]
+    # The script dies with this process, SIGKILL included, as if `run` had exec'd it.
+    argv = owned_argv([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], "KILL")
     if live is None:
         child = subprocess.Popen(argv, env=env)
     else:
