@@ -31,6 +31,7 @@ from wqsupervisor import (
     TunnelState,
     TunnelUp,
     WorkersJoined,
+    WQSupervisorError,
     supervise,
 )
 from wqsupervisor.backends import BACKENDS, sessions_for
@@ -325,6 +326,25 @@ def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_por
         finally:
             app.kill()
             app.wait()
+
+
+def test_the_handle_reports_its_agents_death_at_once_and_reaps_it(head, master, remote_port, recorder):
+    """SIGKILL of the agent: the handle says FAILED with why (state, event, failure) and leaves no zombie."""
+    with supervise(
+        master, head.settings(remote_port=remote_port, allow_no_password=True), on_event=recorder
+    ) as sup:
+        assert sup.wait_until_up(20)
+        agent = sup._agent
+        os.kill(agent.pid, signal.SIGKILL)
+        failed = recorder.wait(TunnelFailed, 5)[0]
+        assert "agent" in failed.error and "SIGKILL" in failed.error, failed.error
+        assert failed.hint
+        assert sup.state is TunnelState.FAILED
+        assert sup.failure is not None and "SIGKILL" in sup.failure
+        assert agent.returncode == -signal.SIGKILL, "the agent was reaped, not left a zombie"
+        with pytest.raises(WQSupervisorError, match="agent"):
+            sup.wait_until_up(1)
+        wait_for(lambda: not listening(remote_port), 10, "the remote port to close")
 
 
 # -- a session driven directly, through the session interface ----------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -89,7 +90,7 @@ class Supervisor:
         self._client = EngineClient(
             self._connect(engine or os.environ.get(ENGINE_ENV)),
             on_event=self._on_event,
-            on_close=self._settled.set,
+            on_close=self._engine_lost,
             reply_timeout=_REPLY_TIMEOUT,
         )
         attached = self._client.attach(self.info, self.settings)
@@ -140,6 +141,35 @@ class Supervisor:
         if state in (TunnelState.UP, TunnelState.FAILED, TunnelState.CLOSED):
             self._settled.set()
         self.bus.emit(event)
+
+    def _engine_lost(self) -> None:
+        """The engine hung up (on the client's reader thread): unless we closed, the tunnel is gone."""
+        if not self._closed:
+            self._up.clear()
+            self._state = TunnelState.FAILED
+            error = f"{self._what_ended()}; the tunnel is gone and workers cannot reach the master"
+            hint = "see the agent's log lines above; supervise the master again to restore the tunnel"
+            self.failure = f"{error}; {hint}"
+            event = TunnelFailed(at=time.time(), source=self._label(), error=error, hint=hint)
+            self.events.append(event)
+            self.bus.emit(event)
+        self._settled.set()
+
+    def _what_ended(self) -> str:
+        """Who ended the engine's connection, and how; reaps our agent."""
+        agent = self._agent
+        if agent is None:
+            return "the supervisor engine closed its connection"
+        try:
+            code = agent.wait(5)
+        except subprocess.TimeoutExpired:
+            return f"the supervisor's agent (pid {agent.pid}) stopped answering"
+        if code < 0:
+            return f"the supervisor's agent (pid {agent.pid}) was killed by {signal.Signals(-code).name}"
+        return f"the supervisor's agent (pid {agent.pid}) exited with status {code}"
+
+    def _label(self) -> str:
+        return f"{self.settings.via}:{getattr(self, 'remote_port', self.settings.remote_port)}"
 
     # -- what a user asks -------------------------------------------------------------
 
