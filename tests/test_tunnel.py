@@ -295,7 +295,7 @@ _APP = textwrap.dedent(
                     log_events=False)
     assert sup.wait_until_up(20)
     snap = sup.snapshot().masters[0].tunnel
-    print(sup._agent.pid, snap.ssh_pid or 0, flush=True)
+    print(sup._agent.pid, snap.ssh_pid or 0, sup._rundir, flush=True)
     time.sleep(600)
     """
 )
@@ -311,7 +311,8 @@ def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_por
         env=python_env(),
     ) as app:
         try:
-            agent_pid, ssh_pid = map(int, app.stdout.readline().split())
+            agent, ssh, rundir = app.stdout.readline().split()
+            agent_pid, ssh_pid = int(agent), int(ssh)
             assert (ssh_pid == 0) is (backend in IN_PROCESS)
             wait_for(lambda: listening(remote_port), 10, "the remote port")
             sessions = head.sessions()
@@ -323,6 +324,8 @@ def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_por
             wait_for(lambda: not any(p in head.sessions() for p in sessions), 10, "the head's session to end")
             wait_for(lambda: not listening(remote_port), 10, "the remote port to close")
             wait_for(lambda: not pid_alive(agent_pid), 10, "the agent to exit")
+            # The survivor removes it: the agent when its application died, the application when the agent did.
+            wait_for(lambda: not os.path.exists(rundir), 10, "the agent's run directory to go")
         finally:
             app.kill()
             app.wait()
@@ -342,6 +345,7 @@ def test_the_handle_reports_its_agents_death_at_once_and_reaps_it(head, master, 
         assert sup.state is TunnelState.FAILED
         assert sup.failure is not None and "SIGKILL" in sup.failure
         assert agent.returncode == -signal.SIGKILL, "the agent was reaped, not left a zombie"
+        assert not os.path.exists(sup._rundir), "the agent's run directory outlived it"
         with pytest.raises(WQSupervisorError, match="agent"):
             sup.wait_until_up(1)
         wait_for(lambda: not listening(remote_port), 10, "the remote port to close")

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
 
+from . import rundir as rundirs
 from .engine import Engine
 
 
-async def _serve(sock: socket.socket) -> None:
-    engine = Engine()
+async def _serve(sock: socket.socket, rundir: str) -> None:
+    engine = Engine(rundir=rundir)
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     await engine.serve_status()
@@ -30,21 +32,22 @@ async def _serve(sock: socket.socket) -> None:
             await serving
     finally:
         await engine.close()
+        rundirs.remove(rundir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve the inherited socket whose file descriptor is the only argument."""
+    """Serve the inherited socket FD, keeping scratch files in the run directory RUNDIR."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit():
+    if len(args) != 2 or not args[0].isdigit() or not os.path.isdir(args[1]):
         print(
-            "usage: python -m wqsupervisor.agent FD (started by wqsupervisor, not by hand)",
+            "usage: python -m wqsupervisor.agent FD RUNDIR (started by wqsupervisor, not by hand)",
             file=sys.stderr,
         )
         return 2
     # Ctrl-C belongs to the application, which closes us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(args[0]))
-    asyncio.run(_serve(sock))
+    asyncio.run(_serve(sock, args[1]))
     return 0
 
 

@@ -18,13 +18,12 @@ import asyncio
 import contextlib
 import itertools
 import os
-import shutil
-import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import rundir as rundirs
 from ._version import __version__
 from .backends import tunnel_for
 from .clock import Clock, SystemClock
@@ -112,8 +111,7 @@ class Engine:
     def __init__(self, *, clock: Clock | None = None, rundir: str | None = None) -> None:
         self.clock = clock or SystemClock()
         self._own_rundir = rundir is None
-        self.rundir = rundir or tempfile.mkdtemp(prefix="wqs-")
-        os.chmod(self.rundir, 0o700)
+        self.rundir = rundir or rundirs.create()
         self._ids = itertools.count(1)
         self.masters: dict[str, Supervised] = {}
         self.finished: list[MasterSnapshot] = []
@@ -250,7 +248,7 @@ class Engine:
                 os.unlink(path)
         await self._end_clients()
         if self._own_rundir:
-            shutil.rmtree(self.rundir, ignore_errors=True)
+            rundirs.remove(self.rundir)
         self.closed.set()
 
     async def _end_clients(self, grace: float = 5.0) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import passwords
+from . import rundir as rundirs
 from .config import Settings, settings_from_kwargs
 from .errors import WQSupervisorError
 from .events import Event, EventBus, TunnelFailed
@@ -85,6 +86,7 @@ class Supervisor:
         self._settled = threading.Event()
         self._closed = False
         self._agent: subprocess.Popen[bytes] | None = None
+        self._rundir: str | None = None
         self.failure: str | None = None
         self.events: list[Event] = []
         self._client = EngineClient(
@@ -116,9 +118,10 @@ class Supervisor:
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self._rundir = rundirs.create()
         try:
             self._agent = subprocess.Popen(
-                [sys.executable, "-m", "wqsupervisor.agent", str(theirs.fileno())],
+                [sys.executable, "-m", "wqsupervisor.agent", str(theirs.fileno()), self._rundir],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -164,6 +167,8 @@ class Supervisor:
             code = agent.wait(5)
         except subprocess.TimeoutExpired:
             return f"the supervisor's agent (pid {agent.pid}) stopped answering"
+        if self._rundir is not None:
+            rundirs.remove(self._rundir)  # the agent cannot any more
         if code < 0:
             return f"the supervisor's agent (pid {agent.pid}) was killed by {signal.Signals(-code).name}"
         return f"the supervisor's agent (pid {agent.pid}) exited with status {code}"
@@ -228,6 +233,8 @@ class Supervisor:
                 self._agent.wait(timeout)
             except subprocess.TimeoutExpired:
                 terminate(self._agent, grace=2)
+        if self._rundir is not None:
+            rundirs.remove(self._rundir)
 
     def __enter__(self) -> Supervisor:
         return self

@@ -1,0 +1,52 @@
+"""Run directories: the private scratch space of one engine, gone when it ends, however it ends.
+
+An engine keeps its fd-passing helper, probe sockets and (for ``run``) its
+control socket in a directory of its own under the temporary directory,
+named ``wqs-<pid>-XXXXXXXX`` after the process that created it (mode 0700).
+Whoever outlives the engine removes it: the engine on a clean exit, the
+drop-in handle when its agent dies. When both were killed at once, the next
+directory created on this machine sweeps it away: a run directory of this
+user whose creator is no longer running belongs to nobody.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_NAME = re.compile(r"wqs-(\d+)-[^/]+")
+
+
+def create() -> str:
+    """A new run directory for this process (0700), after sweeping the ones whose creator is gone."""
+    sweep()
+    return tempfile.mkdtemp(prefix=f"wqs-{os.getpid()}-")
+
+
+def remove(path: str) -> None:
+    """Remove a run directory and everything in it (it may already be gone)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep(base: str | None = None) -> list[str]:
+    """Remove this user's run directories whose creating process has exited; returns what went."""
+    gone = []
+    for entry in Path(base or tempfile.gettempdir()).glob("wqs-*-*"):
+        match = _NAME.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        # Another user's directory, or one whose creator (or a reuse of its pid) runs, stays.
+        if info.st_uid != os.getuid() or not entry.is_dir() or entry.is_symlink():
+            continue
+        if Path(f"/proc/{match.group(1)}").exists():
+            continue
+        remove(str(entry))
+        gone.append(str(entry))
+    return gone
