@@ -169,3 +169,48 @@ def test_a_remote_port_beyond_loopback_is_bound_only_with_a_warning(bind, warned
         assert exposed[0]["bind"] == bind and exposed[0]["log_level"] == "warning"
     argv = tunnel_argv(settings.ssh_target(), master_port=9123, remote_port=10001, probe_path=None)
     assert f"{bind}:10001:localhost:9123" in argv
+
+
+_CRASH = textwrap.dedent(
+    """
+    import sys
+    from wqsupervisor.logs import get_logger, register_secret
+
+    CONFIGURE
+
+    register_secret("tb-s3cret-value")
+
+    def connect(password):
+        raise ConnectionError(f"login with {password} refused")
+
+    try:
+        connect("tb-s3cret-value")
+    except ConnectionError:
+        get_logger().exception("tunnel.crashed", source="h:1")
+    """
+)
+
+_PIPELINES = {
+    "library fallback": "",
+    "cli console": "from wqsupervisor.logs import configure_cli_logging; configure_cli_logging()",
+    "cli json": "from wqsupervisor.logs import configure_cli_logging; configure_cli_logging('json')",
+    # An application's own structlog with its default renderer (rich tracebacks, locals shown).
+    "application's own": "import structlog; structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))",
+}
+
+
+@pytest.mark.parametrize("pipeline", sorted(_PIPELINES))
+def test_a_logged_traceback_is_redacted_whoever_renders_it(pipeline):
+    """A secret in an exception message (and in the failing frame's locals) never reaches the rendered traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASH.replace("CONFIGURE", _PIPELINES[pipeline])],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        timeout=60,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "tunnel.crashed" in out and "ConnectionError" in out and "Traceback" in out, out
+    assert REDACTED in out, out
+    assert "tb-s3cret-value" not in out, out

@@ -16,6 +16,7 @@ import logging
 import re
 import sys
 import threading
+import traceback
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
@@ -108,6 +109,9 @@ class _Redacting:
 
     The application's structlog pipeline knows nothing of our secrets, so the
     library redacts its own lines on the way in, whoever configured logging.
+    A traceback is rendered here too, as plain text and redacted: left to the
+    pipeline it would be rendered after redaction, with exception messages
+    and (with rich) local variables in clear.
     """
 
     def __init__(self, real: Any) -> None:
@@ -117,9 +121,24 @@ class _Redacting:
         method = getattr(self._real, name)
 
         def call(event: str, *args: Any, **kw: Any) -> Any:
-            return method(redact_text(event), *args, **redact(kw))
+            rendered = _traceback_text(kw.pop("exc_info", name == "exception"))
+            if rendered is not None:
+                kw["exception"] = rendered
+            target = self._real.error if name == "exception" else method
+            return target(redact_text(event), *args, **redact(kw))
 
         return call
+
+
+def _traceback_text(exc_info: Any) -> str | None:
+    """``exc_info`` (True, an exception or a triple) as traceback text; None when there is none."""
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if not isinstance(exc_info, tuple) or exc_info[0] is None:
+        return None
+    return "".join(traceback.format_exception(*exc_info)).rstrip("\n")
 
 
 def get_logger() -> Any:
