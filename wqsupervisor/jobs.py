@@ -51,6 +51,20 @@ _FORGOTTEN_AFTER = 30.0
 _EARLY_EXIT = 20.0
 
 
+def submission_failed(state: JobState, lived: float, idle_time: float) -> bool:
+    """Does a job that reached ``state`` ``lived`` seconds after its submission say it failed?
+
+    A job that fails (a non-zero exit) soon after submission does; so does one
+    that ends soon without an error, unless it lived as long as its worker's
+    idle time: then it may simply have run out of work and left, as workers do.
+    """
+    if lived >= _EARLY_EXIT:
+        return False
+    if state is JobState.FAILED:
+        return True
+    return state is JobState.DONE and lived < idle_time
+
+
 @dataclass
 class Job:
     """One worker job."""
@@ -203,7 +217,7 @@ class JobTracker:
         previous = job.state
         job.state, job.changed_at = state, now
         self._emit(JobStateChanged, job=job_id, previous=previous.value, state=state.value)
-        if state in (JobState.FAILED, JobState.DONE) and now - job.submitted_at < _EARLY_EXIT:
+        if submission_failed(state, now - job.submitted_at, self.scaling.idle_time):
             # A job that ends right away will not do better when submitted again at
             # once (a bad node, a missing program): back off as after a refusal.
             self._back_off(
