@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from wqsupervisor import Settings, supervise
-from wqsupervisor.errors import ConfigError
+from wqsupervisor.errors import ConfigError, WQSupervisorError
 from wqsupervisor.events import EventBus, TunnelFailed
 from wqsupervisor.logs import REDACTED, redact, redact_text, register_secret
 from wqsupervisor.passwords import create_password_file, read_password
@@ -214,3 +214,51 @@ def test_a_logged_traceback_is_redacted_whoever_renders_it(pipeline):
     assert "tunnel.crashed" in out and "ConnectionError" in out and "Traceback" in out, out
     assert REDACTED in out, out
     assert "tb-s3cret-value" not in out, out
+
+
+def test_a_module_planted_in_the_bindings_cache_is_never_imported(tmp_path, monkeypatch):
+    """A work_queue.py someone put in the cache is replaced by the link to Debian's before anything imports it."""
+    from wqsupervisor.harness.sandbox import DEBIAN_DIST, debian_work_queue_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "wqsupervisor" / "debian-work-queue"
+    cache.mkdir(parents=True, mode=0o755)
+    marker = tmp_path / "planted-ran"
+    (cache / "work_queue.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (cache / "evil.py").write_text("")
+    path = debian_work_queue_path()
+    assert path == str(cache)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert (cache / "work_queue.py").readlink() == DEBIAN_DIST / "work_queue.py"
+    assert not (cache / "evil.py").exists()
+    done = subprocess.run(
+        [sys.executable, "-c", "import work_queue; print(work_queue.__file__)"],
+        capture_output=True,
+        text=True,
+        env=python_env(path),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists(), "the planted module ran"
+
+
+def test_a_cache_directory_of_another_user_is_refused(tmp_path, monkeypatch):
+    """The bindings cache owned by someone else is an error naming its owner, not something to import from."""
+    from wqsupervisor.harness.sandbox import debian_work_queue_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "wqsupervisor" / "debian-work-queue"
+    cache.mkdir(parents=True)
+    os.chown(cache, 65534, 65534)
+    with pytest.raises(WQSupervisorError, match="belongs to uid 65534"):
+        debian_work_queue_path()
+
+
+def test_a_symlink_is_not_a_private_directory(tmp_path):
+    """A symlink where a private directory should be is refused, whatever it points at."""
+    from wqsupervisor import privatedir
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(WQSupervisorError, match="is not a directory"):
+        privatedir.ensure(tmp_path / "link", "the cache directory", "set XDG_CACHE_HOME")

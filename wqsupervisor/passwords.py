@@ -22,25 +22,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from . import privatedir
+from .errors import ConfigError, WQSupervisorError
 from .logs import register_secret
 
 AUTO = "auto"
-_DIR_MODE = 0o700
 
 
 def private_dir() -> Path:
     """``~/.wqsupervisor`` (0700): where generated passwords live."""
-    path = Path.home() / ".wqsupervisor"
+    hint = "give --password-file a path of your own instead of 'auto', or set HOME"
     try:
-        path.mkdir(mode=_DIR_MODE, exist_ok=True)
-        os.chmod(path, _DIR_MODE)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create {path} for the password file: {exc.strerror}",
-            "give --password-file a path of your own instead of 'auto', or set HOME",
-        ) from None
-    return path
+        return privatedir.ensure(Path.home() / ".wqsupervisor", "the password directory", hint)
+    except WQSupervisorError as exc:
+        raise ConfigError(exc.message, exc.hint) from None
 
 
 def create_password_file(path: str | os.PathLike[str] | None = None) -> Path:

@@ -13,14 +13,12 @@ import contextlib
 import itertools
 import json
 import os
-import stat
 import time
 from pathlib import Path
 
+from . import privatedir
 from .errors import WQSupervisorError
 from .protocol import JOB_STATES, EngineClient, SupervisorSnapshot
-
-_DIR_MODE = 0o700
 
 
 def status_dir() -> Path:
@@ -39,21 +37,7 @@ def status_dir() -> Path:
     hint = "set XDG_RUNTIME_DIR (or HOME) to a directory of your own"
     if not (runtime and Path(runtime).is_dir()) and not Path.home().is_dir():
         raise WQSupervisorError(f"the home directory {Path.home()} is not a directory", hint)
-    try:
-        base.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-        info = base.lstat()
-    except OSError as exc:
-        raise WQSupervisorError(f"cannot create the runtime directory {base}: {exc.strerror}", hint) from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise WQSupervisorError(f"the runtime directory {base} is not a directory", f"remove it, or {hint}")
-    if info.st_uid != os.getuid():
-        raise WQSupervisorError(
-            f"the runtime directory {base} belongs to uid {info.st_uid}, not to you (uid {os.getuid()})",
-            f"remove it, or {hint}",
-        )
-    if stat.S_IMODE(info.st_mode) != _DIR_MODE:
-        os.chmod(base, _DIR_MODE)
-    return base
+    return privatedir.ensure(base, "the runtime directory", hint)
 
 
 _engines = itertools.count(1)

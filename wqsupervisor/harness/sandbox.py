@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import privatedir
 from ..config import Settings
 from ..errors import WQSupervisorError
 from ..process import owned_argv, pid_alive, terminate, wait_gone
@@ -281,12 +282,25 @@ def debian_work_queue_path() -> str:
     GIL, like ndcctools'. It is built for Debian's Python 3.11; the directory
     keeps the rest of Debian's dist-packages out of another 3.11 interpreter.
     """
-    target = Path(tempfile.gettempdir()) / f"wqs-debian-wq-{os.getuid()}"
-    target.mkdir(exist_ok=True)
+    # In the user's own cache, checked: whatever this directory holds is imported,
+    # as root in the lab, so nobody else may have put anything there.
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    target = privatedir.ensure(
+        cache / "wqsupervisor" / "debian-work-queue", "the cache directory", "set XDG_CACHE_HOME or HOME"
+    )
     names = ["work_queue.py", *(p.name for p in DEBIAN_DIST.glob("_work_queue*.so"))]
+    for entry in target.iterdir():
+        ours = entry.name in names and entry.is_symlink() and entry.readlink() == DEBIAN_DIST / entry.name
+        if ours or entry.name == "__pycache__":  # the bytecode Python writes when it imports from here
+            continue
+        # Not one of our links: never import it.
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     for name in names:
         link = target / name
-        if not link.exists():
+        if not link.is_symlink():
             with contextlib.suppress(FileExistsError):
                 link.symlink_to(DEBIAN_DIST / name)
     if not (target / "work_queue.py").exists():

@@ -1,0 +1,42 @@
+"""Directories of the user's own: created 0700, and refused when they are not really theirs.
+
+Everything the package keeps on disk (generated passwords, status sockets,
+caches) lives in such a directory. One that exists already is used only when
+it is a real directory (not a symlink) owned by this user; its mode is then
+put back to 0700. Another user's directory is never used, nor re-moded: it
+could lead a secret out, or code in.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import WQSupervisorError
+
+MODE = 0o700
+
+
+def ensure(path: Path, what: str, hint: str) -> Path:
+    """``path`` as a private directory of this user, made (with its parents) if missing.
+
+    ``what`` names it in errors ("the runtime directory"), ``hint`` says what
+    to do instead; raises :class:`WQSupervisorError` when it cannot be made, is
+    not a directory, or belongs to another user.
+    """
+    try:
+        path.mkdir(mode=MODE, parents=True, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise WQSupervisorError(f"cannot create {what} {path}: {exc.strerror}", hint) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise WQSupervisorError(f"{what} {path} is not a directory", f"remove it, or {hint}")
+    if info.st_uid != os.getuid():
+        raise WQSupervisorError(
+            f"{what} {path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()})",
+            f"remove it, or {hint}",
+        )
+    if stat.S_IMODE(info.st_mode) != MODE:
+        os.chmod(path, MODE)
+    return path
