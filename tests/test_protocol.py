@@ -46,6 +46,8 @@ from wqsupervisor.protocol import (
 )
 from wqsupervisor.runapp import EngineThread
 
+from support import wait_for
+
 FULL = SupervisorSnapshot(
     version="1.2.3",
     pid=4242,
@@ -297,3 +299,49 @@ def test_the_client_relays_events_and_answers_in_order():
         thread.join(10)
         client.close()
     assert seen == [(up, TunnelState.UP)]
+
+
+def test_the_status_socket_only_reads(engine):
+    """On the status socket a snapshot comes back; attach, detach and adapt are refused and change nothing."""
+    with EngineClient.connect(engine.status_path, timeout=10) as client:
+        client.ping()
+        assert isinstance(client.snapshot(), SupervisorSnapshot)
+        foreign = Settings(via="headnode", remote_port=10001, ssh_program="/tmp/not-ssh")
+        for request in (
+            Attach(MasterInfo(port=9), foreign),
+            Detach(id="1"),
+            Adapt(id="1", minimum=0, maximum=1),
+        ):
+            with pytest.raises(WQSupervisorError, match="only answers snapshot requests"):
+                client.request(request)
+    assert not engine.engine.masters, "a reader attached a master"
+
+
+def test_an_oversized_request_is_answered_and_the_engine_lives_on(engine):
+    """A request line over the limit gets one error reply and a hang-up; the engine keeps serving."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(10)
+        raw.connect(engine.status_path)
+        raw.sendall(b'{"op": "snapshot", "pad": "' + b"x" * 100_000 + b'"}\n')
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    assert b"request longer than 65536 bytes" in reply
+    with EngineClient.connect(engine.socket_path, timeout=10) as client:
+        assert isinstance(client.snapshot(), SupervisorSnapshot)
+
+
+def test_a_connection_cannot_detach_or_adapt_what_another_attached(engine, head, master, remote_port):
+    """Two handles on the control socket: each may act only on the masters it attached itself."""
+    settings = head.settings(remote_port=remote_port, allow_no_password=True)
+    with (
+        EngineClient.connect(engine.socket_path, timeout=10) as mine,
+        EngineClient.connect(engine.socket_path, timeout=10) as other,
+    ):
+        attached = mine.attach(MasterInfo(port=master.port), settings)
+        for request in (Detach(id=attached.id), Adapt(id=attached.id, minimum=0, maximum=1)):
+            with pytest.raises(WQSupervisorError, match="was attached on this connection"):
+                other.request(request)
+        assert attached.id in engine.engine.masters
+        mine.request(Detach(id=attached.id))
+    wait_for(lambda: attached.id not in engine.engine.masters, 10, "the master to be detached")

@@ -16,13 +16,13 @@ import socket
 import sys
 
 from . import rundir as rundirs
-from .engine import Engine
+from .engine import MAX_REQUEST, Engine
 
 
 async def _serve(sock: socket.socket, rundir: str) -> None:
     engine = Engine(rundir=rundir)
     loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REQUEST)
     await engine.serve_status()
     serving = asyncio.create_task(engine.serve_connection(reader, writer))
     loop.add_signal_handler(signal.SIGTERM, serving.cancel)

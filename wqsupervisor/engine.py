@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 from collections import deque
@@ -61,6 +62,8 @@ from .watch import WorkerWatch
 from .wqproto import Credentials, request_status, tls_context
 
 _RECENT_EVENTS = 50
+# The longest request line: an attach with every setting is a few kilobytes.
+MAX_REQUEST = 64 * 1024
 
 
 @dataclass
@@ -329,11 +332,18 @@ class Engine:
 
     # -- the control protocol ------------------------------------------------------
 
-    async def serve_unix(self, path: str) -> None:
-        """Accept handles on a unix socket only this user can open."""
+    async def serve_unix(self, path: str, *, control: bool = True) -> None:
+        """Accept connections on a unix socket only this user can open.
+
+        ``control``: handles that attach masters and follow their events (the
+        ``run`` command's socket). Otherwise readers, as ``status`` is: they may
+        ask for a snapshot and nothing else, and get no events.
+        """
         old = os.umask(0o177)
         try:
-            server = await asyncio.start_unix_server(self._client, path)
+            server = await asyncio.start_unix_server(
+                functools.partial(self._client, control=control), path, limit=MAX_REQUEST
+            )
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -344,28 +354,39 @@ class Engine:
         from .status import new_socket_path
 
         path = str(new_socket_path())
-        await self.serve_unix(path)
+        await self.serve_unix(path, control=False)
         return path
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one handle until it hangs up (the agent's only connection)."""
         await self._client(reader, writer)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, control: bool = True
+    ) -> None:
         owner = object()
         out: asyncio.Queue[Reply | EventMessage | None] = asyncio.Queue()
 
         def sink(event: Event, state: str) -> None:
             out.put_nowait(EventMessage(event, TunnelState(state)))
 
-        remove = self.add_sink(sink)
+        remove = self.add_sink(sink) if control else (lambda: None)
         sender = asyncio.create_task(_send_lines(writer, out))
         me = asyncio.current_task()
         if me is not None:
             self._clients[me] = writer
         try:
-            while line := await reader.readline():
-                out.put_nowait(await self._handle(line, owner))
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # longer than any request: answer once, then hang up
+                    out.put_nowait(
+                        ErrorReply(f"request longer than {MAX_REQUEST} bytes", "send one request per line")
+                    )
+                    break
+                if not line:
+                    break
+                out.put_nowait(await self._handle(line, owner, control))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -384,23 +405,39 @@ class Engine:
                     if me is not None:
                         self._clients.pop(me, None)
 
-    async def _handle(self, line: bytes, owner: object) -> Reply:
+    def _owned(self, sup_id: str, owner: object) -> Supervised:
+        """The master attached as ``sup_id`` by this connection (KeyError when none is)."""
+        sup = self.masters[sup_id]
+        if sup.owner is not owner:
+            raise WQSupervisorError(
+                f"no master {sup_id!r} was attached on this connection",
+                "a supervisor is controlled by the handle that attached its master",
+            )
+        return sup
+
+    async def _handle(self, line: bytes, owner: object, control: bool) -> Reply:
         try:
             request = decode_request(line)
+            if not control and not isinstance(request, (GetSnapshot, Ping)):
+                return ErrorReply(
+                    f"this socket only answers snapshot requests, not {request.op!r}",
+                    "a supervisor is controlled by the handle that attached its master",
+                )
             if isinstance(request, Attach):
                 sup = self.attach(request.master, request.settings, owner)
                 return Attached(id=sup.id, remote_port=sup.tunnel.remote_port)
             if isinstance(request, Detach):
-                await self.detach(request.id)
+                if request.id in self.masters:  # detaching what is not attached is a no-op
+                    await self.detach(self._owned(request.id, owner).id)
                 return Ack(request.op)
             if isinstance(request, GetSnapshot):
                 return SnapshotReply(self.snapshot())
             if isinstance(request, ReportStats):
-                sup = self.masters[request.id]
+                sup = self._owned(request.id, owner)
                 self._observe(sup, request.stats, self._emit_for(sup.id))
                 return Ack(request.op)
             if isinstance(request, Adapt):
-                sup = self.masters[request.id]
+                sup = self._owned(request.id, owner)
                 if sup.jobs is None:
                     return ErrorReply(
                         "this supervisor starts no workers",

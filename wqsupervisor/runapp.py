@@ -56,7 +56,7 @@ class EngineThread:
         try:
             self.socket_path = os.path.join(self.engine.rundir, "engine.sock")
             self.call(self.engine.serve_unix(self.socket_path))
-            self.call(self.engine.serve_status())
+            self.status_path: str = self.call(self.engine.serve_status())
         except BaseException:
             self.stop()
             raise
