@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -262,3 +263,59 @@ def test_a_symlink_is_not_a_private_directory(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     with pytest.raises(WQSupervisorError, match="is not a directory"):
         privatedir.ensure(tmp_path / "link", "the cache directory", "set XDG_CACHE_HOME")
+
+
+_AUTO_APP = textwrap.dedent(
+    """
+    import os, stat, sys
+    from work_queue import WorkQueue
+    from wqsupervisor import supervise
+
+    q = WorkQueue(port=0)
+    options = dict(via="headnode", ssh_config=sys.argv[1], remote_port=int(sys.argv[2]), log_events=False)
+    with supervise(q, password_file=sys.argv[3], **options) as sup:
+        path = sup.settings.password_file
+        print("during", path, oct(stat.S_IMODE(os.stat(path).st_mode)), flush=True)
+    print("after", os.path.exists(path), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("password_file", ["auto", "mine.pw"])
+def test_an_auto_password_file_lives_as_long_as_its_supervisor(head, remote_port, tmp_path, password_file):
+    """password_file='auto': a private 0600 file while supervised, gone after close(); a named one stays."""
+    env = dict(python_env(debian_work_queue_path()), HOME=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", _AUTO_APP, str(head.ssh_config), str(remote_port), password_file],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    during, after = done.stdout.splitlines()
+    _, path, mode = during.split()
+    assert mode == "0o600"
+    if password_file == "auto":
+        assert Path(path).parent == tmp_path / ".wqsupervisor"
+        assert after == "after False", "the auto password file outlived its supervisor"
+    else:
+        assert path == str(tmp_path / "mine.pw")
+        assert after == "after True", "a password file the user named is the user's"
+
+
+def test_the_next_auto_password_sweeps_the_file_of_a_killed_process(tmp_path):
+    """A process that made an auto password file is SIGKILLed: the next auto file removes the orphan."""
+    env = dict(python_env(), HOME=str(tmp_path))
+    code = (
+        "from wqsupervisor.passwords import create_password_file; print(create_password_file(), flush=True)"
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    orphan = child.stdout.strip()
+    assert child.returncode == 0 and os.path.exists(orphan), child.stderr
+    # It exited without removing its file, as a killed process would; its pid is gone.
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert fresh.returncode == 0, fresh.stderr
+    assert not os.path.exists(orphan)
+    assert os.path.exists(fresh.stdout.strip())

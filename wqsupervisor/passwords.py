@@ -27,6 +27,7 @@ from .errors import ConfigError, WQSupervisorError
 from .logs import register_secret
 
 AUTO = "auto"
+_AUTO_PREFIX = "wq-password-"
 
 
 def private_dir() -> Path:
@@ -44,7 +45,10 @@ def create_password_file(path: str | os.PathLike[str] | None = None) -> Path:
     The file appears whole or not at all, and an existing file is never replaced.
     """
     if path is None:
-        fd, name = tempfile.mkstemp(prefix="wq-password-", dir=private_dir())
+        # Named after this process, so that the next one can tell a file nobody will remove.
+        home = private_dir()
+        privatedir.sweep_orphans(home, _AUTO_PREFIX, directories=False)
+        fd, name = tempfile.mkstemp(prefix=f"{_AUTO_PREFIX}{os.getpid()}-", dir=home)
         os.close(fd)
         target = Path(name)
         target.unlink()

@@ -1,4 +1,4 @@
-"""Directories of the user's own: created 0700, and refused when they are not really theirs.
+"""Directories of the user's own, and the leftovers of processes that died in them.
 
 Everything the package keeps on disk (generated passwords, status sockets,
 caches) lives in such a directory. One that exists already is used only when
@@ -10,6 +10,8 @@ could lead a secret out, or code in.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -40,3 +42,31 @@ def ensure(path: Path, what: str, hint: str) -> Path:
     if stat.S_IMODE(info.st_mode) != MODE:
         os.chmod(path, MODE)
     return path
+
+
+def sweep_orphans(directory: Path, prefix: str, *, directories: bool) -> list[str]:
+    """Remove what was named ``<prefix><pid>-...`` by a process of this user that is gone.
+
+    Only entries of the kind asked for (directories, or regular files) that
+    belong to this user go; a symlink never does, nor anything whose creator
+    (or a process that reuses its pid) still runs. Returns what was removed.
+    """
+    name = re.compile(re.escape(prefix) + r"(\d+)-.+")
+    gone = []
+    for entry in directory.glob(f"{prefix}*"):
+        match = name.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        kind_ok = stat.S_ISDIR(info.st_mode) if directories else stat.S_ISREG(info.st_mode)
+        if not kind_ok or info.st_uid != os.getuid() or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        if directories:
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        gone.append(str(entry))
+    return gone

@@ -12,12 +12,11 @@ user whose creator is no longer running belongs to nobody.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
-_NAME = re.compile(r"wqs-(\d+)-[^/]+")
+from . import privatedir
 
 
 def create() -> str:
@@ -33,20 +32,4 @@ def remove(path: str) -> None:
 
 def sweep(base: str | None = None) -> list[str]:
     """Remove this user's run directories whose creating process has exited; returns what went."""
-    gone = []
-    for entry in Path(base or tempfile.gettempdir()).glob("wqs-*-*"):
-        match = _NAME.fullmatch(entry.name)
-        if match is None:
-            continue
-        try:
-            info = entry.lstat()
-        except OSError:
-            continue
-        # Another user's directory, or one whose creator (or a reuse of its pid) runs, stays.
-        if info.st_uid != os.getuid() or not entry.is_dir() or entry.is_symlink():
-            continue
-        if Path(f"/proc/{match.group(1)}").exists():
-            continue
-        remove(str(entry))
-        gone.append(str(entry))
-    return gone
+    return privatedir.sweep_orphans(Path(base or tempfile.gettempdir()), "wqs-", directories=True)

@@ -66,7 +66,10 @@ class Supervisor:
         read_stats(master)  # fail now, in the caller's thread, if the contract is not met
         if getattr(master, "_using_ssl", False) and not self.settings.ssl:
             self.settings = self.settings.replace(ssl=True)  # ndcctools master with ssl=(key, cert)
+        auto_password = self.settings.password_file == passwords.AUTO
         self.settings = passwords.prepare(self.settings, master)
+        # A password file made for this supervisor alone goes with it.
+        self._own_password = self.settings.password_file if auto_password else None
         self.info = MasterInfo(
             port=self.info.port,
             name=self.info.name,
@@ -235,6 +238,8 @@ class Supervisor:
                 terminate(self._agent, grace=2)
         if self._rundir is not None:
             rundirs.remove(self._rundir)
+        if self._own_password is not None:
+            Path(self._own_password).unlink(missing_ok=True)
 
     def __enter__(self) -> Supervisor:
         return self
