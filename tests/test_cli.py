@@ -7,7 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -255,3 +257,25 @@ def test_run_ends_without_asyncio_noise_while_a_status_reader_is_connected(tmp_p
     assert err.strip().splitlines()[-1].startswith("wqsupervisor: wait_for_go.py exited with status 0"), err
     for noise in ("Task was destroyed", "Event loop is closed", "Exception ignored", "Traceback"):
         assert noise not in err, err
+
+
+def test_a_metrics_port_in_use_fails_run_and_leaves_nothing(head, remote_port, tmp_path):
+    """run with a metrics port that is taken: one error line, exit 2, no run directory or status socket left."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as taken,
+        subprocess.Popen(
+            _run_args(head, remote_port, "--metrics-port", str(taken.getsockname()[1]), SQUARES),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(python_env(), XDG_RUNTIME_DIR=str(runtime)),
+        ) as proc,
+    ):
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "metrics" in err, err
+    assert not list((runtime / "wqsupervisor").glob("*.sock")), "the status socket outlived run"
+    assert not list(Path(tempfile.gettempdir()).glob(f"wqs-{proc.pid}-*")), "the run directory outlived run"

@@ -31,7 +31,7 @@ from .errors import ConfigError
 from .events import Event, TunnelFailed, TunnelUp, log_event
 from .lifecycle import TunnelState
 from .passwords import AUTO, prepare, private_dir
-from .process import exit_status, owned_argv
+from .process import exit_status, owned_argv, terminate
 from .protocol import SupervisorSnapshot
 from .status import status_dir
 from .supervisor import ENGINE_ENV
@@ -155,31 +155,45 @@ def run_script(
     use_live = view and should_use_live_view(sys.stdout)
     host = EngineThread(log=not use_live)
     live = None
-    if use_live:
-        from .view import LiveView
-
-        live = LiveView(host.snapshot)
-    watch = _StartWatch()
-    host.add_sink(watch)
     metrics = None
-    if settings.metrics_port is not None:
-        from .metrics import MetricsServer
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        if use_live:
+            from .view import LiveView
 
-        metrics = MetricsServer(host.snapshot, host=settings.metrics_host, port=settings.metrics_port)
-        metrics.start()
-    env = dict(os.environ)
-    env[ENGINE_ENV] = host.socket_path
-    env[SETTINGS_ENV] = json.dumps(settings.to_dict())
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    # The script dies with this process, SIGKILL included, as if `run` had exec'd it.
-    argv = owned_argv([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], "KILL")
-    if live is None:
-        child = subprocess.Popen(argv, env=env)
-    else:
-        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        live.start()
-        threading.Thread(target=_relay, args=(child, live), name="wqsupervisor-output", daemon=True).start()
+            live = LiveView(host.snapshot)
+        watch = _StartWatch()
+        host.add_sink(watch)
+        if settings.metrics_port is not None:
+            from .metrics import MetricsServer
+
+            metrics = MetricsServer(host.snapshot, host=settings.metrics_host, port=settings.metrics_port)
+            metrics.start()
+        env = dict(os.environ)
+        env[ENGINE_ENV] = host.socket_path
+        env[SETTINGS_ENV] = json.dumps(settings.to_dict())
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # The script dies with this process, SIGKILL included, as if `run` had exec'd it.
+        argv = owned_argv([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], "KILL")
+        if live is None:
+            child = subprocess.Popen(argv, env=env)
+        else:
+            child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            live.start()
+            threading.Thread(
+                target=_relay, args=(child, live), name="wqsupervisor-output", daemon=True
+            ).start()
+    except BaseException:
+        # Nothing outlives a start that failed: the script, the engine's run directory and sockets.
+        if child is not None:
+            terminate(child)
+        if metrics is not None:
+            metrics.stop()
+        if live is not None:
+            live.stop()
+        host.stop()
+        raise
     handler = _Signals(child, grace)
     watch.on_fatal = lambda: handler(signal.SIGTERM, None)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
