@@ -438,3 +438,18 @@ def test_a_port_in_use_is_reported_in_ssh_words(tmp_path):
             assert f"remote port forwarding failed for listen port {port}" in err.decode()
 
     _run(body)
+
+
+def test_port_holders_never_take_our_relay_for_stale_or_foreign():
+    """The head's holder list: our relay is neither a stale session to end nor another program."""
+    from wqsupervisor.remoteport import parse_holders
+
+    both = parse_holders("me 1000\nbound\nholder 10 1000 sshd\nholder 11 1000 wqs-relay\n")
+    assert both.stale_candidates(set()) == [10]
+    assert both.relays() == [11]
+    relay = parse_holders("me 1000\nbound\nholder 11 1000 wqs-relay\n")
+    assert relay.stale_candidates(set()) == []
+    assert relay.relays() == [11]
+    theirs = parse_holders("me 1000\nbound\nholder 11 1001 wqs-relay\n")
+    assert theirs.relays() == []
+    assert theirs.stale_candidates(set()) == []

@@ -59,7 +59,21 @@ class Settings:
         "address the head node binds the remote port to (anything but loopback is exposed)",
         metavar="ADDR",
     )
-    backend: str = _setting("openssh", "tunnel backend: openssh or paramiko", metavar="NAME")
+    backend: str = _setting("openssh", "tunnel backend: openssh, resumable or paramiko", metavar="NAME")
+    resume: bool = _setting(
+        False,
+        "resumable forwarding with the openssh backend: a relay on the head node (its python3) holds "
+        "the workers' connections while the tunnel restarts",
+    )
+    relay_linger: float = _setting(
+        900.0,
+        "seconds the head relay waits for the supervisor to come back before it closes its workers' "
+        "connections and exits",
+        metavar="S",
+    )
+    relay_python: str = _setting(
+        "python3", "the head node's Python (3.6 or later) for the relay", metavar="PATH"
+    )
     own_socket: bool = _setting(
         True,
         "open the TCP connection ourselves and hand it to ssh (retransmission cap, TCP_INFO); "
@@ -238,8 +252,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(
             f"via {s.via!r} is not a host name", "use [USER@]HOST, e.g. alice@login.cluster.edu"
         )
-    if s.backend not in ("openssh", "paramiko"):
-        raise ConfigError(f"unknown backend {s.backend!r}", "use 'openssh' or 'paramiko'")
+    if s.backend not in ("openssh", "resumable", "paramiko"):
+        raise ConfigError(f"unknown backend {s.backend!r}", "use 'openssh', 'resumable' or 'paramiko'")
+    if s.relay_linger <= 0:
+        raise ConfigError(f"relay_linger must be positive, not {s.relay_linger}")
     if s.log_format not in ("console", "json"):
         raise ConfigError(f"unknown log format {s.log_format!r}", "use 'console' or 'json'")
     for name in (

@@ -257,6 +257,15 @@ class Session(Protocol):
         ...
 
 
+@runtime_checkable
+class Detachable(Protocol):
+    """A session whose forward outlives it (resumable forwarding): restarts let go, close() ends all."""
+
+    async def detach(self) -> int | None:
+        """End this session but leave what holds the workers' connections for the next session."""
+        ...
+
+
 @dataclass(frozen=True)
 class HeadAddress:
     """Where a fresh TCP connection reaches the head's sshd (to ask whether it answers)."""

@@ -49,7 +49,7 @@ from .logs import get_logger
 from .master import MasterInfo
 from .protocol.snapshot import TunnelSnapshot
 from .remoteport import RemotePort
-from .session import Session, SessionEnded, SessionFactory, SessionFailed, SessionFailure
+from .session import Detachable, Session, SessionEnded, SessionFactory, SessionFailed, SessionFailure
 from .sessionwatch import Reporter, watch
 from .target import SshTarget
 from .wqproto import NO_CREDENTIALS, Credentials
@@ -350,7 +350,7 @@ class Tunnel:
                         session, f"{self.remote_port} on {self.target.destination}"
                     )
             except TimeoutError:
-                await session.close()
+                await self._let_go(session)
                 return await self._ended(
                     session, f"no verified forward within {self.target.connect_timeout:g} s"
                 )
@@ -384,8 +384,15 @@ class Tunnel:
                 stale_pid=session.remote_pid if replaced else None,
             )
         finally:
-            await session.close()
+            await self._let_go(session)
             self._session = None
+
+    async def _let_go(self, session: Session) -> None:
+        """End an attempt's session; a resumable one keeps its relay for the next unless we are closing."""
+        if isinstance(session, Detachable) and not self._closing.is_set():
+            await session.detach()
+        else:
+            await session.close()
 
     def _seen(self, failure: SessionFailure) -> SessionFailure:
         """A failure as this tunnel takes it: some are final only before it was ever up."""

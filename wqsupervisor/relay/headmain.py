@@ -418,7 +418,8 @@ def splice(sock: socket.socket) -> None:
             pass
         os._exit(0)
 
-    threading.Thread(target=upstream, daemon=True).start()
+    reader = threading.Thread(target=upstream, daemon=True)
+    reader.start()
     try:
         while True:
             data = sock.recv(READ_CHUNK)
@@ -430,6 +431,9 @@ def splice(sock: socket.socket) -> None:
                 view = view[n:]
     except OSError:
         pass
+    # The relay ended (shut down, or another session took over): this session
+    # ends when its client closes it, so the client sees its own close.
+    reader.join()
     os._exit(0)
 
 

@@ -136,6 +136,8 @@ class RelayPeer:
         self.fresh_starts = 0
         self.last_resumption: float | None = None
         self.head_pid: int | None = None
+        self.generation = 0
+        """Counts carriers: a session lets go of the peer only while its own carrier is current."""
 
     # -- carriers -------------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class RelayPeer:
         Raises :class:`RelayEnded` when the carrier ends before the head's answer.
         """
         self.detach()
+        self.generation += 1
         loop = asyncio.get_running_loop()
         self._welcome = loop.create_future()
         self._lost = loop.create_future()
