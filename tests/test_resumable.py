@@ -19,6 +19,7 @@ import time
 import pytest
 
 from wqsupervisor import TunnelDown, TunnelUp, supervise
+from wqsupervisor.events import RelayReattached, ResumptionOff
 from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.wqserver import Task
 
@@ -116,5 +117,31 @@ def test_tunnel_restart_with_tasks_running_costs_no_worker_and_no_task(
         assert workers_conns <= _established_to(remote_port)
         relays = set(_relay_pids()) - before
         assert len(relays) == 1, "one head relay carries the tunnel across the restart"
+        taken = recorder.wait(RelayReattached, 10)[0]
+        assert taken.connections >= 2 and 0 < taken.took < 30
+        relay = sup.snapshot().masters[0].tunnel.relay
+        assert relay is not None and relay.resumptions == 1 and relay.head_pid in relays
+        assert sup.snapshot().masters[0].tunnel.resume_off is None
     wait_for(lambda: not listening(remote_port), 10, "the relay's port to close after close()")
     wait_for(lambda: not (set(_relay_pids()) & relays), 10, "the head relay to exit after close()")
+
+
+def test_without_python_on_the_head_the_tunnel_forwards_as_before_and_says_why(
+    head, master, remote_port, workers, recorder
+):
+    """relay_python names no program: plain forwarding runs the tasks; an event and the state say resumption is off."""
+    before = set(_relay_pids())
+    settings = head.settings(
+        remote_port=remote_port, backend="resumable", relay_python="/nonexistent/python3"
+    )
+    with supervise(master, settings, on_event=recorder) as sup:
+        assert sup.wait_until_up(20)
+        off = recorder.wait(ResumptionOff, 10)[0]
+        assert "/nonexistent/python3" in off.reason, off.reason
+        snap = sup.snapshot().masters[0].tunnel
+        assert snap.resume_off == off.reason
+        assert snap.relay is None
+        workers(remote_port, n=1)
+        assert_exactly_once(run_tasks(master, 5), 5)
+        assert not set(_relay_pids()) - before, "a relay was started"
+    wait_for(lambda: not listening(remote_port), 10, "the remote port to close")

@@ -162,7 +162,10 @@ def test_head_sessions_killed_mid_run(head, master, remote_port, workers, record
         assert killed
         assert_exactly_once(results, 80)
         down = recorder.wait(TunnelDown, 5)[0]
-        assert "closed by remote host" in down.reason, down.reason
+        # A resumable session keeps sending (acks, the master's bytes) while
+        # the head dies, so ssh may meet the RST on a write before it reads the close.
+        resumable_words = backend == "resumable" and "Broken pipe" in down.reason
+        assert "closed by remote host" in down.reason or resumable_words, down.reason
         ups = recorder.wait(TunnelUp, 20, count=2)
         assert ups[1].restarts == 1
         assert sup.state is TunnelState.UP

@@ -28,6 +28,7 @@ from typing import Any
 from .logs import get_logger
 from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, tunnel_argv
 from .process import owned_argv
+from .protocol.snapshot import RelaySnapshot
 from .relay import program
 from .relay.peer import RelayEnded, RelayPeer, RelayStats
 from .session import SessionEnded
@@ -200,6 +201,20 @@ class ResumableSessions(OpenSSHSessions):
     def relay(self) -> RelayStats | None:
         """The relay's figures, None before its first session."""
         return self._peer.stats() if self._peer is not None else None
+
+    def relay_snapshot(self) -> RelaySnapshot | None:
+        """The relay's figures for status output, None before its first session."""
+        stats = self.relay
+        if stats is None:
+            return None
+        return RelaySnapshot(
+            connections=stats.connections,
+            buffered=stats.buffered,
+            resumptions=stats.resumptions,
+            last_resumption=stats.last_resumption,
+            last_took=round(stats.last_took, 4) if stats.last_took is not None else None,
+            head_pid=stats.head_pid,
+        )
 
     async def start(self, *, master_port: int | None, remote_port: int, probes: str | None) -> OpenSSHSession:
         """A relay session for the tunnel's forward; a plain one to allocate or inspect a port, or off."""

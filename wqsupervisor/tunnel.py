@@ -31,6 +31,8 @@ from .clock import Clock, SystemClock
 from .errors import TunnelError
 from .events import (
     Event,
+    RelayReattached,
+    ResumptionOff,
     StalePortReclaimed,
     TunnelClosed,
     TunnelDown,
@@ -49,7 +51,15 @@ from .logs import get_logger
 from .master import MasterInfo
 from .protocol.snapshot import TunnelSnapshot
 from .remoteport import RemotePort
-from .session import Detachable, Session, SessionEnded, SessionFactory, SessionFailed, SessionFailure
+from .session import (
+    Detachable,
+    Resumable,
+    Session,
+    SessionEnded,
+    SessionFactory,
+    SessionFailed,
+    SessionFailure,
+)
 from .sessionwatch import Reporter, watch
 from .target import SshTarget
 from .wqproto import NO_CREDENTIALS, Credentials
@@ -143,6 +153,7 @@ class Tunnel:
         self._down_at: float | None = None
         self._finished = False
         self._quick_retries = 0
+        self._told_off = False
         self._prover = ForwardProver(master, direct_probe, credentials)
         self._port = RemotePort(
             target, sessions, self._prover, options.remote_port, on_reclaimed=self._reclaimed
@@ -217,6 +228,8 @@ class Tunnel:
             rto_capped=self.owns_socket and tcpconn.rto_cap_supported() and not rec.rto_lifted,
             resume_grace=self.grace,
             tcp=tcpconn.tcp_info(sock) if sock is not None else None,
+            relay=self._sessions.relay_snapshot() if isinstance(self._sessions, Resumable) else None,
+            resume_off=self._sessions.off if isinstance(self._sessions, Resumable) else None,
         )
 
     async def close(self) -> None:
@@ -372,6 +385,7 @@ class Tunnel:
                 took=round(took, 4),
                 restarts=self.record.restarts,
             )
+            self._tell_relay(session)
             reason, code, replaced = await self._watch(session)
             if replaced:
                 # The old session stayed silent after the head came back: its
@@ -393,6 +407,23 @@ class Tunnel:
             await session.detach()
         else:
             await session.close()
+
+    def _tell_relay(self, session: Session) -> None:
+        """Events for resumable forwarding: off (once, with why), or a relay taken over."""
+        sessions = self._sessions
+        if not isinstance(sessions, Resumable):
+            return
+        if sessions.off is not None and not self._told_off:
+            self._told_off = True
+            self._emit(ResumptionOff, reason=sessions.off)
+        relay = sessions.relay_snapshot()
+        if isinstance(session, Detachable) and session.resumed and relay is not None:
+            self._emit(
+                RelayReattached,
+                took=relay.last_took or 0.0,
+                connections=relay.connections,
+                buffered=relay.buffered,
+            )
 
     def _seen(self, failure: SessionFailure) -> SessionFailure:
         """A failure as this tunnel takes it: some are final only before it was ever up."""

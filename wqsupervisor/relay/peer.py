@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 from .core import Mux
@@ -34,6 +35,7 @@ class RelayStats:
     resumptions: int
     fresh_starts: int
     last_resumption: float | None
+    last_took: float | None
     head_pid: int | None
 
 
@@ -109,10 +111,15 @@ class _Conn:
             peer.mux.taken(self.sid, len(item))
             peer.kick()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """End the master connection: gracefully when its stream is done, at once when the relay ends."""
         self.task.cancel()
         if self.writer is not None:
-            self.writer.close()
+            if abort:
+                # close() would wait to flush to a master that may be gone or stopped.
+                self.writer.transport.abort()
+            else:
+                self.writer.close()
 
 
 class RelayPeer:
@@ -137,6 +144,8 @@ class RelayPeer:
         self.last_resumption: float | None = None
         self.head_pid: int | None = None
         self.generation = 0
+        self.last_took: float | None = None
+        self._lost_at: float | None = None
         """Counts carriers: a session lets go of the peer only while its own carrier is current."""
 
     # -- carriers -------------------------------------------------------------------
@@ -164,10 +173,16 @@ class RelayPeer:
         """Stop using the current carrier (it died or is being replaced); keep every stream."""
         for task in self._carrier:
             task.cancel()
+        if self._writer is not None:
+            self._carrier_gone()
         self._carrier = []
         self._writer = None
         self.mux.detach()
         self._fail_waiters()
+
+    def _carrier_gone(self) -> None:
+        if self._lost_at is None:
+            self._lost_at = asyncio.get_running_loop().time()
 
     def _fail_waiters(self) -> None:
         for fut in (self._welcome, self._bye, self._lost, *self._pongs.values()):
@@ -194,6 +209,7 @@ class RelayPeer:
         except (OSError, WireError):
             pass
         self.mux.detach()
+        self._carrier_gone()
         self._fail_waiters()
 
     async def _write(self, writer: asyncio.StreamWriter) -> None:
@@ -207,6 +223,7 @@ class RelayPeer:
                     self._apply_events()
         except (OSError, RuntimeError):
             self.mux.detach()
+            self._carrier_gone()
             self._fail_waiters()
 
     def kick(self) -> None:
@@ -227,7 +244,11 @@ class RelayPeer:
                 self.fresh_starts += 1
             else:
                 self.resumptions += 1
-                self.last_resumption = asyncio.get_running_loop().time()
+                now = asyncio.get_running_loop().time()
+                self.last_resumption = time.time()
+                if self._lost_at is not None:
+                    self.last_took = now - self._lost_at
+            self._lost_at = None
             self.mux.attach()
             self.kick()
             if self._welcome is not None and not self._welcome.done():
@@ -299,13 +320,9 @@ class RelayPeer:
         self.detach()
         conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
-            conn.close()
-        for conn in conns:
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await conn.task
-            if conn.writer is not None:
-                with contextlib.suppress(OSError):
-                    await conn.writer.wait_closed()
+            conn.close(abort=True)
+        if conns:
+            await asyncio.wait([c.task for c in conns], timeout=2.0)
         self.mux = Mux(opener=False)
 
     def stats(self) -> RelayStats:
@@ -316,5 +333,6 @@ class RelayPeer:
             resumptions=self.resumptions,
             fresh_starts=self.fresh_starts,
             last_resumption=self.last_resumption,
+            last_took=self.last_took,
             head_pid=self.head_pid,
         )
