@@ -68,8 +68,14 @@ def _kill_head_session(sup, head: HeadNode) -> None:
     assert head.kill_sessions()
 
 
+def _restart_sshd(sup, head: HeadNode) -> None:
+    head.restart(down_for=1.0)
+
+
 @pytest.mark.parametrize(
-    "fault", [_kill_ssh, _kill_head_session], ids=["ssh_sigkilled", "head_session_killed"]
+    "fault",
+    [_kill_ssh, _kill_head_session, _restart_sshd],
+    ids=["ssh_sigkilled", "head_session_killed", "head_sshd_restarted"],
 )
 def test_tunnel_restart_with_tasks_running_costs_no_worker_and_no_task(
     head, master, remote_port, workers, recorder, fault
@@ -106,7 +112,7 @@ def test_tunnel_restart_with_tasks_running_costs_no_worker_and_no_task(
         down = recorder.wait(TunnelDown, 5)[0]
         assert down.reason
         ups = recorder.wait(TunnelUp, 30, count=2)
-        assert ups[1].restarts == 1
+        assert ups[1].restarts >= 1  # sshd down for 1 s: a few refused attempts first
         assert sup.snapshot().masters[0].tunnel.state.value == "up"
         assert workers_conns <= _established_to(remote_port), "a worker's connection to the head was lost"
         assert master_conns <= _established_to(master.port), "a connection to the master was replaced"

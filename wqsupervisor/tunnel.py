@@ -185,6 +185,14 @@ class Tunnel:
         return self._sessions.owns_socket
 
     @property
+    def holds_workers(self) -> bool:
+        """True when a head relay keeps the workers' connections across this tunnel's restarts."""
+        sessions = self._sessions
+        return (
+            isinstance(sessions, Resumable) and sessions.off is None and sessions.relay_snapshot() is not None
+        )
+
+    @property
     def grace(self) -> float:
         """Seconds a silent session gets to resume once the head answers again."""
         return GRACE_CAPPED if self.owns_socket and tcpconn.rto_cap_supported() else GRACE_UNCAPPED
