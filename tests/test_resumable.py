@@ -12,15 +12,19 @@ with its output.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import tempfile
 import time
 
 import pytest
 
 from wqsupervisor import TunnelDown, TunnelUp, supervise
+from wqsupervisor.backends import sessions_for
 from wqsupervisor.events import RelayReattached, ResumptionOff
 from wqsupervisor.harness.sandbox import HeadNode
+from wqsupervisor.session import Detachable, Resumable
 from wqsupervisor.wqserver import Task
 
 from support import assert_exactly_once, listening, run_tasks, wait_for
@@ -151,3 +155,26 @@ def test_without_python_on_the_head_the_tunnel_forwards_as_before_and_says_why(
         assert_exactly_once(run_tasks(master, 5), 5)
         assert not set(_relay_pids()) - before, "a relay was started"
     wait_for(lambda: not listening(remote_port), 10, "the remote port to close")
+
+
+def test_close_while_the_session_is_down_still_ends_the_relay(head, master, remote_port):
+    """The relay's session died and was not replaced: end_relay() (what close() calls) still ends it, no linger."""
+    before = set(_relay_pids())
+
+    async def body() -> None:
+        with tempfile.TemporaryDirectory() as rundir:
+            sessions = sessions_for(head.settings(remote_port=remote_port, backend="resumable"))
+            assert isinstance(sessions, Resumable)
+            await sessions.prepare(rundir, "down")
+            session = await sessions.start(master_port=master.port, remote_port=remote_port, probes="probe")
+            await asyncio.wait_for(session.established(), 10)
+            session.kill_now()
+            await asyncio.wait_for(session.exited(), 10)
+            assert isinstance(session, Detachable)
+            await session.detach()
+            assert listening(remote_port), "the relay outlives its session"
+            await sessions.end_relay()
+
+    asyncio.run(body())
+    wait_for(lambda: not listening(remote_port), 5, "the relay's port to close")
+    wait_for(lambda: not set(_relay_pids()) - before, 5, "the relay to exit")

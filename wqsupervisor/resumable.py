@@ -25,13 +25,14 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import TunnelError
 from .logs import get_logger
 from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, tunnel_argv
 from .process import owned_argv
 from .protocol.snapshot import RelaySnapshot
 from .relay import program
 from .relay.peer import RelayEnded, RelayPeer, RelayStats
-from .session import SessionEnded
+from .session import SessionEnded, SessionFailed
 from .target import SshTarget
 
 __all__ = ["ResumableSession", "ResumableSessions"]
@@ -53,6 +54,7 @@ class ResumableSession(OpenSSHSession):
     ) -> None:
         self.peer = peer
         self._generation = -1
+        self._closing: asyncio.Future[int | None] | None = None
         self.resumed: bool | None = None
         self._attached: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._attached.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -135,7 +137,16 @@ class ResumableSession(OpenSSHSession):
         return await super().close()
 
     async def close(self, grace: float = 2.0) -> int | None:
-        """End the session and the head relay with it (every worker connection closes)."""
+        """End the session and the head relay with it (every worker connection closes).
+
+        The tunnel's close() and its run loop may both close the session: the
+        second waits for the first instead of asking a relay that is gone.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(grace))
+        return await asyncio.shield(self._closing)
+
+    async def _close(self, grace: float) -> int | None:
         if self.running and self._current:
             await self.peer.shutdown()
         else:
@@ -159,6 +170,7 @@ class ResumableSessions(OpenSSHSessions):
         self._decided = False
         self._relay_next = False
         self._peer: RelayPeer | None = None
+        self._remote_port: int | None = None
 
     async def prepare(self, rundir: str, tag: str) -> None:
         """As :class:`OpenSSHSessions`, and ask the head node whether it has a usable Python."""
@@ -216,6 +228,23 @@ class ResumableSessions(OpenSSHSessions):
             head_pid=stats.head_pid,
         )
 
+    async def end_relay(self, timeout: float = 5.0) -> None:
+        """End the head relay even when no session is up (a tunnel closed while down, or failed)."""
+        peer = self._peer
+        if peer is None or peer.ended or self._remote_port is None:
+            return
+        try:
+            async with asyncio.timeout(min(timeout, self.target.connect_timeout)):
+                session = await self.start(
+                    master_port=peer.master_port, remote_port=self._remote_port, probes=None
+                )
+                try:
+                    await session.established()
+                finally:
+                    await session.close()
+        except (TimeoutError, SessionEnded, SessionFailed, TunnelError, OSError) as exc:
+            get_logger().warning("tunnel.relay_left", reason=str(exc) or type(exc).__name__)
+
     async def start(self, *, master_port: int | None, remote_port: int, probes: str | None) -> OpenSSHSession:
         """A relay session for the tunnel's forward; a plain one to allocate or inspect a port, or off."""
         await self._decide()
@@ -223,6 +252,8 @@ class ResumableSessions(OpenSSHSessions):
         if self._relay_next and (self._peer is None or self._peer.master_port != master_port):
             assert master_port is not None
             self._peer = RelayPeer("localhost", master_port)
+        if self._relay_next:
+            self._remote_port = remote_port
         return await super().start(master_port=master_port, remote_port=remote_port, probes=probes)
 
     def _argv(self, *, master_port: int | None, remote_port: int, probe_path: str | None) -> list[str]:

@@ -287,6 +287,10 @@ class Resumable(Protocol):
         """The relay's figures, None before its first session."""
         ...
 
+    async def end_relay(self) -> None:
+        """End the head relay now, through a session of its own if none is up (best effort, bounded)."""
+        ...
+
 
 @dataclass(frozen=True)
 class HeadAddress:

@@ -245,6 +245,9 @@ class Tunnel:
         self._closing.set()
         if self._session is not None:
             await self._session.close()
+        if isinstance(self._sessions, Resumable):
+            # The session may have been down: the head relay must not wait out its linger.
+            await self._sessions.end_relay()
         if self._finished:
             self._closed()
 

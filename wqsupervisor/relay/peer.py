@@ -144,6 +144,8 @@ class RelayPeer:
         self.last_resumption: float | None = None
         self.head_pid: int | None = None
         self.generation = 0
+        self.ended = False
+        """The head relay said goodbye: nothing is left on the head node."""
         self.last_took: float | None = None
         self._lost_at: float | None = None
         """Counts carriers: a session lets go of the peer only while its own carrier is current."""
@@ -304,14 +306,15 @@ class RelayPeer:
 
     async def shutdown(self, timeout: float = 3.0) -> bool:
         """End the head relay (it closes every worker connection); True when it said goodbye."""
-        said = False
-        if self._writer is not None and self.mux.attached:
+        said = self.ended
+        if not said and self._writer is not None and self.mux.attached:
             self._bye = asyncio.get_running_loop().create_future()
             self.mux.control(SHUTDOWN)
             self.kick()
             with contextlib.suppress(RelayEnded, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._bye), timeout)
                 said = True
+        self.ended = self.ended or said
         await self.close()
         return said
 
@@ -324,6 +327,9 @@ class RelayPeer:
         if conns:
             await asyncio.wait([c.task for c in conns], timeout=2.0)
         self.mux = Mux(opener=False)
+        # A new identity: a relay that still holds connections for the old one
+        # must drop them when this peer attaches again, not replay into nothing.
+        self.epoch = os.urandom(12).hex().encode()
 
     def stats(self) -> RelayStats:
         """Connections held, bytes kept for replay, resumptions."""
