@@ -178,3 +178,53 @@ def test_close_while_the_session_is_down_still_ends_the_relay(head, master, remo
     asyncio.run(body())
     wait_for(lambda: not listening(remote_port), 5, "the relay's port to close")
     wait_for(lambda: not set(_relay_pids()) - before, 5, "the relay to exit")
+
+
+def test_ten_megabyte_inputs_and_outputs_survive_a_killed_ssh(
+    head, master, remote_port, workers, recorder, tmp_path
+):
+    """ssh SIGKILLed while 10 MB inputs and outputs move: each file arrives intact, each task once, no worker lost."""
+    import hashlib
+
+    settings = head.settings(remote_port=remote_port, backend="resumable", stable_after=1.0)
+    with supervise(master, settings, on_event=recorder) as sup:
+        assert sup.wait_until_up(20)
+        workers(remote_port, n=2)
+        wait_for(lambda: master.wait(0.2) is None and master.stats.workers_connected == 2, 30, "two workers")
+        workers_conns = _lasting(remote_port)
+        sums = {}
+        for i in range(6):
+            data = os.urandom(10_000_000)
+            (tmp_path / f"in-{i}").write_bytes(data)
+            sums[str(i)] = hashlib.sha256(data).hexdigest()
+            master.submit(
+                Task(
+                    "sha256sum in.dat | cut -d' ' -f1; head -c 10000000 /dev/urandom > out.dat; "
+                    "sha256sum out.dat | cut -d' ' -f1",
+                    tag=str(i),
+                    input_files=[(str(tmp_path / f"in-{i}"), "in.dat")],
+                    output_files=[(str(tmp_path / f"out-{i}"), "out.dat")],
+                )
+            )
+        results: dict[str, list[str]] = {}
+        cut = False
+        deadline = time.monotonic() + 90
+        while not master.empty():
+            assert time.monotonic() < deadline, f"tasks not done: {sorted(results)}"
+            r = master.wait(0.2)
+            if r is not None:
+                assert r.ok, r
+                results.setdefault(r.tag, []).append(r.output)
+                if not cut:
+                    _kill_ssh(sup, head)  # the other worker's transfers are under way
+                    cut = True
+        assert cut
+        assert sorted(results, key=int) == [str(i) for i in range(6)]
+        for tag, outputs in results.items():
+            assert len(outputs) == 1, f"task {tag} returned {len(outputs)} times"
+            got_in, got_out = outputs[0].split()
+            assert got_in == sums[tag], f"task {tag}: its input arrived changed"
+            local = hashlib.sha256((tmp_path / f"out-{tag}").read_bytes()).hexdigest()
+            assert local == got_out, f"task {tag}: its output came back changed"
+        recorder.wait(TunnelUp, 30, count=2)
+        assert workers_conns <= _established_to(remote_port), "a worker's connection to the head was lost"
