@@ -453,3 +453,16 @@ def test_port_holders_never_take_our_relay_for_stale_or_foreign():
     theirs = parse_holders("me 1000\nbound\nholder 11 1001 wqs-relay\n")
     assert theirs.relays() == []
     assert theirs.stale_candidates(set()) == []
+
+
+def test_the_relay_reads_in_one_status_line():
+    """status and the live view describe the relay by what it holds and its takeovers."""
+    from wqsupervisor.protocol.snapshot import RelaySnapshot, TunnelSnapshot
+
+    relay = RelaySnapshot(connections=3, buffered=4096, resumptions=2, last_took=0.754)
+    assert (
+        relay.describe()
+        == "relay holds 3 connections, 4096 bytes buffered; resumed 2 times, last took 0.75 s"
+    )
+    again = TunnelSnapshot.from_dict(TunnelSnapshot(relay=relay, resume_off=None).to_dict())
+    assert again.relay == relay

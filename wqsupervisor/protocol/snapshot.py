@@ -76,6 +76,14 @@ class RelaySnapshot:
     last_took: float | None = None
     head_pid: int | None = None
 
+    def describe(self) -> str:
+        """The relay in one line: what it holds, and its takeovers."""
+        took = f", last took {self.last_took:.2f} s" if self.last_took is not None else ""
+        return (
+            f"relay holds {self.connections} connections, {self.buffered} bytes buffered; "
+            f"resumed {self.resumptions} times{took}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
         return _fields_plain(self)
