@@ -197,6 +197,11 @@ def test_the_head_program_parses_as_python_3_6():
 # -- the real head program, over pipes -----------------------------------------------------------
 
 
+# The oldest Python the head relay promises (RHEL 8's), when this machine has one.
+_PYTHON36 = "/root/.pyenv/versions/3.6.15/bin/python3.6"
+_PYTHONS = ["python3"] + ([_PYTHON36] if os.path.exists(_PYTHON36) else [])
+
+
 class _Master:
     """A TCP server speaking a checksum protocol: ``N\\n`` then data up to EOF; answers N pattern bytes, then the digest."""
 
@@ -266,8 +271,8 @@ async def _worker(port: int, up: int, down: int, started: asyncio.Event | None =
 class _Head:
     """The head program started as a session would start it, with ``sh -c`` for ssh."""
 
-    def __init__(self, home: str, port: int, linger: float) -> None:
-        self.home, self.port, self.linger = home, port, linger
+    def __init__(self, home: str, port: int, linger: float, python: str = "python3") -> None:
+        self.home, self.port, self.linger, self.python = home, port, linger, python
         self.proc: asyncio.subprocess.Process | None = None
 
     async def session(self, peer: RelayPeer) -> str:
@@ -276,7 +281,7 @@ class _Head:
         self.proc = await asyncio.create_subprocess_exec(
             "sh",
             "-c",
-            program.remote_command("python3", "127.0.0.1", self.port, self.linger),
+            program.remote_command(self.python, "127.0.0.1", self.port, self.linger),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,
@@ -310,10 +315,12 @@ def _relay_pids() -> list[int]:
 
 
 @contextlib.asynccontextmanager
-async def _relay(tmp_path: Any, linger: float = 30.0) -> AsyncIterator[tuple[_Master, _Head, RelayPeer]]:
+async def _relay(
+    tmp_path: Any, linger: float = 30.0, python: str = "python3"
+) -> AsyncIterator[tuple[_Master, _Head, RelayPeer]]:
     before = set(_relay_pids())
     async with _Master() as master:
-        head = _Head(str(tmp_path), free_port(), linger)
+        head = _Head(str(tmp_path), free_port(), linger, python)
         peer = RelayPeer("127.0.0.1", master.port)
         try:
             yield master, head, peer
@@ -330,11 +337,12 @@ def _run(body: Callable[[], Any]) -> None:
     asyncio.run(asyncio.wait_for(body(), 60))
 
 
-def test_relay_forwards_both_ways_and_shutdown_ends_it(tmp_path):
+@pytest.mark.parametrize("python", _PYTHONS, ids=lambda p: "py36" if p == _PYTHON36 else "python3")
+def test_relay_forwards_both_ways_and_shutdown_ends_it(tmp_path, python):
     """Through the real head program: 6 connections both ways intact; shutdown closes the port and the daemon."""
 
     async def body() -> None:
-        async with _relay(tmp_path) as (master, head, peer):
+        async with _relay(tmp_path, python=python) as (master, head, peer):
             assert await head.session(peer) == "fresh"
             assert 0 < await asyncio.wait_for(peer.ping(), 5) < 1
             await asyncio.gather(*(_worker(head.port, 100_000 * i, 70_000 * i) for i in range(6)))
@@ -350,11 +358,12 @@ def test_relay_forwards_both_ways_and_shutdown_ends_it(tmp_path):
     _run(body)
 
 
-def test_cut_carrier_mid_transfer_resumes_every_connection(tmp_path):
-    """Two SIGKILLed carriers while 4 connections move 8 MB each way: all bytes arrive, once, on the same connections."""
+@pytest.mark.parametrize("python", _PYTHONS, ids=lambda p: "py36" if p == _PYTHON36 else "python3")
+def test_cut_carrier_mid_transfer_resumes_every_connection(tmp_path, python):
+    """Two SIGKILLed carriers (head relay on `python`) while 4 connections move 8 MB each way: all bytes arrive, once, on the same connections."""
 
     async def body() -> None:
-        async with _relay(tmp_path) as (master, head, peer):
+        async with _relay(tmp_path, python=python) as (master, head, peer):
             assert await head.session(peer) == "fresh"
             started = asyncio.Event()
             flows = [asyncio.create_task(_worker(head.port, 8_000_000, 8_000_000, started)) for _ in range(4)]
