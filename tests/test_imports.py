@@ -10,7 +10,7 @@ from pathlib import Path
 
 import wqsupervisor
 from wqsupervisor import batch
-from wqsupervisor.config import WORKER_SYSTEMS
+from wqsupervisor.config import BACKEND_NAMES, WORKER_SYSTEMS
 
 from support import python_env
 
@@ -158,6 +158,13 @@ def test_no_import_cycle_in_the_package():
     """No module of wqsupervisor imports, directly or not, a module that imports it back."""
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_config_names_every_backend():
+    """The backend names config validates are exactly the transports the backends module knows."""
+    from wqsupervisor.backends import BACKENDS
+
+    assert set(BACKENDS) == set(BACKEND_NAMES)
 
 
 def test_config_names_every_worker_system():

@@ -355,3 +355,30 @@ def test_recovery_count_keeps_growing_past_the_window():
 def test_new_recoveries_table(seen, window, new):
     """new_recoveries finds what a sliding window gained since the last scrape."""
     assert new_recoveries(seen, window) == new
+
+
+def test_a_resumable_tunnel_exports_its_relay(serve):
+    """A snapshot with a head relay adds its connections, buffered bytes, resumptions and last takeover time."""
+
+    def snapshot() -> SupervisorSnapshot:
+        data = snapshot_json()
+        data["masters"][0]["tunnel"]["relay"] = {
+            "connections": 3,
+            "buffered": 4096,
+            "resumptions": 2,
+            "last_resumption": 1_700_000_100.0,
+            "last_took": 0.75,
+            "head_pid": 333,
+        }
+        return SupervisorSnapshot.from_dict(data)
+
+    _status, lines = scrape(serve(snapshot))
+    t = 'tunnel="headnode:9001"'
+    assert [line for line in lines if line.startswith("wqsupervisor_relay")] == [
+        f"wqsupervisor_relay_connections{{{t}}} 3.0",
+        f"wqsupervisor_relay_buffered_bytes{{{t}}} 4096.0",
+        f"wqsupervisor_relay_resumptions_total{{{t}}} 2.0",
+        f"wqsupervisor_relay_last_resumption_seconds{{{t}}} 0.75",
+    ]
+    _status, plain = scrape(serve(make_snapshot))
+    assert not [line for line in plain if line.startswith("wqsupervisor_relay")]

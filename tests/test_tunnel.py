@@ -54,7 +54,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 def settings_for(head: HeadNode, backend: str, remote_port: int, **options: Any) -> Settings:
-    """The sandbox head node's settings with ``backend``."""
+    """The sandbox head node's settings with ``backend`` (a resumable one's head relay lingers 5 s, not 15 min)."""
+    options.setdefault("relay_linger", 5.0)
     return head.settings(remote_port=remote_port, backend=backend, **options)
 
 
@@ -290,8 +291,9 @@ _APP = textwrap.dedent(
     from wqsupervisor import Settings, WorkQueueServer, supervise
     cfg, port, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     q = WorkQueueServer()
+    # relay_linger: the resumable backend's head relay outlives a SIGKILLed agent for that long only.
     sup = supervise(q, Settings(via="headnode", ssh_config=cfg, remote_port=port, backend=backend,
-                                allow_no_password=True),
+                                allow_no_password=True, relay_linger=3.0),
                     log_events=False)
     assert sup.wait_until_up(20)
     snap = sup.snapshot().masters[0].tunnel

@@ -26,9 +26,22 @@ if TYPE_CHECKING:
 
 
 def _openssh(settings: Settings) -> SessionFactory:
+    if settings.resume:
+        return _resumable(settings)
     from .openssh import OpenSSHSessions
 
     return OpenSSHSessions(settings.ssh_target(), own_socket=settings.own_socket)
+
+
+def _resumable(settings: Settings) -> SessionFactory:
+    from .resumable import ResumableSessions
+
+    return ResumableSessions(
+        settings.ssh_target(),
+        own_socket=settings.own_socket,
+        python=settings.relay_python,
+        linger=settings.relay_linger,
+    )
 
 
 def _paramiko(settings: Settings) -> SessionFactory:
@@ -37,7 +50,11 @@ def _paramiko(settings: Settings) -> SessionFactory:
     return ParamikoSessions(settings.ssh_target())
 
 
-BACKENDS: dict[str, Callable[[Settings], SessionFactory]] = {"openssh": _openssh, "paramiko": _paramiko}
+BACKENDS: dict[str, Callable[[Settings], SessionFactory]] = {
+    "openssh": _openssh,
+    "resumable": _resumable,
+    "paramiko": _paramiko,
+}
 """Every transport, by the name ``Settings.backend`` uses."""
 
 

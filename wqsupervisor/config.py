@@ -26,6 +26,8 @@ ENV_PREFIX = "WQSUPERVISOR_"
 # classes is ``wqsupervisor.batch.SYSTEMS``; the names are kept here so that
 # validating settings loads no batch code (a test keeps the two in step).
 WORKER_SYSTEMS = ("local", "ssh", "slurm", "condor", "pbs", "torque", "sge", "factory")
+# The transports' names (``backends.BACKENDS`` holds them; a test keeps the two alike).
+BACKEND_NAMES = ("openssh", "resumable", "paramiko")
 
 
 def _setting(default: Any, help: str, *, metavar: str | None = None, cli: bool = True) -> Any:
@@ -60,7 +62,21 @@ class Settings:
         "address the head node binds the remote port to (anything but loopback is exposed)",
         metavar="ADDR",
     )
-    backend: str = _setting("openssh", "tunnel backend: openssh or paramiko", metavar="NAME")
+    backend: str = _setting("openssh", "tunnel backend: openssh, resumable or paramiko", metavar="NAME")
+    resume: bool = _setting(
+        False,
+        "resumable forwarding with the openssh backend: a relay on the head node (its python3) holds "
+        "the workers' connections while the tunnel restarts",
+    )
+    relay_linger: float = _setting(
+        900.0,
+        "seconds the head relay waits for the supervisor to come back before it closes its workers' "
+        "connections and exits",
+        metavar="S",
+    )
+    relay_python: str = _setting(
+        "python3", "the head node's Python (3.6 or later) for the relay", metavar="PATH"
+    )
     own_socket: bool = _setting(
         True,
         "open the TCP connection ourselves and hand it to ssh (retransmission cap, TCP_INFO); "
@@ -293,7 +309,10 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "ssh_config": _optional(lambda name, value: check.text(name, value, "a file path")),
     "ssh_program": check.program,
     "remote_bind": lambda name, value: check.word(name, value, "an address"),
-    "backend": _one_of(("openssh", "paramiko"), "backend"),
+    "backend": _one_of(BACKEND_NAMES, "backend"),
+    "resume": check.switch,
+    "relay_linger": _seconds(),
+    "relay_python": check.program,
     "own_socket": check.switch,
     "password_file": _optional(lambda name, value: check.text(name, value, "a file path")),
     "allow_no_password": check.switch,

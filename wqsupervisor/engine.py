@@ -137,7 +137,8 @@ class Engine:
     def _emit_for(self, sup_id: str) -> Callable[[Event], None]:
         def emit(event: Event) -> None:
             sup = self.masters.get(sup_id)
-            if sup is not None and isinstance(event, TunnelDown):
+            # A resumable tunnel's drop is not the workers': its head relay holds them.
+            if sup is not None and isinstance(event, TunnelDown) and not sup.tunnel.holds_workers:
                 sup.watch.note_tunnel_down(self.clock.monotonic())
             state = sup.tunnel.state.value if sup is not None else "closed"
             self.recent.append(event)

@@ -159,6 +159,27 @@ class StalePortReclaimed(Event):
     pid: int = 0
 
 
+@_register
+@dataclass(frozen=True)
+class RelayReattached(Event):
+    """A new session took over the head relay: the workers' connections carried on."""
+
+    name: ClassVar[str] = "tunnel.relay_reattached"
+    took: float = 0.0
+    connections: int = 0
+    buffered: int = 0
+
+
+@_register
+@dataclass(frozen=True)
+class ResumptionOff(Event):
+    """Resumable forwarding was asked for but the head node cannot run the relay; plain forwarding."""
+
+    name: ClassVar[str] = "tunnel.resumption_off"
+    level: ClassVar[str] = "warning"
+    reason: str = ""
+
+
 # -- the master and its workers -------------------------------------------------
 
 

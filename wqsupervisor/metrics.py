@@ -20,7 +20,9 @@ Series, each labelled with ``tunnel`` (the tunnel's label, ``HOST:PORT``):
 ``wqsupervisor_tunnel_{restarts,stalls,reclaims}_total``,
 ``wqsupervisor_tunnel_rtt_seconds``, ``wqsupervisor_tunnel_last_recovery_seconds``,
 ``wqsupervisor_tunnel_recovery_seconds_{count,sum}``, ``wqsupervisor_workers{state}``,
-``wqsupervisor_tasks{state}`` and, when the snapshot has them, ``wqsupervisor_jobs{state}``.
+``wqsupervisor_tasks{state}`` and, when the snapshot has them, ``wqsupervisor_jobs{state}``
+and (resumable tunnels) ``wqsupervisor_relay_{connections,buffered_bytes,resumptions_total,
+last_resumption_seconds}``.
 Unlabelled: ``wqsupervisor_masters`` and ``wqsupervisor_snapshot_error`` (1 when the
 snapshot could not be read, in which case nothing else is reported).
 """
@@ -147,6 +149,25 @@ class SnapshotCollector:
         jobs = GaugeMetricFamily(
             "wqsupervisor_jobs", "Batch jobs started for the master, by state", labels=["tunnel", "state"]
         )
+        relay_conns = GaugeMetricFamily(
+            "wqsupervisor_relay_connections", "Worker connections the head relay holds", labels=["tunnel"]
+        )
+        relay_buffered = GaugeMetricFamily(
+            "wqsupervisor_relay_buffered_bytes",
+            "Bytes the agent keeps for replay until the head relay acknowledges them",
+            labels=["tunnel"],
+        )
+        relay_resumptions = CounterMetricFamily(
+            "wqsupervisor_relay_resumptions",
+            "Sessions that took over the head relay with its connections",
+            labels=["tunnel"],
+        )
+        relay_took = GaugeMetricFamily(
+            "wqsupervisor_relay_last_resumption_seconds",
+            "From the last session's loss to the next one taking over the relay",
+            labels=["tunnel"],
+        )
+        any_relay = False
         any_jobs = False
         seen: set[str] = set()
         for entry in masters:
@@ -172,6 +193,13 @@ class SnapshotCollector:
                 workers.add_metric([label, name], getattr(entry.workers, name))
             for name in _TASK_STATES:
                 tasks.add_metric([label, name], getattr(entry.tasks, name))
+            if tunnel.relay is not None:
+                any_relay = True
+                relay_conns.add_metric([label], tunnel.relay.connections)
+                relay_buffered.add_metric([label], tunnel.relay.buffered)
+                relay_resumptions.add_metric([label], tunnel.relay.resumptions)
+                if tunnel.relay.last_took is not None:
+                    relay_took.add_metric([label], tunnel.relay.last_took)
             if entry.jobs is not None:
                 any_jobs = True
                 # Only the states: the jobs snapshot also carries settings and paths.
@@ -182,6 +210,8 @@ class SnapshotCollector:
         yield from (up, state, restarts, stalls, reclaims, rtt, last_recovery, recovery, workers, tasks)
         if any_jobs:
             yield jobs
+        if any_relay:
+            yield from (relay_conns, relay_buffered, relay_resumptions, relay_took)
 
     def _count_recoveries(self, label: str, window: list[float]) -> tuple[int, float]:
         previous, n, total = self._recoveries.get(label, ([], 0, 0.0))

@@ -178,6 +178,7 @@ def tunnel_argv(
     remote_port: int,
     probe_path: str | None,
     extra: Sequence[str] = (),
+    command: str = REMOTE_COMMAND,
 ) -> list[str]:
     """The full command line of the tunnel's ssh (``master_port`` None: the probe forward only)."""
     argv = base_argv(target)
@@ -187,7 +188,7 @@ def tunnel_argv(
         argv += ["-R", f"{target.bind}:{remote_port}:localhost:{master_port}"]
     if probe_path is not None:
         argv += ["-L", f"{probe_path}:127.0.0.1:{remote_port}"]
-    argv += [target.destination, REMOTE_COMMAND]
+    argv += [target.destination, command]
     return argv
 
 
@@ -456,16 +457,10 @@ class OpenSSHSessions:
     async def start(self, *, master_port: int | None, remote_port: int, probes: str | None) -> OpenSSHSession:
         """Start one ssh; raises :class:`SessionFailed` when our own connection to the head fails."""
         probe_path = os.path.join(self._rundir, f"{probes}-{self._tag}.sock") if probes else None
-        argv = tunnel_argv(
-            self.target,
-            master_port=master_port,
-            remote_port=remote_port,
-            probe_path=probe_path,
-            extra=[*self._extra, *(self._handoff.ssh_options() if self._handoff else [])],
-        )
+        argv = self._argv(master_port=master_port, remote_port=remote_port, probe_path=probe_path)
         try:
             if self._handoff is None:
-                return await OpenSSHSession.start(argv, self.target, probe_path)
+                return await self._spawn(argv, probe_path, None)
             return await self._start_handed(argv, probe_path, self._handoff)
         except tcpconn.ConnectFailed as exc:
             raise SessionFailed(exc.failure(self.target.destination)) from None
@@ -474,6 +469,22 @@ class OpenSSHSessions:
                 f"cannot run {self.target.program}: {exc}",
                 "install the OpenSSH client (apt-get install openssh-client) or set ssh_program",
             ) from exc
+
+    def _argv(self, *, master_port: int | None, remote_port: int, probe_path: str | None) -> list[str]:
+        """The command line of one session (a subclass may run another remote command)."""
+        return tunnel_argv(
+            self.target,
+            master_port=master_port,
+            remote_port=remote_port,
+            probe_path=probe_path,
+            extra=[*self._extra, *(self._handoff.ssh_options() if self._handoff else [])],
+        )
+
+    async def _spawn(
+        self, argv: list[str], probe_path: str | None, sock: socket.socket | None
+    ) -> OpenSSHSession:
+        """Run ``argv`` as one session (a subclass may make another kind of session)."""
+        return await OpenSSHSession.start(argv, self.target, probe_path, sock)
 
     async def _start_handed(
         self, argv: list[str], probe_path: str | None, handoff: tcpconn.Handoff
@@ -484,7 +495,7 @@ class OpenSSHSessions:
         sock = await tcpconn.open_connection(cfg.hostname, cfg.port, timeout)
         try:
             async with handoff.offer(sock, timeout) as handed:
-                session = await OpenSSHSession.start(argv, self.target, probe_path, sock=sock)
+                session = await self._spawn(argv, probe_path, sock)
                 await asyncio.wait(
                     [handed, asyncio.create_task(session.exited())],
                     timeout=timeout,

@@ -22,8 +22,12 @@ from .errors import TunnelError
 from .forward import ForwardProver
 from .master import MasterIdentity
 from .openssh import remote_argv
+from .relay.headmain import PROCESS_NAME
 from .session import FailureKind, SessionEnded, SessionFactory, SessionFailed, SessionFailure
 from .target import SshTarget
+
+# The name a head relay gives itself (/proc/PID/comm), so it is told from a foreign program.
+RELAY_NAME = PROCESS_NAME.decode()
 
 _FIND_HOLDERS = r"""
 port=%(port)d
@@ -81,11 +85,15 @@ class PortHolders:
     holders: tuple[Holder, ...] = field(default_factory=tuple)
 
     def stale_candidates(self, known: set[int]) -> list[int]:
-        """Our own sshd processes that hold the port: recorded sessions first."""
+        """Our own sshd processes that hold the port: recorded sessions first (never our relay)."""
         ours = [h.pid for h in self.holders if h.command == "sshd" and h.uid == self.my_uid]
-        if not ours or len(ours) != len(self.holders):
+        if not ours or len(ours) + len(self.relays()) != len(self.holders):
             return []
         return sorted(ours, key=lambda pid: pid not in known)
+
+    def relays(self) -> list[int]:
+        """Our own head relays (resumable forwarding) that hold the port: never stale, never foreign."""
+        return [h.pid for h in self.holders if h.command == RELAY_NAME and h.uid == self.my_uid]
 
     def describe(self) -> str:
         """Who holds the port, for an error message."""
@@ -214,6 +222,18 @@ class RemotePort:
             for pid in stale:
                 await self.end_stale(pid)
             return None
+        relays = holders.relays()
+        if relays and len(relays) == len(holders.holders):
+            # Our relay holds the port but did not answer its socket this time
+            # (it is starting, or ending after its linger): try again, never kill it.
+            return SessionFailure(
+                FailureKind.PORT_TAKEN,
+                f"remote port {self.port} on {dest} is held by a relay of yours (pid {relays[0]}) "
+                "that did not answer",
+                "it is reattached on the next attempt, or ends by itself after relay_linger",
+                permanent=False,
+                port=self.port,
+            )
         return SessionFailure(
             FailureKind.PORT_TAKEN,
             f"remote port {self.port} on {dest} is in use by {holders.describe()}",

@@ -26,9 +26,12 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .errors import TunnelError
+
+if TYPE_CHECKING:
+    from .protocol.snapshot import RelaySnapshot
 
 # The remote side of every session: it names the head's sshd session ($PPID,
 # the process to end if the session outlives its client) and echoes our pings
@@ -254,6 +257,38 @@ class Session(Protocol):
 
     def kill_now(self) -> None:
         """End the session without waiting (the supervisor itself is dying)."""
+        ...
+
+
+@runtime_checkable
+class Detachable(Protocol):
+    """A session whose forward outlives it (resumable forwarding): restarts let go, close() ends all."""
+
+    @property
+    def resumed(self) -> bool | None:
+        """True when this session took over connections held for it; None until it knows."""
+        ...
+
+    async def detach(self) -> int | None:
+        """End this session but leave what holds the workers' connections for the next session."""
+        ...
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A session factory that runs a head relay (resumable forwarding)."""
+
+    @property
+    def off(self) -> str | None:
+        """Why resumption is off (None: on, or not decided yet)."""
+        ...
+
+    def relay_snapshot(self) -> RelaySnapshot | None:
+        """The relay's figures, None before its first session."""
+        ...
+
+    async def end_relay(self) -> None:
+        """End the head relay now, through a session of its own if none is up (best effort, bounded)."""
         ...
 
 

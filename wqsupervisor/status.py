@@ -106,6 +106,10 @@ def format_text(snapshots: list[SupervisorSnapshot], now: float | None = None) -
             )
             if t.last_error:
                 lines.append(f"      last error: {t.last_error}")
+            if t.relay is not None:
+                lines.append(f"    {t.relay.describe()}")
+            elif t.resume_off:
+                lines.append(f"    resumption off: {t.resume_off}")
             lines.append(f"    workers connected {w.connected} (idle {w.idle}, busy {w.busy}, peak {w.peak})")
             lines.append(f"    tasks waiting {k.waiting}, running {k.running}, done {k.done}")
             jobs = entry.jobs

@@ -31,6 +31,8 @@ from .clock import Clock, SystemClock
 from .errors import TunnelError
 from .events import (
     Event,
+    RelayReattached,
+    ResumptionOff,
     StalePortReclaimed,
     TunnelClosed,
     TunnelDown,
@@ -49,7 +51,15 @@ from .logs import get_logger
 from .master import MasterInfo
 from .protocol.snapshot import TunnelSnapshot
 from .remoteport import RemotePort
-from .session import Session, SessionEnded, SessionFactory, SessionFailed, SessionFailure
+from .session import (
+    Detachable,
+    Resumable,
+    Session,
+    SessionEnded,
+    SessionFactory,
+    SessionFailed,
+    SessionFailure,
+)
 from .sessionwatch import Reporter, watch
 from .target import SshTarget
 from .wqproto import NO_CREDENTIALS, Credentials
@@ -143,6 +153,7 @@ class Tunnel:
         self._down_at: float | None = None
         self._finished = False
         self._quick_retries = 0
+        self._told_off = False
         self._prover = ForwardProver(master, direct_probe, credentials)
         self._port = RemotePort(
             target, sessions, self._prover, options.remote_port, on_reclaimed=self._reclaimed
@@ -172,6 +183,14 @@ class Tunnel:
     def owns_socket(self) -> bool:
         """True when the supervisor opens the TCP connection the sessions run on."""
         return self._sessions.owns_socket
+
+    @property
+    def holds_workers(self) -> bool:
+        """True when a head relay keeps the workers' connections across this tunnel's restarts."""
+        sessions = self._sessions
+        return (
+            isinstance(sessions, Resumable) and sessions.off is None and sessions.relay_snapshot() is not None
+        )
 
     @property
     def grace(self) -> float:
@@ -217,6 +236,8 @@ class Tunnel:
             rto_capped=self.owns_socket and tcpconn.rto_cap_supported() and not rec.rto_lifted,
             resume_grace=self.grace,
             tcp=tcpconn.tcp_info(sock) if sock is not None else None,
+            relay=self._sessions.relay_snapshot() if isinstance(self._sessions, Resumable) else None,
+            resume_off=self._sessions.off if isinstance(self._sessions, Resumable) else None,
         )
 
     async def close(self) -> None:
@@ -224,6 +245,9 @@ class Tunnel:
         self._closing.set()
         if self._session is not None:
             await self._session.close()
+        if isinstance(self._sessions, Resumable):
+            # The session may have been down: the head relay must not wait out its linger.
+            await self._sessions.end_relay()
         if self._finished:
             self._closed()
 
@@ -350,7 +374,7 @@ class Tunnel:
                         session, f"{self.remote_port} on {self.target.destination}"
                     )
             except TimeoutError:
-                await session.close()
+                await self._let_go(session)
                 return await self._ended(
                     session, f"no verified forward within {self.target.connect_timeout:g} s"
                 )
@@ -372,6 +396,7 @@ class Tunnel:
                 took=round(took, 4),
                 restarts=self.record.restarts,
             )
+            self._tell_relay(session)
             reason, code, replaced = await self._watch(session)
             if replaced:
                 # The old session stayed silent after the head came back: its
@@ -384,8 +409,32 @@ class Tunnel:
                 stale_pid=session.remote_pid if replaced else None,
             )
         finally:
-            await session.close()
+            await self._let_go(session)
             self._session = None
+
+    async def _let_go(self, session: Session) -> None:
+        """End an attempt's session; a resumable one keeps its relay for the next unless we are closing."""
+        if isinstance(session, Detachable) and not self._closing.is_set():
+            await session.detach()
+        else:
+            await session.close()
+
+    def _tell_relay(self, session: Session) -> None:
+        """Events for resumable forwarding: off (once, with why), or a relay taken over."""
+        sessions = self._sessions
+        if not isinstance(sessions, Resumable):
+            return
+        if sessions.off is not None and not self._told_off:
+            self._told_off = True
+            self._emit(ResumptionOff, reason=sessions.off)
+        relay = sessions.relay_snapshot()
+        if isinstance(session, Detachable) and session.resumed and relay is not None:
+            self._emit(
+                RelayReattached,
+                took=relay.last_took or 0.0,
+                connections=relay.connections,
+                buffered=relay.buffered,
+            )
 
     def _seen(self, failure: SessionFailure) -> SessionFailure:
         """A failure as this tunnel takes it: some are final only before it was ever up."""

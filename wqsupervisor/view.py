@@ -125,6 +125,10 @@ def _master_panel(entry: MasterSnapshot, now: float) -> Panel:
     line.append(f"  restarts {tunnel.restarts}  stalls {tunnel.stalls}")
     line.append(f"  rtt {tunnel.rtt_ms:.1f} ms" if tunnel.rtt_ms is not None else "  rtt -")
     grid.add_row("tunnel", line)
+    if tunnel.relay is not None:
+        grid.add_row("relay", Text(tunnel.relay.describe()))
+    elif tunnel.resume_off:
+        grid.add_row("relay", Text(f"resumption off: {tunnel.resume_off}", style="yellow"))
     if tunnel.last_error:
         error_style = "red" if tunnel.state in (TunnelState.DOWN, TunnelState.FAILED) else "dim red"
         grid.add_row("error", Text(tunnel.last_error, style=error_style))

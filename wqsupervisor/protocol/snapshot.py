@@ -66,6 +66,35 @@ class TcpSnapshot:
 
 
 @dataclass(frozen=True)
+class RelaySnapshot:
+    """The head relay of a resumable tunnel, as the agent's end sees it."""
+
+    connections: int = 0
+    buffered: int = 0
+    resumptions: int = 0
+    last_resumption: float | None = None
+    last_took: float | None = None
+    head_pid: int | None = None
+
+    def describe(self) -> str:
+        """The relay in one line: what it holds, and its takeovers."""
+        took = f", last took {self.last_took:.2f} s" if self.last_took is not None else ""
+        return (
+            f"relay holds {self.connections} connections, {self.buffered} bytes buffered; "
+            f"resumed {self.resumptions} times{took}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping."""
+        return _fields_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RelaySnapshot:
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
 class TunnelSnapshot:
     """One tunnel: where it goes, its state since when, and what it has been through."""
 
@@ -89,6 +118,8 @@ class TunnelSnapshot:
     rto_capped: bool = False
     resume_grace: float | None = None
     tcp: TcpSnapshot | None = None
+    relay: RelaySnapshot | None = None
+    resume_off: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping (the state by its value)."""
@@ -103,6 +134,8 @@ class TunnelSnapshot:
         known["recoveries"] = tuple(float(r) for r in known.get("recoveries") or ())
         tcp = known.get("tcp")
         known["tcp"] = TcpSnapshot.from_dict(tcp) if isinstance(tcp, Mapping) else None
+        relay = known.get("relay")
+        known["relay"] = RelaySnapshot.from_dict(relay) if isinstance(relay, Mapping) else None
         return cls(**known)
 
 

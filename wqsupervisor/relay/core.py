@@ -1,0 +1,282 @@
+"""The relay's streams, without I/O: every byte numbered, kept until acknowledged, replayed on reattach.
+
+Both ends of the relay run this same code (the head node's copy under
+Python 3.6, see :mod:`wqsupervisor.relay.program`). Each end owns one local
+socket per stream (a worker's connection on the head, the master's in the
+agent) and a carrier (the ssh session) that comes and goes. The I/O layer
+tells the :class:`Mux` what its sockets did (:meth:`Mux.local_data`,
+:meth:`Mux.local_eof`, :meth:`Mux.taken`...), feeds it the carrier's frames
+(:meth:`Mux.feed`), acts on :attr:`Mux.events`, and writes what
+:meth:`Mux.output` returns to the carrier.
+
+Sequence space per direction: the data bytes, then one more for the end
+(FIN), as in TCP. The receiver acknowledges only what its local socket took,
+so a sender keeps at most :data:`WINDOW` unacknowledged bytes per stream and
+a slow reader slows its sender (backpressure). On :meth:`Mux.attach` every
+stream sends again from the other side's last acknowledgement; the receiver
+drops what it already has, so nothing is lost or duplicated.
+"""
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .wire import ACK, DATA, FIN, MAX_PAYLOAD, Decoder, WireError, encode
+
+WINDOW = 1024 * 1024
+
+Event = Tuple[str, int, bytes]
+"""``(kind, sid, data)``: ``open``, ``data``, ``eof`` (the other side ends), ``close`` (forget the socket)."""
+
+
+class Stream:
+    """One connection's state at this end (offsets are per direction)."""
+
+    def __init__(self, sid: int) -> None:
+        self.sid = sid
+        self.buf = bytearray()  # read from our socket, not yet acknowledged; starts at self.acked
+        self.acked = 0  # what the other end took for good (read + 1 once our FIN is taken)
+        self.sent = 0  # next offset to send on this carrier
+        self.read = 0  # bytes read from our socket
+        self.eof = False  # our socket ends: FIN goes at offset self.read
+        self.fin_sent = False
+        self.announced = False  # the empty DATA that opens the stream at the other end
+        self.recv_next = 0  # next offset expected from the other end
+        self.taken_bytes = 0  # what our socket took of it (what we acknowledge)
+        self.fin_at: Optional[int] = None
+        self.fin_taken = False
+        self.ack_sent = -1
+        self.dead = False  # our socket is gone: whatever still comes is dropped
+
+    @property
+    def ack_value(self) -> int:
+        """What this end acknowledges."""
+        return self.taken_bytes + (1 if self.fin_taken else 0)
+
+    @property
+    def done(self) -> bool:
+        """Both directions ended and acknowledged: the stream can be forgotten."""
+        return self.eof and self.acked == self.read + 1 and self.fin_taken
+
+
+class Mux:
+    """All the streams of one relay end. ``opener``: this end accepts the connections (the head)."""
+
+    def __init__(self, opener: bool) -> None:
+        self.opener = opener
+        self.streams: Dict[int, Stream] = {}
+        self.events: List[Event] = []
+        self.next_sid = 1
+        self.max_seen = 0
+        self.attached = False
+        self._decoder = Decoder()
+        self._control: List[bytes] = []
+        self._turn = 0
+
+    # -- what the local sockets did -------------------------------------------------
+
+    def open(self) -> int:
+        """A new local connection (head only); returns its stream id."""
+        sid = self.next_sid
+        self.next_sid += 1
+        self.streams[sid] = Stream(sid)
+        return sid
+
+    def room(self, sid: int) -> int:
+        """How many more bytes the stream may read from its socket now (0: wait for acks)."""
+        s = self.streams.get(sid)
+        if s is None or s.eof:
+            return 0
+        return max(0, WINDOW - len(s.buf))
+
+    def local_data(self, sid: int, data: bytes) -> None:
+        """Bytes read from the stream's socket."""
+        s = self.streams[sid]
+        s.buf += data
+        s.read += len(data)
+
+    def local_eof(self, sid: int) -> None:
+        """The stream's socket will give no more bytes."""
+        s = self.streams.get(sid)
+        if s is not None:
+            s.eof = True
+            self._check(s)
+
+    def local_gone(self, sid: int) -> None:
+        """The stream's socket failed or was closed: end our direction, drop what comes."""
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        s.eof = True
+        s.dead = True
+        if s.fin_at is not None:
+            s.fin_taken = True
+        self._check(s)
+
+    def taken(self, sid: int, n: int) -> None:
+        """The stream's socket took ``n`` more bytes of what :attr:`events` delivered."""
+        s = self.streams.get(sid)
+        if s is not None:
+            s.taken_bytes += n
+
+    def took_fin(self, sid: int) -> None:
+        """The stream's socket was told the other end ended (after all its bytes)."""
+        s = self.streams.get(sid)
+        if s is not None:
+            s.fin_taken = True
+            self._check(s)
+
+    # -- the carrier ----------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """The carrier's greeting is done: send everything unacknowledged again, and our acks."""
+        self.attached = True
+        for s in self.streams.values():
+            s.sent = min(s.acked, s.read)
+            s.fin_sent = s.acked > s.read
+            s.announced = s.acked > 0
+            s.ack_sent = -1
+
+    def detach(self) -> None:
+        """The carrier is gone (or a new one starts its greeting); keep every stream for the next."""
+        self.attached = False
+        self._decoder = Decoder()
+        self._control = []
+
+    def reset(self) -> None:
+        """The other end lost its state: every stream ends now."""
+        for sid in list(self.streams):
+            self.events.append(("close", sid, b""))
+        self.streams.clear()
+        self.max_seen = 0
+
+    def control(self, kind: int, value: int = 0, payload: bytes = b"") -> None:
+        """Queue a control frame, sent before any data."""
+        self._control.append(encode(kind, 0, value, payload))
+
+    def feed(self, data: bytes, on_control: Callable[[int, int, bytes], None]) -> None:
+        """Bytes from the carrier; ``on_control(kind, value, payload)`` takes every other frame, in order.
+
+        Raises WireError when the bytes are not frames of ours.
+        """
+        for kind, sid, value, payload in self._decoder.feed(data):
+            if kind == DATA:
+                self._on_data(sid, value, payload)
+            elif kind == FIN:
+                self._on_fin(sid, value)
+            elif kind == ACK:
+                self._on_ack(sid, value)
+            else:
+                on_control(kind, value, payload)
+
+    def _stream_for(self, sid: int, end: int) -> Optional[Stream]:
+        s = self.streams.get(sid)
+        if s is not None:
+            return s
+        if not self.opener and sid > self.max_seen:
+            self.max_seen = sid
+            s = self.streams[sid] = Stream(sid)
+            self.events.append(("open", sid, b""))
+            return s
+        # A stream both ends finished, whose last ack was lost: acknowledge it again.
+        self._control.append(encode(ACK, sid, end))
+        return None
+
+    def _on_data(self, sid: int, offset: int, payload: bytes) -> None:
+        end = offset + len(payload)
+        s = self._stream_for(sid, end)
+        if s is None or end <= s.recv_next:
+            if s is not None:
+                s.ack_sent = -1
+            return
+        if offset > s.recv_next:
+            raise WireError("stream %d: a gap at %d (expected %d)" % (sid, offset, s.recv_next))
+        fresh = payload[s.recv_next - offset :]
+        s.recv_next = end
+        if s.dead:
+            s.taken_bytes += len(fresh)
+        else:
+            self.events.append(("data", sid, fresh))
+
+    def _on_fin(self, sid: int, offset: int) -> None:
+        s = self._stream_for(sid, offset + 1)
+        if s is None or s.fin_at is not None:
+            if s is not None:
+                s.ack_sent = -1
+            return
+        if offset != s.recv_next:
+            raise WireError("stream %d: end at %d, expected %d" % (sid, offset, s.recv_next))
+        s.fin_at = offset
+        if s.dead:
+            s.fin_taken = True
+            self._check(s)
+        else:
+            self.events.append(("eof", sid, b""))
+
+    def _on_ack(self, sid: int, value: int) -> None:
+        s = self.streams.get(sid)
+        if s is None or value <= s.acked:
+            return
+        data_acked = min(value, s.read)
+        del s.buf[: data_acked - s.acked]
+        s.acked = value
+        s.sent = max(s.sent, data_acked)
+        self._check(s)
+
+    def _check(self, s: Stream) -> None:
+        if s.done and s.ack_value == s.ack_sent and self.streams.get(s.sid) is s:
+            del self.streams[s.sid]
+            self.events.append(("close", s.sid, b""))
+
+    # -- what goes to the carrier ----------------------------------------------------------
+
+    def output(self, limit: int = 256 * 1024) -> bytes:
+        """Frames to write to the carrier now (up to about ``limit`` bytes); b"" when none."""
+        if not self.attached:
+            return b""
+        out = bytearray()
+        for frame in self._control:
+            out += frame
+        self._control = []
+        streams = list(self.streams.values())
+        for s in streams:
+            if s.ack_value != s.ack_sent:
+                out += encode(ACK, s.sid, s.ack_value)
+                s.ack_sent = s.ack_value
+        for s in streams:
+            # In id order: the agent takes an id below one it has seen for a finished stream.
+            if self.opener and not s.announced:
+                out += encode(DATA, s.sid, 0, b"")
+                s.announced = True
+        if streams:
+            self._turn = (self._turn + 1) % len(streams)
+            streams = streams[self._turn :] + streams[: self._turn]
+        for s in streams:
+            while s.sent < s.read and len(out) < limit:
+                n = min(MAX_PAYLOAD, s.read - s.sent)
+                start = s.sent - s.acked
+                out += encode(DATA, s.sid, s.sent, bytes(s.buf[start : start + n]))
+                s.sent += n
+            if s.eof and not s.fin_sent and s.sent == s.read:
+                out += encode(FIN, s.sid, s.read)
+                s.fin_sent = True
+        for s in streams:
+            self._check(s)
+        return bytes(out)
+
+    def wants_output(self) -> bool:
+        """True when :meth:`output` has something to send."""
+        if not self.attached:
+            return False
+        if self._control:
+            return True
+        for s in self.streams.values():
+            if s.ack_value != s.ack_sent or s.sent < s.read or (s.eof and not s.fin_sent):
+                return True
+            if self.opener and not s.announced:
+                return True
+        return False
+
+    # -- figures ------------------------------------------------------------------------------
+
+    def buffered(self) -> int:
+        """Bytes kept for replay (read here, not yet acknowledged by the other end)."""
+        return sum(len(s.buf) for s in self.streams.values())

@@ -1,0 +1,70 @@
+"""The relay's frames: a fixed header and a payload, read incrementally from a byte stream.
+
+This module runs on the head node too (see :mod:`wqsupervisor.relay.program`),
+so it is written for Python 3.6: no f-strings with ``=``, no walrus, no
+``from __future__ import annotations``, nothing outside the standard library.
+
+A frame is ``kind`` (1 byte), ``sid`` (4 bytes: the stream), ``value``
+(8 bytes: an offset, an acknowledgement or a ping number) and ``length``
+(4 bytes), all big-endian, followed by ``length`` bytes of payload.
+"""
+
+import struct
+from typing import List, Tuple
+
+HEADER = struct.Struct("!BIQI")
+MAX_PAYLOAD = 64 * 1024
+# The largest frame we accept: anything bigger means the stream is not ours.
+MAX_FRAME_PAYLOAD = 1024 * 1024
+
+DATA = 1  # sid, value = offset of the first byte, payload = the bytes
+ACK = 2  # sid, value = bytes (and FIN) taken for good by the receiver
+FIN = 3  # sid, value = offset of the end: the sender reads no more from its socket
+HELLO = 4  # the agent's first frame on a carrier, payload = its epoch
+WELCOME = 5  # the head's answer, payload = ``resumed|fresh pid``
+PING = 6  # value = number
+PONG = 7  # value = the number pinged
+SHUTDOWN = 8  # the agent ends the relay: close every connection, exit
+BYE = 9  # the head's last frame before it exits
+
+Frame = Tuple[int, int, int, bytes]
+
+
+class WireError(Exception):
+    """The byte stream does not hold frames (not our relay, or corrupted)."""
+
+
+def encode(kind: int, sid: int = 0, value: int = 0, payload: bytes = b"") -> bytes:
+    """One frame as bytes."""
+    return HEADER.pack(kind, sid, value, len(payload)) + payload
+
+
+class Decoder:
+    """Turns the bytes of a carrier, as they come, into frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> List[Frame]:
+        """Add ``data``; returns every frame it completes, in order."""
+        self._buf += data
+        frames: List[Frame] = []
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= HEADER.size:
+            kind, sid, value, length = HEADER.unpack_from(buf, pos)
+            if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > BYE:
+                raise WireError("bad frame header (kind %d, length %d)" % (kind, length))
+            end = pos + HEADER.size + length
+            if end > len(buf):
+                break
+            frames.append((kind, sid, value, bytes(buf[pos + HEADER.size : end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that do not make a whole frame yet."""
+        return len(self._buf)
