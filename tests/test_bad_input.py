@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from wqsupervisor import config
+from wqsupervisor import config, rules
 from wqsupervisor.cli import _flag
 
 from support import processes_matching, python_env
@@ -105,7 +105,7 @@ SOURCES = ("flag", "toml", "environment")
 
 def test_every_setting_has_a_rule_and_a_bad_value_here():
     """Each declared setting has a validation rule, and the table below feeds it a bad value."""
-    assert set(config._RULES) == set(FIELDS)
+    assert set(rules.RULES) == set(FIELDS)
     assert {name for name, _ in BAD} == set(FIELDS)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import wqsupervisor
 from wqsupervisor import batch
-from wqsupervisor.config import BACKEND_NAMES, WORKER_SYSTEMS
+from wqsupervisor.rules import BACKEND_NAMES, WORKER_SYSTEMS
 
 from support import python_env
 
