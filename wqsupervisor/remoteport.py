@@ -28,12 +28,23 @@ from .target import SshTarget
 
 # The name a head relay gives itself (/proc/PID/comm), so it is told from a foreign program.
 RELAY_NAME = PROCESS_NAME.decode()
+# What a session's process is called on the head (/proc/PID/comm): ``sshd`` up to OpenSSH
+# 9.7; from 9.8 ``sshd-session``, and from 10.0 ``sshd-auth`` while it authenticates.
+SESSION_NAMES = ("sshd", "sshd-session", "sshd-auth")
 
-_FIND_HOLDERS = r"""
-port=%(port)d
+# The inodes of the sockets listening on $port, one a line, in $inodes.
+_LISTENERS = r"""
 hex=$(printf '%%04X' "$port")
 inodes=$(awk -v p=":$hex" 'FNR > 1 && $4 == "0A" && toupper(substr($2, length($2) - 4)) == p { print $10 }' \
     /proc/net/tcp /proc/net/tcp6 2>/dev/null)
+"""
+
+_FIND_HOLDERS = (
+    r"""
+port=%(port)d
+"""
+    + _LISTENERS
+    + r"""
 echo "me $(id -u)"
 [ -n "$inodes" ] || { echo free; exit 0; }
 echo bound
@@ -46,8 +57,10 @@ ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v inodes="$inodes" '
     echo "holder $pid $uid $(cat "/proc/$pid/comm" 2>/dev/null)"
 done
 """
+)
 
-_END_SESSION = r"""
+_END_SESSION = (
+    r"""
 pid=%(pid)d
 port=%(port)d
 me=$(id -u)
@@ -56,8 +69,21 @@ running() {  # alive and not a zombie waiting for its parent
     [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
 running || { echo gone; exit 0; }
-[ "$(cat "/proc/$pid/comm" 2>/dev/null)" = sshd ] || { echo "refused: not sshd"; exit 0; }
+case "$(cat "/proc/$pid/comm" 2>/dev/null)" in
+    %(names)s) ;;
+    *) echo "refused: not an sshd session"; exit 0 ;;
+esac
 [ "$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")" = "$me" ] || { echo "refused: not ours"; exit 0; }
+"""
+    + _LISTENERS
+    + r"""
+# Checked at the moment of the kill: a pid reused since the look must still hold this port.
+inodes=" $(echo $inodes) "
+held=no
+for s in $(ls -l "/proc/$pid/fd" 2>/dev/null | sed -n 's/.*socket:\[\([0-9]*\)\]$/\1/p'); do
+    case "$inodes" in *" $s "*) held=yes ;; esac
+done
+[ "$held" = yes ] || { echo "refused: does not hold port $port"; exit 0; }
 kill -TERM "$pid" 2>/dev/null || { echo "refused: kill failed"; exit 0; }
 kill -CONT "$pid" 2>/dev/null  # a hung (stopped) session takes TERM only once it runs
 i=0
@@ -65,6 +91,7 @@ while running && [ $i -lt 20 ]; do sleep 0.05; i=$((i + 1)); done
 running && kill -KILL "$pid" 2>/dev/null
 echo ended
 """
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +113,7 @@ class PortHolders:
 
     def stale_candidates(self, known: set[int]) -> list[int]:
         """Our own sshd processes that hold the port: recorded sessions first (never our relay)."""
-        ours = [h.pid for h in self.holders if h.command == "sshd" and h.uid == self.my_uid]
+        ours = [h.pid for h in self.holders if h.command in SESSION_NAMES and h.uid == self.my_uid]
         if not ours or len(ours) + len(self.relays()) != len(self.holders):
             return []
         return sorted(ours, key=lambda pid: pid not in known)
@@ -144,8 +171,9 @@ async def inspect_port(target: SshTarget, port: int, timeout: float = 10.0) -> P
 
 
 async def end_stale_session(target: SshTarget, pid: int, port: int, timeout: float = 10.0) -> bool:
-    """End sshd process ``pid`` on the head node if it is ours; True when it is gone."""
-    out = await _run_script(target, _END_SESSION % {"pid": pid, "port": port}, timeout)
+    """End session process ``pid`` on the head node if it is ours and holds ``port``; True when it is gone."""
+    script = _END_SESSION % {"pid": pid, "port": port, "names": "|".join(SESSION_NAMES)}
+    out = await _run_script(target, script, timeout)
     return out.strip().splitlines()[-1:] in (["ended"], ["gone"])
 
 
