@@ -11,12 +11,16 @@ from wqsupervisor.backends import BACKENDS, sessions_for
 from wqsupervisor.liveness import (
     GRACE_CAPPED,
     GRACE_UNCAPPED,
+    HEAD_RETRY_SLACK,
+    HEAD_RTO_MAX,
+    Acks,
     Decision,
     ForwardCheck,
     Liveness,
     Observation,
     Reach,
     Timing,
+    head_retry_by,
 )
 from wqsupervisor.session import Session, SessionFactory
 
@@ -200,6 +204,119 @@ def test_a_failed_uncap_is_tried_again():
     assert d.cap is False
     live, d = live.observe(Observation(head=Reach.NO_ROUTE), 105.0)
     assert d.cap is False
+
+
+def acks(unacked: int, retransmitting: bool, last_ack: float) -> Acks:
+    """A TCP_INFO reading of the session's own socket."""
+    return Acks(unacked=unacked, retransmitting=retransmitting, last_ack=last_ack)
+
+
+def test_head_retry_by_doubles_the_loss_and_is_capped():
+    """The head retries by the loss's length after the path's return (plus slack), at most 120 s after it."""
+    assert (HEAD_RTO_MAX, HEAD_RETRY_SLACK) == (120.0, 2.0)
+    assert head_retry_by(100.0, 121.0) == 121.0 + 21.0 + 2.0
+    assert head_retry_by(100.0, 191.0) == 191.0 + 91.0 + 2.0
+    assert head_retry_by(100.0, 400.0) == 400.0 + 120.0 + 2.0
+
+
+# A 20 s blackhole from t=100.5 (last pong at 100.0), healed at 120.5; the head answers
+# fresh connections from 120.75. (time, head probe, socket) -> (probe head?, nudge?, end?)
+LOST = acks(2, True, 100.4)
+SURVIVED = [
+    (104.0, None, LOST, False, False, False),  # stalls; our ping is being retransmitted
+    (104.25, None, LOST, True, False, False),
+    (105.25, Reach.DOWN, LOST, True, False, False),
+    (120.75, Reach.UP, LOST, False, False, False),  # the head answers: grace starts
+    (121.5, None, acks(0, False, 121.4), False, False, False),  # our retransmission acknowledged
+    (122.75, None, acks(0, False, 121.4), False, False, False),  # grace over, but kept: no probe
+    (140.0, None, acks(0, False, 121.4), False, False, False),  # kept until 121.5 + 21.5 + 2 = 145.0
+]
+
+
+def test_a_session_whose_retransmissions_are_acknowledged_again_is_kept_past_the_grace():
+    """Acknowledged after the heal: the connection survived, so no replacement while the head's backoff runs."""
+    live = start()
+    for now, head, tcp, probe, nudge, end in SURVIVED:
+        live, d = live.observe(Observation(head=head, acks=tcp), now)
+        assert (d.probe_head, d.nudge, d.end is not None) == (probe, nudge, end), now
+    assert live.stall is not None and live.stall.lost_at == 104.0 and live.stall.acked_at == 121.5
+    # the head's own retransmission brings the pong: resumed, never replaced
+    live, d = live.observe(PONG, 141.0)
+    assert d.resumed is not None and d.end is None and not live.stalled
+
+
+def test_an_acknowledged_session_that_never_answers_is_replaced_once_the_head_must_have_retried():
+    """The keep is bounded: past head_retry_by the head is probed again and the session replaced."""
+    live = start()
+    for now, head, tcp, _, _, _ in SURVIVED[:5]:
+        live, _ = live.observe(Observation(head=head, acks=tcp), now)
+    keep_until = head_retry_by(100.0, 121.5)
+    assert keep_until == 145.0
+    live, d = live.observe(Observation(acks=acks(0, False, 121.4)), 144.9)
+    assert not d.probe_head and d.end is None
+    live, d = live.observe(Observation(acks=acks(0, False, 121.4)), 145.0)
+    assert d.probe_head and d.end is None
+    _, d = live.observe(Observation(head=Reach.UP), 145.25)
+    assert d.end is not None and d.replace
+
+
+def test_a_forgotten_connection_is_replaced_after_the_grace_as_before():
+    """Retransmissions never acknowledged after the heal: a firewall forgot the connection; replace it."""
+    live = start()
+    steps = [
+        (104.0, None, LOST),
+        (104.25, None, LOST),
+        (105.25, Reach.DOWN, LOST),
+        (120.75, Reach.UP, LOST),
+        (121.5, None, LOST),
+        (122.5, None, LOST),
+        (122.75, None, LOST),  # grace over: probe again
+    ]
+    for now, head, tcp in steps:
+        live, d = live.observe(Observation(head=head, acks=tcp), now)
+    assert d.probe_head and live.stall is not None and live.stall.acked_at is None
+    _, d = live.observe(Observation(head=Reach.UP, acks=LOST), 123.0)
+    assert d.end is not None and d.replace
+
+
+def test_acknowledgements_without_retransmission_prove_nothing():
+    """A hung peer's kernel acknowledges our data at once: no loss was seen, so the grace rules as before."""
+    live = start()
+    steps = [
+        (104.0, None, acks(0, False, 101.0), False, True),  # nothing unacknowledged: nudge
+        (104.25, None, acks(1, False, 101.0), True, False),
+        (104.5, Reach.UP, acks(0, False, 104.3), False, False),
+        (104.75, None, acks(0, False, 104.3), False, False),  # a nudge at most every keepalive interval
+        (105.0, None, acks(0, False, 104.3), False, True),
+        (106.5, None, acks(0, False, 106.3), True, True),
+    ]
+    for now, head, tcp, probe, nudge in steps:
+        live, d = live.observe(Observation(head=head, acks=tcp), now)
+        assert (d.probe_head, d.nudge) == (probe, nudge), now
+    assert live.stall is not None and live.stall.lost_at is None and live.stall.acked_at is None
+    _, d = live.observe(Observation(head=Reach.UP), 106.75)
+    assert d.end is not None and d.replace
+
+
+def test_an_acknowledgement_from_before_the_loss_was_seen_does_not_count():
+    """Only an acknowledgement later than the first sight of retransmission shows the path's return."""
+    live = start()
+    live, _ = live.observe(Observation(acks=acks(2, True, 100.4)), 104.0)
+    live, _ = live.observe(Observation(acks=acks(2, True, 100.4)), 104.25)
+    live, _ = live.observe(Observation(acks=acks(1, False, 103.9)), 104.5)
+    assert live.stall is not None and live.stall.acked_at is None
+    live, _ = live.observe(Observation(acks=acks(0, False, 104.1)), 104.75)
+    assert live.stall is not None and live.stall.acked_at == 104.75
+
+
+def test_no_socket_reading_keeps_todays_rules():
+    """Without TCP_INFO (proxied, or not our socket) nothing is nudged and the grace rules alone."""
+    live = start()
+    for now, head in [(104.0, None), (104.25, None), (104.5, Reach.UP), (106.5, None)]:
+        live, d = live.observe(Observation(head=head), now)
+        assert not d.nudge
+    _, d = live.observe(Observation(head=Reach.UP), 106.75)
+    assert d.end is not None and d.replace
 
 
 # Forward checks while up, every probe_interval (5 s): (time, result) -> (check now?, end reason)

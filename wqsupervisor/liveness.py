@@ -18,6 +18,15 @@ The rules:
 * with no route at all (:attr:`Reach.NO_ROUTE`) the retransmission cap is
   lifted and the grace becomes :data:`GRACE_UNCAPPED`; it comes back with
   the route, or when the session resumes;
+* where the session's socket is ours, what ``TCP_INFO`` says of it
+  (:class:`Acks`) tells a connection that survived an outage from one a NAT
+  or firewall forgot: once our retransmissions (capped at 1 s) are
+  acknowledged again, the connection is alive end to end, and only the head's
+  own backoff (not ours to cap) holds its answer back. Such a session is kept
+  past the grace until that backoff must have retried (:func:`head_retry_by`);
+  one whose retransmissions stay unacknowledged is replaced as before. While
+  stalled with nothing unacknowledged, a ping is sent anyway (``nudge``) so
+  there is data whose acknowledgement can tell;
 * while up, the forward is checked every ``probe_interval``: a different
   master, or two losses or refusals in a row, end the session.
 """
@@ -31,6 +40,10 @@ from dataclasses import dataclass, replace
 # about one capped retransmission when we own the socket, TCP's own backoff when not.
 GRACE_CAPPED = 2.0
 GRACE_UNCAPPED = 12.0
+# TCP's largest retransmission interval (TCP_RTO_MAX): the head's sshd socket is not ours.
+HEAD_RTO_MAX = 120.0
+# Slack on the head's retransmission: its initial RTO (200 ms and the RTT), the answer's way back, a tick.
+HEAD_RETRY_SLACK = 2.0
 # Forward checks in a row that found the forward lost or refused before it counts as gone.
 LOST_STREAK = 2
 
@@ -63,6 +76,30 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Acks:
+    """What the session's own socket says of its data (``TCP_INFO``), on the watch's clock."""
+
+    unacked: int
+    """Segments sent and not acknowledged yet."""
+    retransmitting: bool
+    """Unacknowledged data timed out and is being retransmitted (``tcpi_retransmits`` > 0)."""
+    last_ack: float
+    """When the socket last received an acknowledgement."""
+
+
+def head_retry_by(silent_since: float, acked_at: float) -> float:
+    """When the head must have retransmitted, for a session silent since ``silent_since`` whose path
+    was back by ``acked_at``.
+
+    The head's data has waited since about ``silent_since``; its retransmission
+    interval doubles from there, so the first retry after the path's return
+    comes at most as long after it as the loss had lasted (and at most
+    :data:`HEAD_RTO_MAX`).
+    """
+    return acked_at + min(acked_at - silent_since, HEAD_RTO_MAX) + HEAD_RETRY_SLACK
+
+
+@dataclass(frozen=True)
 class Observation:
     """What came back since the last look; all empty is a plain tick of the clock."""
 
@@ -74,6 +111,8 @@ class Observation:
     """The head probe in flight has finished with this."""
     forward: ForwardCheck | None = None
     """The forward check in flight has finished with this."""
+    acks: Acks | None = None
+    """The session socket's ``TCP_INFO`` now (read while stalled; None where the socket is not ours)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +125,9 @@ class Decision:
     """Open a fresh connection to the head's sshd (timeout 1 s) and report its :class:`Reach`."""
     probe_forward: bool = False
     """Check the forward (:class:`ForwardCheck`)."""
+    nudge: bool = False
+    """Send one more ping although one is in flight (its answer is not awaited): data on the socket
+    whose acknowledgement shows whether the connection still reaches the head."""
     cap: bool | None = None
     """Cap (True) or uncap (False) the socket's retransmissions, then report with :meth:`Liveness.capped`."""
     stalled: float | None = None
@@ -107,6 +149,15 @@ class Stall:
     grace: float
     reachable_at: float | None = None
     probing: bool = False
+    lost_at: float | None = None
+    """When our socket was first seen retransmitting during this stall."""
+    acked_at: float | None = None
+    """When an acknowledgement was first seen after that: the connection survived."""
+    nudged: float | None = None
+
+    def kept(self, now: float) -> bool:
+        """True while an acknowledged (surviving) session waits for the head's own retransmission."""
+        return self.acked_at is not None and now < head_retry_by(self.silent_since, self.acked_at)
 
 
 @dataclass(frozen=True)
@@ -158,8 +209,9 @@ class Liveness:
         if live.stall is None and silent > t.stall_after:
             stall = Stall(began=now, silent_since=live.last_pong, grace=live.grace)
             live = replace(live, stall=stall, lost_streak=0)
+            live, nudge = live._step_acks(seen.acks, now)
             live, decision = live._forward(seen, now)
-            return live, replace(decision, ping=ping, stalled=silent)
+            return live, replace(decision, ping=ping, stalled=silent, nudge=nudge)
         if live.stall is not None and silent <= t.stall_after:
             began = live.stall.began
             live = replace(live, stall=None, next_probe=now + t.probe_interval)
@@ -167,13 +219,33 @@ class Liveness:
             cap = True if self.rto_lifted else None
             return live, replace(decision, ping=ping, resumed=now - began, cap=cap)
         if live.stall is not None:
+            live, nudge = live._step_acks(seen.acks, now)
             live, decision = live._step_stall(seen.head, now)
             if decision.end is not None:
                 return live, replace(decision, ping=ping)
             live, forward = live._forward(seen, now)
-            return live, replace(forward, ping=ping, probe_head=decision.probe_head, cap=decision.cap)
+            return live, replace(
+                forward, ping=ping, probe_head=decision.probe_head, cap=decision.cap, nudge=nudge
+            )
         live, decision = live._forward(seen, now)
         return live, replace(decision, ping=ping)
+
+    def _step_acks(self, acks: Acks | None, now: float) -> tuple[Liveness, bool]:
+        """Note what the socket's acknowledgements say; True to nudge it with a ping."""
+        stall = self.stall
+        assert stall is not None
+        if acks is None or stall.acked_at is not None:
+            return self, False
+        if stall.lost_at is None and acks.retransmitting:
+            stall = replace(stall, lost_at=now)
+        elif stall.lost_at is not None and acks.last_ack > stall.lost_at:
+            return replace(self, stall=replace(stall, acked_at=now)), False
+        nudge = acks.unacked == 0 and (
+            stall.nudged is None or now - stall.nudged >= self.timing.keepalive_interval
+        )
+        if nudge:
+            stall = replace(stall, nudged=now)
+        return replace(self, stall=stall), nudge
 
     def _step_stall(self, head: Reach | None, now: float) -> tuple[Liveness, Decision]:
         """Keep or replace a silent session, from the head probe's result."""
@@ -191,7 +263,7 @@ class Liveness:
                 cap = True
             if ok and stall.reachable_at is None:
                 stall = replace(stall, reachable_at=now)
-            elif ok and stall.reachable_at is not None and now - stall.reachable_at >= stall.grace:
+            elif ok and stall.reachable_at is not None and self._due(stall, now):
                 reason = (
                     f"session silent for {now - stall.silent_since:.1f} s although the head node has "
                     f"answered fresh connections for {now - stall.reachable_at:.1f} s; replacing it"
@@ -199,10 +271,16 @@ class Liveness:
                 return replace(self, stall=stall), Decision(cap=cap, end=reason, replace=True)
             elif not ok:
                 stall = replace(stall, reachable_at=None)
-        probe = not stall.probing and (stall.reachable_at is None or now - stall.reachable_at >= stall.grace)
+        probe = not stall.probing and (stall.reachable_at is None or self._due(stall, now))
         if probe:
             stall = replace(stall, probing=True)
         return replace(self, stall=stall), Decision(probe_head=probe, cap=cap)
+
+    @staticmethod
+    def _due(stall: Stall, now: float) -> bool:
+        """The reachable head's grace is over and no acknowledgement keeps the session."""
+        assert stall.reachable_at is not None
+        return now - stall.reachable_at >= stall.grace and not stall.kept(now)
 
     def _forward(self, seen: Observation, now: float) -> tuple[Liveness, Decision]:
         """Take a forward check's result, and start the next one when it is due (only while up)."""

@@ -2,8 +2,9 @@
 
 It runs the pings, head probes and forward checks that
 :meth:`Liveness.observe <wqsupervisor.liveness.Liveness.observe>` asks for,
-gathers their results into observations, and reports what liveness decides
-to a :class:`Reporter` (the tunnel). It decides nothing itself.
+gathers their results into observations (with the session socket's
+``TCP_INFO`` while it is stalled, where the socket is ours), and reports what
+liveness decides to a :class:`Reporter` (the tunnel). It decides nothing itself.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .clock import Clock
-from .liveness import ForwardCheck, Liveness, Observation, Reach
+from .liveness import Acks, ForwardCheck, Liveness, Observation, Reach
 from .session import Session
+from .tcpconn import tcp_info
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ async def watch(
     ping: asyncio.Task[float] | None = None
     head: asyncio.Task[Reach] | None = None
     check: asyncio.Task[ForwardCheck] | None = None
+    nudges: set[asyncio.Task[float]] = set()
     tick = min(live.timing.keepalive_interval, 0.25)
     try:
         while True:
@@ -71,9 +74,17 @@ async def watch(
                 found = check.result() if check.exception() is None else ForwardCheck.REFUSED
                 seen = replace(seen, forward=found)
                 check = None
-            live, d = live.observe(seen, clock.monotonic())
+            now = clock.monotonic()
+            if live.stalled and session.sock is not None:
+                seen = replace(seen, acks=_acks(session, now))
+            live, d = live.observe(seen, now)
             if d.ping:
                 ping = asyncio.create_task(session.ping())
+            if d.nudge:
+                # Its answer follows the ping in flight, which reports the resumption.
+                nudge = asyncio.create_task(session.ping())
+                nudges.add(nudge)
+                nudge.add_done_callback(_forget(nudges))
             if d.stalled is not None:
                 report.stalled(d.stalled)
             if d.resumed is not None:
@@ -91,8 +102,30 @@ async def watch(
                 check = asyncio.create_task(check_forward())
     finally:
         closed.cancel()
-        for task in (ping, head, check):
+        for task in (ping, head, check, *nudges):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+
+
+def _acks(session: Session, now: float) -> Acks | None:
+    """What the session's own socket says of its data, on the watch's clock."""
+    assert session.sock is not None
+    tcp = tcp_info(session.sock)
+    if tcp is None:
+        return None
+    return Acks(
+        unacked=tcp.unacked, retransmitting=tcp.retransmits > 0, last_ack=now - tcp.last_ack_recv_ms / 1000
+    )
+
+
+def _forget(tasks: set[asyncio.Task[float]]) -> Callable[[asyncio.Task[float]], None]:
+    """A done callback that drops a finished task from ``tasks`` and retrieves its outcome."""
+
+    def done(task: asyncio.Task[float]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done

@@ -1,14 +1,19 @@
 """A firewall lab built from network namespaces, and the faults that break tunnels.
 
-Three hosts, each a network namespace that the lab creates and removes::
+Three hosts and the network between two of them, each a network namespace
+that the lab creates and removes::
 
-    campus (master + supervisor) --veth-- head (sshd) --veth-- node (workers)
-      10.250.0.1                 10.250.0.2  10.250.1.1        10.250.1.2
+    campus (master + supervisor) --veth-- router --veth-- head (sshd) --veth-- node (workers)
+      10.250.0.1             10.250.0.2  10.250.2.1  10.250.2.2  10.250.1.1    10.250.1.2
 
+* ``router`` forwards between campus and head only; it is where the network
+  loses packets (:meth:`Lab.blackhole`), so both ends' TCP back off as in a
+  real outage.
 * ``head`` does not forward (``ip_forward=0``, FORWARD policy DROP), so
-  ``node`` cannot reach ``campus``; ``campus`` drops TCP SYNs from the head's
-  link, so ``head`` cannot open connections into it. Each host has only its
-  connected routes: no default route, nothing beyond the lab.
+  ``node`` cannot reach ``campus``; ``campus`` drops TCP SYNs from its link to
+  the router, so ``head`` cannot open connections into it. Campus and head
+  route each other's link through the router; nothing else: no default
+  route, nothing beyond the lab.
 * ``head`` runs a real sshd (:class:`wqsupervisor.harness.sandbox.HeadNode`) for an
   unprivileged user that the lab creates and deletes, so nothing can lean on root.
 * Workers on ``node`` reach the master only as the HOWTO says: their own
@@ -47,9 +52,15 @@ from .common import run
 from .sandbox import HeadNode
 from .slurm import Slurm
 
-CAMPUS, HEAD, NODE = "campus", "head", "node"
-CAMPUS_IP, HEAD_CAMPUS_IP = "10.250.0.1", "10.250.0.2"
+CAMPUS, ROUTER, HEAD, NODE = "campus", "router", "head", "node"
+CAMPUS_IP, ROUTER_CAMPUS_IP = "10.250.0.1", "10.250.0.2"
+ROUTER_HEAD_IP, HEAD_CAMPUS_IP = "10.250.2.1", "10.250.2.2"
 HEAD_NODE_IP, NODE_IP = "10.250.1.1", "10.250.1.2"
+# Where a blackhole drops packets: in the network (the router's FORWARD chain), the default and
+# what an outage does; or in the head's own INPUT and OUTPUT chains, the lab's first model, where a
+# dropped outgoing packet is an error to the head's TCP, which then retries every 0.5 s instead of
+# backing off (so it answers at once after the heal, as no real network lets it).
+NETWORK, HOST_OUTPUT = "network", "host-output"
 
 
 def remove_remains(namespaces: Iterable[str], users: Iterable[str], root: str | Path) -> None:
@@ -85,11 +96,13 @@ class Lab:
             if shutil.which(tool) is None:
                 raise WQSupervisorError(f"{tool} is not installed", "apt-get install iproute2 iptables")
         self.tag = secrets.token_hex(3)
-        self.ns = {h: f"wqs-{self.tag}-{h}" for h in (CAMPUS, HEAD, NODE)}
+        self.ns = {h: f"wqs-{self.tag}-{h}" for h in (CAMPUS, ROUTER, HEAD, NODE)}
         # veth names are limited to 15 characters.
         self.veth = {
-            (CAMPUS, HEAD): f"c{self.tag}h",
-            (HEAD, CAMPUS): f"h{self.tag}c",
+            (CAMPUS, ROUTER): f"c{self.tag}r",
+            (ROUTER, CAMPUS): f"r{self.tag}c",
+            (ROUTER, HEAD): f"r{self.tag}h",
+            (HEAD, ROUTER): f"h{self.tag}r",
             (HEAD, NODE): f"h{self.tag}n",
             (NODE, HEAD): f"n{self.tag}h",
         }
@@ -100,7 +113,7 @@ class Lab:
         self.head: HeadNode | None = None
         self.campus_ssh_config = self.root / "ssh_config.campus"
         self.node_ssh_config = self.root / "ssh_config.node"
-        self._blackholed = False
+        self._blackholed: str | None = None
         self._forgotten: list[list[str]] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self.slurm = Slurm(self, node=NODE, head=HEAD, node_ip=NODE_IP)
@@ -130,7 +143,8 @@ class Lab:
             run(["ip", "netns", "add", ns])
             self.sh(ns, "ip link set lo up")
         for (a, b), ip_a, ip_b in (
-            ((CAMPUS, HEAD), CAMPUS_IP, HEAD_CAMPUS_IP),
+            ((CAMPUS, ROUTER), CAMPUS_IP, ROUTER_CAMPUS_IP),
+            ((ROUTER, HEAD), ROUTER_HEAD_IP, HEAD_CAMPUS_IP),
             ((HEAD, NODE), HEAD_NODE_IP, NODE_IP),
         ):
             va, vb = self.veth[(a, b)], self.veth[(b, a)]
@@ -154,7 +168,16 @@ class Lab:
             self.sh(self.ns[a], f"ip addr add {ip_a}/30 dev {va} && ip link set {va} up")
             self.sh(self.ns[b], f"ip addr add {ip_b}/30 dev {vb} && ip link set {vb} up")
         self.sh(self.ns[HEAD], "echo 0 > /proc/sys/net/ipv4/ip_forward && iptables -P FORWARD DROP")
-        self.sh(self.ns[CAMPUS], f"iptables -A INPUT -i {self.veth[(CAMPUS, HEAD)]} -p tcp --syn -j DROP")
+        rc, rh = self.veth[(ROUTER, CAMPUS)], self.veth[(ROUTER, HEAD)]
+        self.sh(
+            self.ns[ROUTER],
+            "echo 1 > /proc/sys/net/ipv4/ip_forward && iptables -P FORWARD DROP"
+            f" && iptables -A FORWARD -i {rc} -o {rh} -j ACCEPT"
+            f" && iptables -A FORWARD -i {rh} -o {rc} -j ACCEPT",
+        )
+        self.sh(self.ns[CAMPUS], f"ip route add {HEAD_CAMPUS_IP}/32 via {ROUTER_CAMPUS_IP}")
+        self.sh(self.ns[HEAD], f"ip route add {CAMPUS_IP}/32 via {ROUTER_HEAD_IP}")
+        self.sh(self.ns[CAMPUS], f"iptables -A INPUT -i {self.veth[(CAMPUS, ROUTER)]} -p tcp --syn -j DROP")
         home = self.root / "home"
         # "*" and not the locked "!": sshd refuses locked accounts when it runs without PAM.
         run(
@@ -277,74 +300,65 @@ class Lab:
     # -- faults --------------------------------------------------------------------------
 
     def _campus_link(self, up: bool) -> None:
-        self.sh(self.ns[CAMPUS], f"ip link set {self.veth[(CAMPUS, HEAD)]} {'up' if up else 'down'}")
+        cr = self.veth[(CAMPUS, ROUTER)]
+        if not up:
+            self.sh(self.ns[CAMPUS], f"ip link set {cr} down")
+            return
+        # The link's going down took the route through the router with it.
+        self.sh(
+            self.ns[CAMPUS],
+            f"ip link set {cr} up"
+            f" && ip route replace {HEAD_CAMPUS_IP}/32 via {ROUTER_CAMPUS_IP} dev {cr} onlink",
+        )
 
     def link_down(self) -> None:
-        """Take the campus-head link down (both ends lose carrier)."""
+        """Take campus's link to the router down (both ends lose carrier; campus loses its route)."""
         self._campus_link(False)
 
     def link_up(self) -> None:
-        """Bring the campus-head link back."""
+        """Bring campus's link to the router back."""
         self._campus_link(True)
 
-    def blackhole(self) -> None:
-        """Drop every packet on the campus-head link, both ways; the link stays up."""
-        hc = self.veth[(HEAD, CAMPUS)]
-        self.sh(self.ns[HEAD], f"iptables -I INPUT 1 -i {hc} -j DROP && iptables -I OUTPUT 1 -o {hc} -j DROP")
-        self._blackholed = True
+    def _blackhole_rules(self, model: str) -> list[tuple[str, list[str]]]:
+        """(host, iptables rule) that drop everything between campus and head in ``model``."""
+        if model == NETWORK:
+            return [(ROUTER, ["FORWARD", "-j", "DROP"])]
+        if model == HOST_OUTPUT:
+            hr = self.veth[(HEAD, ROUTER)]
+            return [(HEAD, ["INPUT", "-i", hr, "-j", "DROP"]), (HEAD, ["OUTPUT", "-o", hr, "-j", "DROP"])]
+        raise ValueError(f"no blackhole model {model!r}; {NETWORK!r} or {HOST_OUTPUT!r}")
+
+    def blackhole(self, model: str = NETWORK) -> None:
+        """Drop every packet between campus and head, both ways; every link stays up.
+
+        ``model`` says where: :data:`NETWORK` (the router drops them, as an
+        outage does) or :data:`HOST_OUTPUT` (the head's own chains; see there).
+        """
+        rules = self._blackhole_rules(model)
+        self._blackholed = model
+        for host, (chain, *rule) in rules:
+            run(self.argv(host, ["iptables", "-I", chain, "1", *rule]))
 
     def heal(self, forget: bool = False) -> None:
         """End the blackhole. ``forget``: packets of connections opened before it stay dropped,
         as behind a NAT or firewall that lost its state; new connections pass."""
-        hc = self.veth[(HEAD, CAMPUS)]
+        model = self._blackholed or NETWORK
         if forget:
-            for conn in self.campus_connections():
-                rules = [
-                    [
-                        "-I",
-                        "INPUT",
-                        "1",
-                        "-i",
-                        hc,
-                        "-p",
-                        "tcp",
-                        "-s",
-                        conn[0],
-                        "--sport",
-                        conn[1],
-                        "-d",
-                        conn[2],
-                        "--dport",
-                        conn[3],
-                        "-j",
-                        "DROP",
-                    ],
-                    [
-                        "-I",
-                        "OUTPUT",
-                        "1",
-                        "-o",
-                        hc,
-                        "-p",
-                        "tcp",
-                        "-s",
-                        conn[2],
-                        "--sport",
-                        conn[3],
-                        "-d",
-                        conn[0],
-                        "--dport",
-                        conn[1],
-                        "-j",
-                        "DROP",
-                    ],
-                ]
-                for rule in rules:
-                    run(self.argv(HEAD, ["iptables", *rule]))
-                    self._forgotten.append(rule)
-        if self._blackholed:
-            self.sh(self.ns[HEAD], f"iptables -D INPUT -i {hc} -j DROP && iptables -D OUTPUT -o {hc} -j DROP")
-            self._blackholed = False
+            for src, sport, dst, dport in self.campus_connections():
+                there = ["-p", "tcp", "-s", src, "--sport", sport, "-d", dst, "--dport", dport, "-j", "DROP"]
+                back = ["-p", "tcp", "-s", dst, "--sport", dport, "-d", src, "--dport", sport, "-j", "DROP"]
+                if model == NETWORK:
+                    rules = [(ROUTER, ["FORWARD", *there]), (ROUTER, ["FORWARD", *back])]
+                else:
+                    hr = self.veth[(HEAD, ROUTER)]
+                    rules = [(HEAD, ["INPUT", "-i", hr, *there]), (HEAD, ["OUTPUT", "-o", hr, *back])]
+                for host, (chain, *rule) in rules:
+                    run(self.argv(host, ["iptables", "-I", chain, "1", *rule]))
+                    self._forgotten.append([host, chain, *rule])
+        if self._blackholed is not None:
+            for host, (chain, *rule) in self._blackhole_rules(self._blackholed):
+                run(self.argv(host, ["iptables", "-D", chain, *rule]))
+            self._blackholed = None
 
     def campus_connections(self) -> list[tuple[str, str, str, str]]:
         """Established TCP connections from campus to the head: (src, sport, dst, dport)."""
