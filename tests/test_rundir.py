@@ -76,3 +76,24 @@ def test_another_users_directory_is_never_swept(tmp_path):
     os.chown(theirs, 65534, 65534)
     assert rundir.sweep(str(tmp_path)) == []
     assert theirs.exists()
+
+
+def test_a_killed_demos_head_node_directory_with_its_keys_is_swept():
+    """A process that made a loopback head node (keys included) is SIGKILLed: the next start removes it."""
+    code = (
+        "from wqsupervisor.harness.sandbox import HeadNode; import time\n"
+        "h = HeadNode(); print(h.root, flush=True); time.sleep(300)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=python_env()
+    ) as proc:
+        with proc.stdout:
+            root = Path(wait_for(proc.stdout.readline, 30, "the head node's directory").strip())
+        assert root.name.startswith(f"wqs-{proc.pid}-head-") and (root / "user_key").exists()
+        proc.kill()
+        proc.wait(10)
+    mine = rundir.create()
+    try:
+        assert not root.exists(), "the killed head node's keys were left behind"
+    finally:
+        rundir.remove(mine)

@@ -63,6 +63,7 @@ __all__ = [
     "quote_argv",
     "read_config",
     "remote_argv",
+    "spawn",
     "tunnel_argv",
 ]
 
@@ -262,6 +263,23 @@ def allocated_port(stderr: str) -> int | None:
 # -- the running session ----------------------------------------------------------
 
 
+async def spawn(argv: Sequence[str], probe_path: str | None) -> asyncio.subprocess.Process:
+    """Run a session's ssh, owned (SIGTERM from the kernel if this process dies), with pipes on every end.
+
+    A probe socket left by an earlier session is removed first: ssh will not bind over it.
+    """
+    if probe_path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe_path)
+    return await asyncio.create_subprocess_exec(
+        *owned_argv(argv),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 class OpenSSHSession:
     """One running tunnel ssh: its stdin/stdout carry keepalives, stderr its diagnostics."""
 
@@ -297,17 +315,7 @@ class OpenSSHSession:
         cls, argv: Sequence[str], target: SshTarget, probe_path: str | None, sock: socket.socket | None = None
     ) -> OpenSSHSession:
         """Start ssh; it gets SIGTERM from the kernel if this process dies."""
-        if probe_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(probe_path)
-        proc = await asyncio.create_subprocess_exec(
-            *owned_argv(argv),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        return cls(proc, target, probe_path, sock)
+        return cls(await spawn(argv, probe_path), target, probe_path, sock)
 
     @property
     def pid(self) -> int:

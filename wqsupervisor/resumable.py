@@ -18,8 +18,6 @@ why resumption is off.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import shlex
 import socket
 from collections.abc import Sequence
@@ -27,8 +25,7 @@ from typing import Any
 
 from .errors import TunnelError
 from .logs import get_logger
-from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, tunnel_argv
-from .process import owned_argv
+from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, spawn, tunnel_argv
 from .protocol.snapshot import RelaySnapshot
 from .relay import program
 from .relay.peer import RelayEnded, RelayPeer, RelayStats
@@ -70,16 +67,7 @@ class ResumableSession(OpenSSHSession):
         peer: RelayPeer,
     ) -> ResumableSession:
         """Start ssh and send it the head relay's program (read by the remote command's bootstrap)."""
-        if probe_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(probe_path)
-        proc = await asyncio.create_subprocess_exec(
-            *owned_argv(argv),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        proc = await spawn(argv, probe_path)
         assert proc.stdin is not None
         proc.stdin.write(program.source())
         return cls(proc, target, probe_path, sock, peer)

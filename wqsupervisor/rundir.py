@@ -19,10 +19,13 @@ from pathlib import Path
 from . import privatedir
 
 
-def create() -> str:
-    """A new run directory for this process (0700), after sweeping the ones whose creator is gone."""
+def create(label: str = "") -> str:
+    """A new run directory for this process (0700), after sweeping the ones whose creator is gone.
+
+    ``label`` goes into its name (``wqs-<pid>-<label>-...``), to say what it holds.
+    """
     sweep()
-    return tempfile.mkdtemp(prefix=f"wqs-{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"wqs-{os.getpid()}-{label + '-' if label else ''}")
 
 
 def remove(path: str) -> None:

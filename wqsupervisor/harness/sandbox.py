@@ -16,13 +16,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import privatedir
+from .. import privatedir, rundir
 from ..config import Settings
 from ..errors import WQSupervisorError
 from ..process import owned_argv, pid_alive, terminate, wait_gone
@@ -80,7 +79,8 @@ class HeadNode:
         addresses: list[str] | None = None,
     ) -> None:
         self._own_root = root is None
-        self.root = Path(root or tempfile.mkdtemp(prefix="wqs-head-"))
+        # A run directory: when this process is killed, the next start on the machine removes it.
+        self.root = Path(root or rundir.create("head"))
         self.root.mkdir(parents=True, exist_ok=True)
         # sshd reads authorized_keys from here as the login user.
         os.chmod(self.root, 0o755)  # noqa: S103
