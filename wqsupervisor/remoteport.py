@@ -77,13 +77,24 @@ esac
 """
     + _LISTENERS
     + r"""
-# Checked at the moment of the kill: a pid reused since the look must still hold this port.
+# Checked at the moment of the kill, so that a pid reused since the look is never ended.
 inodes=" $(echo $inodes) "
-held=no
-for s in $(ls -l "/proc/$pid/fd" 2>/dev/null | sed -n 's/.*socket:\[\([0-9]*\)\]$/\1/p'); do
-    case "$inodes" in *" $s "*) held=yes ;; esac
-done
-[ "$held" = yes ] || { echo "refused: does not hold port $port"; exit 0; }
+[ "$inodes" != "  " ] || { echo "refused: port $port is not bound"; exit 0; }
+fds=$(ls -l "/proc/$pid/fd" 2>/dev/null)
+if [ -n "$fds" ]; then
+    held=no
+    for s in $(echo "$fds" | sed -n 's/.*socket:\[\([0-9]*\)\]$/\1/p'); do
+        case "$inodes" in *" $s "*) held=yes ;; esac
+    done
+    [ "$held" = yes ] || { echo "refused: does not hold port $port"; exit 0; }
+else
+    # OpenSSH makes its session processes non-dumpable: their descriptors are hidden
+    # from the user. Then it must be a tunnel's session (no terminal), never a login.
+    case "$(tr '\000' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" in
+        *@notty*) ;;
+        *) echo "refused: not a tunnel session"; exit 0 ;;
+    esac
+fi
 kill -TERM "$pid" 2>/dev/null || { echo "refused: kill failed"; exit 0; }
 kill -CONT "$pid" 2>/dev/null  # a hung (stopped) session takes TERM only once it runs
 i=0
