@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import structlog
 from structlog.testing import capture_logs
 
@@ -99,3 +102,22 @@ def test_the_library_does_not_configure_structlog():
     bus = EventBus()
     bus.emit(TunnelUp(at=1, source="s"))
     assert not structlog.is_configured()
+
+
+def test_the_fallback_logger_follows_stderr_when_it_is_replaced():
+    """The library's own logger writes to sys.stderr as it is now, even after the first stream was closed."""
+    code = (
+        "import io, sys\n"
+        "from wqsupervisor.events import EventBus, TunnelUp\n"
+        "first = io.StringIO(); real = sys.stderr; sys.stderr = first\n"
+        "bus = EventBus()\n"
+        "bus.emit(TunnelUp(at=1, source='before'))\n"
+        "sys.stderr = real; first.close()\n"
+        "bus.subscribe(lambda e: 1 / 0)\n"
+        "bus.emit(TunnelUp(at=2, source='after'))\n"
+        "print('survived', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "survived", done.stderr
+    assert "source=after" in done.stderr and "subscriber.failed" in done.stderr, done.stderr
+    assert "ZeroDivisionError" in done.stderr and "closed file" not in done.stderr, done.stderr

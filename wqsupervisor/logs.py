@@ -87,12 +87,26 @@ def redact_processor(
     return redact(event_dict)
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is when a line is written, not when the logger was made.
+
+    The application (or a notebook, or a test harness) may replace, and close,
+    the stream it had when the library logged its first line.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 @functools.cache
 def _fallback_logger() -> Any:
     import structlog
 
     return structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
+        structlog.PrintLogger(_CurrentStderr()),  # type: ignore[arg-type]
         processors=[
             redact_processor,
             structlog.processors.add_log_level,
