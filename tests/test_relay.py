@@ -26,7 +26,7 @@ import pytest
 
 from wqsupervisor.relay import program
 from wqsupervisor.relay.core import WINDOW, Mux
-from wqsupervisor.relay.peer import RelayPeer
+from wqsupervisor.relay.peer import Carrier, RelayPeer
 from wqsupervisor.relay.wire import DATA, Decoder, WireError, encode
 
 from support import free_port, listening, wait_for
@@ -66,7 +66,7 @@ class _End:
                 self.ended.add(sid)
                 self.mux.local_eof(sid)
         self.peak_buffer = max(
-            self.peak_buffer, max((len(s.buf) for s in self.mux.streams.values()), default=0)
+            self.peak_buffer, max((s.buffered for s in self.mux.streams.values()), default=0)
         )
         events, self.mux.events = self.mux.events, []
         for kind, sid, data in events:
@@ -107,6 +107,10 @@ def _run_cut_carrier(
     for step in range(200_000):
         h.step()
         a.step()
+        for mux in (head, agent):
+            # The I/O layer's timer: owed acks go alone after a while.
+            if step % 5 == 4 and mux.owes_acks():
+                mux.flush_acks()
         if head.wants_output():
             flights["up"].append(head.output(rng.randint(1, 300_000)))
         if agent.wants_output():
@@ -180,14 +184,16 @@ def test_the_head_program_parses_as_python_3_6():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= {
         "contextlib",
+        "collections",
         "errno",
+        "fcntl",
+        "itertools",
         "os",
         "selectors",
         "signal",
         "socket",
         "struct",
         "sys",
-        "threading",
         "time",
         "typing",
         "ctypes",
@@ -276,25 +282,32 @@ class _Head:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def session(self, peer: RelayPeer) -> str:
-        """Start one 'session' and attach ``peer`` through it; returns fresh or resumed."""
+        """Start one 'session' on pipes, as sshd would, and attach ``peer`` through it; returns fresh or resumed."""
         env = {**os.environ, "HOME": self.home}
-        self.proc = await asyncio.create_subprocess_exec(
-            "sh",
-            "-c",
-            program.remote_command(self.python, "127.0.0.1", self.port, self.linger),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(program.source())
-        greeting = await asyncio.wait_for(self.proc.stdout.readline(), 10)
-        assert greeting.split()[0] == b"wqs-session"
-        return await asyncio.wait_for(peer.attach(self.proc.stdout, self.proc.stdin), 10)
+        to_head, head_in = os.pipe()
+        head_out, from_head = os.pipe()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                "sh",
+                "-c",
+                program.remote_command(self.python, "127.0.0.1", self.port, self.linger),
+                stdin=to_head,
+                stdout=from_head,
+                env=env,
+            )
+        finally:
+            os.close(to_head)
+            os.close(from_head)
+        self.carrier = await Carrier.open(peer, head_out, head_in)
+        self.carrier.write(program.source())
+        greeting = await asyncio.wait_for(self.carrier.greeting, 10)
+        assert greeting.split()[0] == "wqs-session"
+        return await asyncio.wait_for(peer.attach(self.carrier), 10)
 
     async def cut(self) -> None:
-        """SIGKILL the attacher: the carrier dies mid-flight, as when ssh dies."""
+        """The session dies mid-flight, as when ssh dies: its pipes close and its process is killed."""
         assert self.proc is not None
+        self.carrier.close()
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()

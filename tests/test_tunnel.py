@@ -281,7 +281,7 @@ def test_remote_port_taken_by_another_program(head, remote_port, recorder, backe
         squatter.listen()
         failed = _assert_fails(settings_for(head, backend, remote_port), recorder)
     assert f"remote port {remote_port}" in failed.error
-    assert "python" in failed.error, "the error says who holds the port"
+    assert f"(pid {os.getpid()}," in failed.error, "the error says who holds the port"
     assert "--remote-port" in failed.hint
 
 

@@ -263,18 +263,22 @@ def allocated_port(stderr: str) -> int | None:
 # -- the running session ----------------------------------------------------------
 
 
-async def spawn(argv: Sequence[str], probe_path: str | None) -> asyncio.subprocess.Process:
+async def spawn(
+    argv: Sequence[str], probe_path: str | None, stdio: tuple[int, int] | None = None
+) -> asyncio.subprocess.Process:
     """Run a session's ssh, owned (SIGTERM from the kernel if this process dies), with pipes on every end.
 
+    ``stdio``: descriptors for ssh's stdin and stdout instead of stream pipes.
     A probe socket left by an earlier session is removed first: ssh will not bind over it.
     """
     if probe_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(probe_path)
+    stdin, stdout = stdio or (asyncio.subprocess.PIPE, asyncio.subprocess.PIPE)
     return await asyncio.create_subprocess_exec(
         *owned_argv(argv),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+        stdin=stdin,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )

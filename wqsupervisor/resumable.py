@@ -18,6 +18,7 @@ why resumption is off.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import socket
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from .logs import get_logger
 from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, spawn, tunnel_argv
 from .protocol.snapshot import RelaySnapshot
 from .relay import program
-from .relay.peer import RelayEnded, RelayPeer, RelayStats
+from .relay.peer import Carrier, RelayEnded, RelayPeer, RelayStats
 from .session import SessionEnded, SessionFailed
 from .target import SshTarget
 
@@ -48,8 +49,10 @@ class ResumableSession(OpenSSHSession):
         probe_path: str | None,
         sock: socket.socket | None,
         peer: RelayPeer,
+        carrier: Carrier,
     ) -> None:
         self.peer = peer
+        self.carrier = carrier
         self._generation = -1
         self._closing: asyncio.Future[int | None] | None = None
         self.resumed: bool | None = None
@@ -66,22 +69,35 @@ class ResumableSession(OpenSSHSession):
         sock: socket.socket | None,
         peer: RelayPeer,
     ) -> ResumableSession:
-        """Start ssh and send it the head relay's program (read by the remote command's bootstrap)."""
-        proc = await spawn(argv, probe_path)
-        assert proc.stdin is not None
-        proc.stdin.write(program.source())
-        return cls(proc, target, probe_path, sock, peer)
+        """Start ssh on pipes of our own (the carrier) and send it the head relay's program."""
+        to_ssh, ssh_in = os.pipe()
+        ssh_out, from_ssh = os.pipe()
+        try:
+            proc = await spawn(argv, probe_path, stdio=(to_ssh, from_ssh))
+        except BaseException:
+            for fd in (ssh_in, ssh_out):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_ssh)
+            os.close(from_ssh)
+        carrier = await Carrier.open(peer, ssh_out, ssh_in)
+        carrier.write(program.source())
+        return cls(proc, target, probe_path, sock, peer, carrier)
 
     async def _read_stdout(self) -> None:
-        stdout, stdin = self.proc.stdout, self.proc.stdin
-        assert stdout is not None and stdin is not None
-        line = await stdout.readline()
-        self._lines.feed(line.decode(errors="replace").strip())
+        try:
+            line = await self.carrier.greeting
+        except RelayEnded as exc:
+            self._attached.set_exception(exc)
+            return
+        self._lines.feed(line)
         if self._lines.remote_pid is None:
             self._attached.set_exception(RelayEnded("no greeting"))
+            self.carrier.close()
             return
         try:
-            mode = await self.peer.attach(stdout, stdin)
+            mode = await self.peer.attach(self.carrier)
         except RelayEnded as exc:
             if not self._attached.done():
                 self._attached.set_exception(exc)
@@ -122,7 +138,10 @@ class ResumableSession(OpenSSHSession):
         """End this session but leave the head relay waiting for the next one (a restart)."""
         if self._current:
             self.peer.detach()
-        return await super().close()
+        try:
+            return await super().close()
+        finally:
+            self.carrier.close()
 
     async def close(self, grace: float = 2.0) -> int | None:
         """End the session and the head relay with it (every worker connection closes).
@@ -139,7 +158,10 @@ class ResumableSession(OpenSSHSession):
             await self.peer.shutdown()
         else:
             await self.peer.close()
-        return await super().close(grace)
+        try:
+            return await super().close(grace)
+        finally:
+            self.carrier.close()
 
 
 class ResumableSessions(OpenSSHSessions):

@@ -12,18 +12,26 @@ tells the :class:`Mux` what its sockets did (:meth:`Mux.local_data`,
 Sequence space per direction: the data bytes, then one more for the end
 (FIN), as in TCP. The receiver acknowledges only what its local socket took,
 so a sender keeps at most :data:`WINDOW` unacknowledged bytes per stream and
-a slow reader slows its sender (backpressure). On :meth:`Mux.attach` every
+a slow reader slows its sender (backpressure). Acknowledgements wait: they
+ride along with the next frame going the other way, or go alone once
+:data:`ACK_EVERY` bytes are owed or the I/O layer calls :meth:`Mux.flush_acks`
+(after :data:`ACK_DELAY`), so a request and its answer cost one frame each. On :meth:`Mux.attach` every
 stream sends again from the other side's last acknowledgement; the receiver
 drops what it already has, so nothing is lost or duplicated.
 """
 
-from typing import Callable, Dict, List, Optional, Tuple
+import collections
+from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
 
-from .wire import ACK, DATA, FIN, MAX_PAYLOAD, Decoder, WireError, encode
+from .wire import ACK, DATA, FIN, HEADER, MAX_PAYLOAD, Decoder, WireError, encode
 
-WINDOW = 1024 * 1024
+WINDOW = 4 * 1024 * 1024
+ACK_EVERY = WINDOW // 4
+ACK_DELAY = 0.01
+"""Seconds an owed acknowledgement may wait for a frame to ride with (the I/O layer's timer)."""
 
-Event = Tuple[str, int, bytes]
+Chunk = Union[bytes, memoryview]
+Event = Tuple[str, int, Chunk]
 """``(kind, sid, data)``: ``open``, ``data``, ``eof`` (the other side ends), ``close`` (forget the socket)."""
 
 
@@ -32,7 +40,12 @@ class Stream:
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
-        self.buf = bytearray()  # read from our socket, not yet acknowledged; starts at self.acked
+        # Read from our socket, not yet acknowledged: chunks as read, the first
+        # starting at offset self.base, of which self.skip bytes are acknowledged.
+        self.chunks: Deque[bytes] = collections.deque()
+        self.base = 0
+        self.skip = 0
+        self.cursor = (0, 0)  # (index, offset) of a chunk at or before self.sent
         self.acked = 0  # what the other end took for good (read + 1 once our FIN is taken)
         self.sent = 0  # next offset to send on this carrier
         self.read = 0  # bytes read from our socket
@@ -43,7 +56,7 @@ class Stream:
         self.taken_bytes = 0  # what our socket took of it (what we acknowledge)
         self.fin_at: Optional[int] = None
         self.fin_taken = False
-        self.ack_sent = -1
+        self.ack_sent = 0
         self.dead = False  # our socket is gone: whatever still comes is dropped
 
     @property
@@ -52,9 +65,48 @@ class Stream:
         return self.taken_bytes + (1 if self.fin_taken else 0)
 
     @property
+    def buffered(self) -> int:
+        """Bytes kept for the other end until it acknowledges them."""
+        return self.read - self.base - self.skip
+
+    @property
     def done(self) -> bool:
         """Both directions ended and acknowledged: the stream can be forgotten."""
         return self.eof and self.acked == self.read + 1 and self.fin_taken
+
+    def keep(self, data: bytes) -> None:
+        """Bytes read from our socket."""
+        self.chunks.append(data)
+        self.read += len(data)
+
+    def forget(self, upto: int) -> None:
+        """The other end has every byte before ``upto``: drop them."""
+        drop = upto - self.base - self.skip
+        while drop > 0:
+            first = len(self.chunks[0]) - self.skip
+            if drop < first:
+                self.skip += drop
+                return
+            self.base += len(self.chunks.popleft())
+            self.skip = 0
+            drop -= first
+            index, offset = self.cursor
+            self.cursor = (index - 1, offset) if index > 0 else (0, self.base)
+
+    def rewind(self) -> None:
+        """Send again from the other end's last acknowledgement."""
+        self.sent = min(self.acked, self.read)
+        self.cursor = (0, self.base)
+
+    def piece(self, limit: int) -> memoryview:
+        """Up to ``limit`` contiguous bytes from offset :attr:`sent` (at least one when any is left)."""
+        index, offset = self.cursor
+        while offset + len(self.chunks[index]) <= self.sent:
+            offset += len(self.chunks[index])
+            index += 1
+        self.cursor = (index, offset)
+        start = self.sent - offset
+        return memoryview(self.chunks[index])[start : start + limit]
 
 
 class Mux:
@@ -70,6 +122,7 @@ class Mux:
         self._decoder = Decoder()
         self._control: List[bytes] = []
         self._turn = 0
+        self._ack_now = False
 
     # -- what the local sockets did -------------------------------------------------
 
@@ -85,13 +138,11 @@ class Mux:
         s = self.streams.get(sid)
         if s is None or s.eof:
             return 0
-        return max(0, WINDOW - len(s.buf))
+        return max(0, WINDOW - s.buffered)
 
     def local_data(self, sid: int, data: bytes) -> None:
-        """Bytes read from the stream's socket."""
-        s = self.streams[sid]
-        s.buf += data
-        s.read += len(data)
+        """Bytes read from the stream's socket (kept as they are: pass bytes, not a reused buffer)."""
+        self.streams[sid].keep(data)
 
     def local_eof(self, sid: int) -> None:
         """The stream's socket will give no more bytes."""
@@ -129,8 +180,9 @@ class Mux:
     def attach(self) -> None:
         """The carrier's greeting is done: send everything unacknowledged again, and our acks."""
         self.attached = True
+        self._ack_now = True
         for s in self.streams.values():
-            s.sent = min(s.acked, s.read)
+            s.rewind()
             s.fin_sent = s.acked > s.read
             s.announced = s.acked > 0
             s.ack_sent = -1
@@ -152,6 +204,14 @@ class Mux:
         """Queue a control frame, sent before any data."""
         self._control.append(encode(kind, 0, value, payload))
 
+    def flush_acks(self) -> None:
+        """Send every owed acknowledgement with the next :meth:`output`, alone if need be."""
+        self._ack_now = True
+
+    def owes_acks(self) -> bool:
+        """Some acknowledgement waits for a frame to ride with (arm a timer: :data:`ACK_DELAY`)."""
+        return any(s.ack_value != s.ack_sent for s in self.streams.values())
+
     def feed(self, data: bytes, on_control: Callable[[int, int, bytes], None]) -> None:
         """Bytes from the carrier; ``on_control(kind, value, payload)`` takes every other frame, in order.
 
@@ -165,7 +225,7 @@ class Mux:
             elif kind == ACK:
                 self._on_ack(sid, value)
             else:
-                on_control(kind, value, payload)
+                on_control(kind, value, bytes(payload))
 
     def _stream_for(self, sid: int, end: int) -> Optional[Stream]:
         s = self.streams.get(sid)
@@ -180,12 +240,12 @@ class Mux:
         self._control.append(encode(ACK, sid, end))
         return None
 
-    def _on_data(self, sid: int, offset: int, payload: bytes) -> None:
+    def _on_data(self, sid: int, offset: int, payload: memoryview) -> None:
         end = offset + len(payload)
         s = self._stream_for(sid, end)
         if s is None or end <= s.recv_next:
-            if s is not None:
-                s.ack_sent = -1
+            if s is not None and len(payload):
+                s.ack_sent = -1  # a replay of what we have: say so at once
             return
         if offset > s.recv_next:
             raise WireError("stream %d: a gap at %d (expected %d)" % (sid, offset, s.recv_next))
@@ -216,7 +276,7 @@ class Mux:
         if s is None or value <= s.acked:
             return
         data_acked = min(value, s.read)
-        del s.buf[: data_acked - s.acked]
+        s.forget(data_acked)
         s.acked = value
         s.sent = max(s.sent, data_acked)
         self._check(s)
@@ -228,39 +288,49 @@ class Mux:
 
     # -- what goes to the carrier ----------------------------------------------------------
 
-    def output(self, limit: int = 256 * 1024) -> bytes:
+    def _ack_due(self, s: Stream) -> bool:
+        owed = s.ack_value - s.ack_sent
+        return owed != 0 and (self._ack_now or s.fin_taken or s.ack_sent < 0 or owed >= ACK_EVERY)
+
+    def _has_frames(self, s: Stream) -> bool:
+        return s.sent < s.read or (s.eof and not s.fin_sent) or (self.opener and not s.announced)
+
+    def output(self, limit: int = 1024 * 1024) -> bytes:
         """Frames to write to the carrier now (up to about ``limit`` bytes); b"" when none."""
         if not self.attached:
             return b""
-        out = bytearray()
-        for frame in self._control:
-            out += frame
+        parts: List[Chunk] = list(self._control)
         self._control = []
         streams = list(self.streams.values())
+        # Owed acks ride with any frame that goes anyway; alone only when due.
+        riding = bool(parts) or any(self._has_frames(s) for s in streams)
         for s in streams:
-            if s.ack_value != s.ack_sent:
-                out += encode(ACK, s.sid, s.ack_value)
+            if s.ack_value != s.ack_sent and (riding or self._ack_due(s)):
+                parts.append(encode(ACK, s.sid, s.ack_value))
                 s.ack_sent = s.ack_value
+        self._ack_now = False
         for s in streams:
             # In id order: the agent takes an id below one it has seen for a finished stream.
             if self.opener and not s.announced:
-                out += encode(DATA, s.sid, 0, b"")
+                parts.append(encode(DATA, s.sid, 0, b""))
                 s.announced = True
         if streams:
             self._turn = (self._turn + 1) % len(streams)
             streams = streams[self._turn :] + streams[: self._turn]
+        size = 0
         for s in streams:
-            while s.sent < s.read and len(out) < limit:
-                n = min(MAX_PAYLOAD, s.read - s.sent)
-                start = s.sent - s.acked
-                out += encode(DATA, s.sid, s.sent, bytes(s.buf[start : start + n]))
-                s.sent += n
+            while s.sent < s.read and size < limit:
+                piece = s.piece(min(MAX_PAYLOAD, limit - size))
+                parts.append(HEADER.pack(DATA, s.sid, s.sent, len(piece)))
+                parts.append(piece)
+                s.sent += len(piece)
+                size += len(piece)
             if s.eof and not s.fin_sent and s.sent == s.read:
-                out += encode(FIN, s.sid, s.read)
+                parts.append(encode(FIN, s.sid, s.read))
                 s.fin_sent = True
         for s in streams:
             self._check(s)
-        return bytes(out)
+        return b"".join(parts)
 
     def wants_output(self) -> bool:
         """True when :meth:`output` has something to send."""
@@ -268,15 +338,10 @@ class Mux:
             return False
         if self._control:
             return True
-        for s in self.streams.values():
-            if s.ack_value != s.ack_sent or s.sent < s.read or (s.eof and not s.fin_sent):
-                return True
-            if self.opener and not s.announced:
-                return True
-        return False
+        return any(self._has_frames(s) or self._ack_due(s) for s in self.streams.values())
 
     # -- figures ------------------------------------------------------------------------------
 
     def buffered(self) -> int:
         """Bytes kept for replay (read here, not yet acknowledged by the other end)."""
-        return sum(len(s.buf) for s in self.streams.values())
+        return sum(s.buffered for s in self.streams.values())

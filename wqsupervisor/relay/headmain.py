@@ -4,7 +4,8 @@ Sent over the tunnel's own ssh session and run by the head's ``python3``
 (3.6 or later, standard library only; see :mod:`wqsupervisor.relay.program`).
 The session runs the *attacher*: it connects to the daemon's unix socket in
 ``~/.wqsupervisor/relay/`` (0700), starting the daemon first if none answers,
-and then only copies bytes between its stdin/stdout and that socket. The
+hands the daemon its stdin and stdout (``SCM_RIGHTS``: the daemon reads and
+writes the session's pipes itself, nothing is copied twice) and waits. The
 *daemon* (detached: double fork, setsid, no terminal) listens on the tunnel's
 ``BIND:REMOTE``, holds every worker connection, and multiplexes them over
 whichever attacher is current (:class:`Mux`). When the session dies the
@@ -12,23 +13,29 @@ attacher dies with it; the daemon waits ``linger`` seconds for the next one,
 then closes its workers' connections and exits.
 """
 
+import collections
 import contextlib
 import errno
+import fcntl
+import itertools
 import os
 import selectors
 import signal
 import socket
 import struct
 import sys
-import threading
 import time
-from typing import Dict, List, Optional, Set
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
-from .core import Mux
+from .core import ACK_DELAY, Chunk, Mux
 from .wire import BYE, HELLO, PING, PONG, SHUTDOWN, WELCOME, WireError
 
-READ_CHUNK = 64 * 1024
-CARRIER_HIGH = 512 * 1024
+READ_CHUNK = 256 * 1024
+CARRIER_READ = 256 * 1024
+CARRIER_HIGH = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = 1031  # fcntl's name for it arrived in Python 3.10
+FD_SIZE = struct.calcsize("i")
 PROCESS_NAME = b"wqs-relay"
 
 
@@ -45,7 +52,8 @@ def relay_dir() -> str:
 
 def socket_path(bind: str, port: int) -> str:
     """The daemon's unix socket for one remote port."""
-    return os.path.join(relay_dir(), "%s-%d.sock" % (bind, port))
+    # "v2": an attacher hands over its pipes; a relay of the first kind expected frames on the socket.
+    return os.path.join(relay_dir(), "%s-%d.v2.sock" % (bind, port))
 
 
 def _name_process() -> None:
@@ -59,8 +67,66 @@ def _name_process() -> None:
         pass
 
 
+class Carrier:
+    """The current session's stdin and stdout (handed over by its attacher), and the attacher's socket."""
+
+    def __init__(self, conn: socket.socket, rfd: int, wfd: int) -> None:
+        self.conn = conn  # closed when we let go: the attacher then exits, and its session ends
+        self.rfd = rfd
+        self.wfd = wfd
+        self.out: Deque[memoryview] = collections.deque()
+        self.out_bytes = 0
+        for fd in (rfd, wfd):
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+
+    def write(self) -> bool:
+        """Write what is queued; False when the session is gone."""
+        while self.out:
+            try:
+                n = os.writev(self.wfd, list(itertools.islice(self.out, 64)))
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            self.out_bytes -= n
+            while n:
+                first = self.out[0]
+                if n >= len(first):
+                    self.out.popleft()
+                    n -= len(first)
+                else:
+                    self.out[0] = first[n:]
+                    n = 0
+        return True
+
+    def close(self) -> None:
+        for fd in (self.rfd, self.wfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.conn.close()
+
+
+def _receive_fds(conn: socket.socket) -> Optional[Tuple[int, int]]:
+    """The two descriptors an attacher sends (its stdin and stdout), or None."""
+    conn.settimeout(5)
+    try:
+        _msg, ancillary, _flags, _addr = conn.recvmsg(1, socket.CMSG_LEN(2 * FD_SIZE))
+    except OSError:
+        return None
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = struct.unpack("%di" % (len(data) // FD_SIZE), data[: len(data) - len(data) % FD_SIZE])
+            if len(fds) == 2:
+                return fds[0], fds[1]
+            for fd in fds:
+                os.close(fd)
+    return None
+
+
 class Daemon:
-    """Holds the workers' connections and serves one carrier (attacher) at a time."""
+    """Holds the workers' connections and serves one carrier (a session's pipes) at a time."""
 
     def __init__(self, bind: str, port: int, path: str, linger: float) -> None:
         self.path = path
@@ -85,14 +151,14 @@ class Daemon:
         self.sel.register(self.control, selectors.EVENT_READ, "control")
         self.mux = Mux(opener=True)
         self.socks: Dict[int, socket.socket] = {}
-        self.pending: Dict[int, bytearray] = {}
+        self.pending: Dict[int, Deque[Chunk]] = {}
         self.read_done: Set[int] = set()
         self.end_after_write: Set[int] = set()
-        self.carrier: Optional[socket.socket] = None
-        self.carrier_out = bytearray()
+        self.carrier: Optional[Carrier] = None
         self.greeted = False
         self.epoch: Optional[bytes] = None
         self.detached_at = time.monotonic()
+        self.ack_at: Optional[float] = None
         self.stopping = False
         self._registered: Dict[int, int] = {}
 
@@ -102,11 +168,16 @@ class Daemon:
         """Serve until shut down or until no carrier came back for ``linger`` seconds."""
         while not self.stopping:
             self._interest()
+            now = time.monotonic()
             timeout: Optional[float] = None
             if self.carrier is None or not self.greeted:
-                timeout = max(0.0, self.detached_at + self.linger - time.monotonic())
+                timeout = max(0.0, self.detached_at + self.linger - now)
+            elif self.ack_at is not None:
+                timeout = max(0.0, self.ack_at - now)
             for key, mask in self.sel.select(timeout):
-                self._dispatch(key.data, key.fileobj, mask)  # type: ignore[arg-type]
+                self._dispatch(key.data, key.fd, mask)
+            if self.ack_at is not None and time.monotonic() >= self.ack_at:
+                self.mux.flush_acks()
             self._apply_events()
             self._pump()
             if (self.carrier is None or not self.greeted) and (
@@ -116,52 +187,55 @@ class Daemon:
         self._close_all()
 
     def _interest(self) -> None:
-        wanted: Dict[int, int] = {}
-        for sid in self.socks:
+        for sid, sock in self.socks.items():
             mask = 0
             if sid not in self.read_done and self.mux.room(sid) > 0:
                 mask |= selectors.EVENT_READ
             if self.pending.get(sid):
                 mask |= selectors.EVENT_WRITE
-            wanted[sid] = mask
-        for sid, mask in wanted.items():
-            self._set(self.socks[sid], ("sock", sid), mask)
-        if self.carrier is not None:
-            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.carrier_out else 0)
-            self._set(self.carrier, "carrier", mask)
+            self._set(sock.fileno(), ("sock", sid), mask)
+        carrier = self.carrier
+        if carrier is not None:
+            self._set(carrier.rfd, "carrier", selectors.EVENT_READ)
+            self._set(carrier.wfd, "carrier-out", selectors.EVENT_WRITE if carrier.out else 0)
+            self._set(carrier.conn.fileno(), "attacher", selectors.EVENT_READ)
 
-    def _set(self, sock: socket.socket, data: object, mask: int) -> None:
-        fd = sock.fileno()
+    def _set(self, fd: int, data: object, mask: int) -> None:
         old = self._registered.get(fd, 0)
         if mask == old:
             return
         if old and not mask:
-            self.sel.unregister(sock)
+            self.sel.unregister(fd)
         elif not old:
-            self.sel.register(sock, mask, data)
+            self.sel.register(fd, mask, data)
         else:
-            self.sel.modify(sock, mask, data)
+            self.sel.modify(fd, mask, data)
         if mask:
             self._registered[fd] = mask
         else:
             self._registered.pop(fd, None)
 
-    def _forget(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
+    def _unregister(self, fd: int) -> None:
         if self._registered.pop(fd, 0):
-            self.sel.unregister(sock)
+            self.sel.unregister(fd)
+
+    def _forget(self, sock: socket.socket) -> None:
+        self._unregister(sock.fileno())
         sock.close()
 
-    def _dispatch(self, what: object, sock: socket.socket, mask: int) -> None:
+    def _dispatch(self, what: object, fd: int, mask: int) -> None:
         if what == "listen":
             self._accept_worker()
         elif what == "control":
             self._accept_carrier()
         elif what == "carrier":
-            if mask & selectors.EVENT_WRITE:
-                self._write_carrier()
-            if mask & selectors.EVENT_READ and self.carrier is sock:
-                self._read_carrier()
+            self._read_carrier()
+        elif what == "carrier-out":
+            if self.carrier is not None and not self.carrier.write():
+                self._drop_carrier()
+        elif what == "attacher":
+            # The attacher only ever waits: readable means it is gone.
+            self._drop_carrier()
         elif isinstance(what, tuple):
             sid = what[1]
             if mask & selectors.EVENT_WRITE:
@@ -189,7 +263,7 @@ class Daemon:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._worker_gone(sid)
+            self._drop(sid)
             return
         if data:
             self.mux.local_data(sid, data)
@@ -198,20 +272,27 @@ class Daemon:
             self.mux.local_eof(sid)
 
     def _write_worker(self, sid: int) -> None:
-        buf = self.pending.get(sid)
+        chunks = self.pending.get(sid)
         sock = self.socks.get(sid)
-        if not buf or sock is None:
+        if not chunks or sock is None:
             return
         try:
-            n = sock.send(buf)
+            n = sock.sendmsg(list(itertools.islice(chunks, 64)))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._worker_gone(sid)
+            self._drop(sid)
             return
-        del buf[:n]
         self.mux.taken(sid, n)
-        if not buf and sid in self.end_after_write:
+        while n:
+            first = chunks[0]
+            if n >= len(first):
+                chunks.popleft()
+                n -= len(first)
+            else:
+                chunks[0] = first[n:]
+                n = 0
+        if not chunks and sid in self.end_after_write:
             self._end_write(sid)
 
     def _end_write(self, sid: int) -> None:
@@ -222,7 +303,8 @@ class Daemon:
                 sock.shutdown(socket.SHUT_WR)
         self.mux.took_fin(sid)
 
-    def _worker_gone(self, sid: int) -> None:
+    def _drop(self, sid: int) -> None:
+        """Forget the worker socket of stream ``sid``; its stream ends unless it already had."""
         sock = self.socks.pop(sid, None)
         if sock is not None:
             self._forget(sock)
@@ -237,7 +319,8 @@ class Daemon:
         for kind, sid, data in events:
             if kind == "data":
                 if sid in self.socks:
-                    self.pending.setdefault(sid, bytearray()).extend(data)
+                    self.pending.setdefault(sid, collections.deque()).append(data)
+                    self._write_worker(sid)  # at once: most writes fit, and a select turn is a wait
                 else:
                     self.mux.taken(sid, len(data))
             elif kind == "eof":
@@ -246,12 +329,7 @@ class Daemon:
                 else:
                     self._end_write(sid)
             elif kind == "close":
-                sock = self.socks.pop(sid, None)
-                if sock is not None:
-                    self._forget(sock)
-                self.pending.pop(sid, None)
-                self.read_done.discard(sid)
-                self.end_after_write.discard(sid)
+                self._drop(sid)
 
     # -- the carrier ----------------------------------------------------------------
 
@@ -261,28 +339,31 @@ class Daemon:
         except OSError:
             return
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        if struct.unpack("3i", creds)[1] != os.getuid():
+        fds = _receive_fds(conn) if struct.unpack("3i", creds)[1] == os.getuid() else None
+        if fds is None:
             conn.close()
             return
         conn.setblocking(False)
         self._drop_carrier()
-        self.carrier = conn
+        self.carrier = Carrier(conn, fds[0], fds[1])
         self.greeted = False
         self.detached_at = time.monotonic()
 
     def _drop_carrier(self) -> None:
         if self.carrier is not None:
-            self._forget(self.carrier)
+            for fd in (self.carrier.rfd, self.carrier.wfd, self.carrier.conn.fileno()):
+                self._unregister(fd)
+            self.carrier.close()
         self.carrier = None
-        self.carrier_out = bytearray()
         self.greeted = False
+        self.ack_at = None
         self.mux.detach()
         self.detached_at = time.monotonic()
 
     def _read_carrier(self) -> None:
         assert self.carrier is not None
         try:
-            data = self.carrier.recv(256 * 1024)
+            data = os.read(self.carrier.rfd, CARRIER_READ)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -313,29 +394,30 @@ class Daemon:
             self.stopping = True
 
     def _pump(self) -> None:
-        if self.carrier is None or not self.greeted:
+        carrier = self.carrier
+        if carrier is None or not self.greeted:
             return
-        while len(self.carrier_out) < CARRIER_HIGH and self.mux.wants_output():
-            self.carrier_out += self.mux.output()
+        while carrier.out_bytes < CARRIER_HIGH and self.mux.wants_output():
+            data = self.mux.output()
+            if data:
+                carrier.out.append(memoryview(data))
+                carrier.out_bytes += len(data)
         self._apply_events()
-
-    def _write_carrier(self) -> None:
-        if self.carrier is None or not self.carrier_out:
-            return
-        try:
-            n = self.carrier.send(self.carrier_out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
+        if carrier.out and not carrier.write():
             self._drop_carrier()
             return
-        del self.carrier_out[:n]
+        if self.mux.owes_acks():
+            if self.ack_at is None:
+                self.ack_at = time.monotonic() + ACK_DELAY
+        else:
+            self.ack_at = None
 
     def _flush_carrier(self) -> None:
         deadline = time.monotonic() + 2.0
-        while self.carrier is not None and self.carrier_out and time.monotonic() < deadline:
-            self._write_carrier()
-            if self.carrier_out:
+        while self.carrier is not None and self.carrier.out and time.monotonic() < deadline:
+            if not self.carrier.write():
+                break
+            if self.carrier.out:
                 time.sleep(0.005)
 
     def _close_all(self) -> None:
@@ -343,7 +425,7 @@ class Daemon:
             self._forget(sock)
         self.socks.clear()
         if self.carrier is not None:
-            self._forget(self.carrier)
+            self.carrier.close()
         self._forget(self.listener)
         self._forget(self.control)
         with contextlib.suppress(OSError):
@@ -404,36 +486,26 @@ def attach(path: str) -> socket.socket:
     return sock
 
 
-def splice(sock: socket.socket) -> None:
-    """Copy stdin to the daemon and the daemon to stdout until either side ends; then exit."""
+def hand_over(sock: socket.socket) -> None:
+    """Give the daemon this session's stdin and stdout, then wait until it lets go of them; then exit.
 
-    def upstream() -> None:
-        try:
-            while True:
-                data = os.read(0, READ_CHUNK)
-                if not data:
-                    break
-                sock.sendall(data)
-        except OSError:
-            pass
-        os._exit(0)
-
-    reader = threading.Thread(target=upstream, daemon=True)
-    reader.start()
+    The daemon reads and writes the session's pipes itself (no copy through
+    this process). This process holds the session open: it exits when the
+    daemon closes ``sock`` (another session took over, or the relay ended).
+    """
     try:
-        while True:
-            data = sock.recv(READ_CHUNK)
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                n = os.write(1, view)
-                view = view[n:]
+        sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("2i", 0, 1))])
+    except OSError:
+        os._exit(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    os.close(null)
+    try:
+        while sock.recv(4096):
+            pass
     except OSError:
         pass
-    # The relay ended (shut down, or another session took over): this session
-    # ends when its client closes it, so the client sees its own close.
-    reader.join()
     os._exit(0)
 
 
@@ -454,6 +526,6 @@ def main(args: List[str]) -> None:
                 sys.stderr.write("wqs-relay: %s\n" % said)
                 sys.exit(1)
             continue
-        splice(sock)
+        hand_over(sock)
     sys.stderr.write("wqs-relay: cannot reach the relay at %s\n" % path)
     sys.exit(1)

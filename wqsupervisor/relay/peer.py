@@ -1,25 +1,32 @@
 """The agent's side of the relay: one connection to the master per worker connection held on the head.
 
 A :class:`RelayPeer` lives as long as its tunnel, across sessions: each new
-session's stdin/stdout becomes its carrier (:meth:`RelayPeer.attach`), and
+session's stdin/stdout becomes its carrier (:class:`Carrier`,
+:meth:`RelayPeer.attach`), and
 when a session dies the peer keeps every master connection and everything
 the head has not acknowledged, so the next session carries on where the last
 one stopped. It runs in the agent's event loop (never in the application's
-process, whose ``wait()`` holds the GIL).
+process, whose ``wait()`` holds the GIL), with protocols rather than streams:
+a frame's bytes go to the master's socket from the carrier's read, with no
+task, queue or copy in between.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import time
 from dataclasses import dataclass
 
-from .core import Mux
-from .wire import BYE, HELLO, MAX_PAYLOAD, PING, PONG, SHUTDOWN, WELCOME, WireError, encode
+from .core import ACK_DELAY, Mux
+from .wire import BYE, HELLO, PING, PONG, SHUTDOWN, WELCOME, WireError, encode
 
-__all__ = ["RelayEnded", "RelayPeer", "RelayStats"]
+__all__ = ["Carrier", "RelayEnded", "RelayPeer", "RelayStats"]
+
+PIPE_SIZE = 1024 * 1024
+CARRIER_HIGH = 1024 * 1024
 
 
 class RelayEnded(Exception):
@@ -39,87 +46,231 @@ class RelayStats:
     head_pid: int | None
 
 
-class _Conn:
-    """One master connection, for stream ``sid``."""
+class _Master(asyncio.Protocol):
+    """One connection to the master, for stream ``sid``: written straight from the carrier's frames.
+
+    Its transport pauses at any buffered byte (``high=0``), so what it took
+    for good (and what the head may forget) is what reached the kernel.
+    """
 
     def __init__(self, peer: RelayPeer, sid: int) -> None:
         self.peer = peer
         self.sid = sid
-        self.writer: asyncio.StreamWriter | None = None
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.room = asyncio.Event()
-        self.task = asyncio.create_task(self._run(), name=f"relay-stream-{sid}")
+        self.transport: asyncio.Transport | None = None
+        self.waiting: list[bytes | memoryview] = []  # frames that came before the connection
+        self.handed = 0  # bytes given to the transport
+        self.reported = 0  # of those, what the mux was told was taken
+        self.eof_due = False  # the head's side ended: half-close once every byte is out
+        self.reading = True
+        self.gone = False
+        self.connecting = asyncio.ensure_future(self._connect())
 
-    async def _run(self) -> None:
-        peer = self.peer
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_connection(peer.master_host, peer.master_port)
+            await loop.create_connection(lambda: self, self.peer.master_host, self.peer.master_port)
         except OSError:
-            peer.mux.local_gone(self.sid)
-            peer.kick()
+            self._gone()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0)
+        for data in self.waiting:
+            self.deliver(data)
+        self.waiting = []
+        self.refresh()
+
+    def data_received(self, data: bytes) -> None:
+        mux = self.peer.mux
+        if self.sid not in mux.streams:
             return
-        self.writer = writer
-        down = asyncio.create_task(self._downstream(writer), name=f"relay-down-{self.sid}")
-        try:
-            await self._upstream(reader)
-            await down
-        finally:
-            down.cancel()
+        mux.local_data(self.sid, data)
+        if mux.room(self.sid) <= 0:
+            self.pause()
+        self.peer.kick()
 
-    async def _upstream(self, reader: asyncio.StreamReader) -> None:
-        """Master -> head: read only while the stream has room (the head's acks make more)."""
-        peer = self.peer
-        while True:
-            room = peer.mux.room(self.sid)
-            if room <= 0:
-                if self.sid not in peer.mux.streams:
-                    return
-                self.room.clear()
-                await self.room.wait()
-                continue
-            try:
-                data = await reader.read(min(room, MAX_PAYLOAD))
-            except OSError:
-                peer.mux.local_gone(self.sid)
-                peer.kick()
-                return
-            if not data:
-                peer.mux.local_eof(self.sid)
-                peer.kick()
-                return
-            peer.mux.local_data(self.sid, data)
-            peer.kick()
+    def eof_received(self) -> bool:
+        self.peer.mux.local_eof(self.sid)
+        self.peer.kick()
+        return True  # keep our direction open: the head may still be sending
 
-    async def _downstream(self, writer: asyncio.StreamWriter) -> None:
-        """Head -> master, acknowledging what the master's socket took."""
-        peer = self.peer
-        while True:
-            item = await self.queue.get()
-            try:
-                if item is None:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    peer.mux.took_fin(self.sid)
-                    peer.kick()
-                    return
-                writer.write(item)
-                await writer.drain()
-            except (OSError, RuntimeError):
-                peer.mux.local_gone(self.sid)
-                peer.kick()
-                return
-            peer.mux.taken(self.sid, len(item))
-            peer.kick()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._gone()
+
+    def resume_writing(self) -> None:
+        self.refresh()
+        self.peer.kick()
+
+    def _gone(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self.peer.mux.local_gone(self.sid)
+            self.peer.kick()
+
+    def pause(self) -> None:
+        if self.reading and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading = False
+
+    def resume(self) -> None:
+        if not self.reading and self.transport is not None and self.peer.mux.room(self.sid) > 0:
+            self.transport.resume_reading()
+            self.reading = True
+
+    def deliver(self, data: bytes | memoryview) -> None:
+        """Bytes from the head, in order."""
+        if self.transport is None:
+            if self.gone:
+                self.peer.mux.taken(self.sid, len(data))
+            else:
+                self.waiting.append(data)
+            return
+        self.transport.write(data)
+        self.handed += len(data)
+
+    def end(self) -> None:
+        """The head's side ended (after every byte delivered)."""
+        self.eof_due = True
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Tell the mux what reached the master's socket (and the end, once it has)."""
+        t = self.transport
+        if t is None:
+            if self.gone and self.eof_due:
+                self.peer.mux.took_fin(self.sid)
+            return
+        taken = self.handed - t.get_write_buffer_size()
+        if taken > self.reported:
+            self.peer.mux.taken(self.sid, taken - self.reported)
+            self.reported = taken
+        if self.eof_due and taken == self.handed and not self.waiting:
+            self.eof_due = False
+            if t.can_write_eof():
+                t.write_eof()
+            self.peer.mux.took_fin(self.sid)
 
     def close(self, abort: bool = False) -> None:
         """End the master connection: gracefully when its stream is done, at once when the relay ends."""
-        self.task.cancel()
-        if self.writer is not None:
+        self.connecting.cancel()
+        if self.transport is not None:
             if abort:
-                # close() would wait to flush to a master that may be gone or stopped.
-                self.writer.transport.abort()
+                self.transport.abort()  # close() would wait to flush to a master that may be gone
             else:
-                self.writer.close()
+                self.transport.close()
+
+
+class _CarrierIn(asyncio.Protocol):
+    """The session's stdout: one greeting line, then the head relay's frames."""
+
+    def __init__(self, carrier: Carrier) -> None:
+        self.carrier = carrier
+
+    def data_received(self, data: bytes) -> None:
+        self.carrier.received(data)
+
+    def eof_received(self) -> bool:
+        self.carrier.ended()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.carrier.ended()
+
+
+class _CarrierOut(asyncio.Protocol):
+    """The session's stdin: flow control and its end."""
+
+    def __init__(self, carrier: Carrier) -> None:
+        self.carrier = carrier
+
+    def pause_writing(self) -> None:
+        self.carrier.paused = True
+
+    def resume_writing(self) -> None:
+        self.carrier.paused = False
+        self.carrier.peer.kick()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.carrier.ended()
+
+
+class Carrier:
+    """One session's stdin and stdout as the relay's carrier.
+
+    Opened on the two pipe ends the session's ssh was started with; the
+    first line that comes is the session's greeting (:attr:`greeting`), and
+    whatever follows goes to the peer once :meth:`RelayPeer.attach` made this
+    carrier current.
+    """
+
+    def __init__(self, peer: RelayPeer) -> None:
+        loop = asyncio.get_running_loop()
+        self.peer = peer
+        self.greeting: asyncio.Future[str] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.paused = False
+        self.current = False
+        self._early = bytearray()
+        self._in: asyncio.ReadTransport | None = None
+        self._out: asyncio.WriteTransport | None = None
+
+    @classmethod
+    async def open(cls, peer: RelayPeer, read_fd: int, write_fd: int) -> Carrier:
+        """A carrier on the session's stdout (``read_fd``) and stdin (``write_fd``); takes both."""
+        loop = asyncio.get_running_loop()
+        self = cls(peer)
+        for fd in (read_fd, write_fd):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self._in, _ = await loop.connect_read_pipe(lambda: _CarrierIn(self), os.fdopen(read_fd, "rb", 0))
+        self._out, _ = await loop.connect_write_pipe(lambda: _CarrierOut(self), os.fdopen(write_fd, "wb", 0))
+        self._out.set_write_buffer_limits(high=CARRIER_HIGH)
+        return self
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the session's stdin."""
+        if self._out is not None and not self._out.is_closing():
+            self._out.write(data)
+
+    def received(self, data: bytes) -> None:
+        if not self.greeting.done():
+            self._early += data
+            line, newline, rest = self._early.partition(b"\n")
+            if not newline:
+                if len(self._early) > 4096:
+                    self.greeting.set_result(bytes(self._early[:200]).decode(errors="replace"))
+                    self.ended()
+                return
+            self.greeting.set_result(line.decode(errors="replace").strip())
+            self._early = bytearray(rest)
+            return
+        if not self.current:
+            self._early += data
+            return
+        self.peer._carrier_data(self, data)
+
+    def start(self) -> None:
+        """This carrier is current: pass on what came after the greeting."""
+        self.current = True
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            self.peer._carrier_data(self, early)
+
+    def ended(self) -> None:
+        if not self.greeting.done():
+            self.greeting.set_exception(RelayEnded("the session ended before its greeting"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+            self.peer._carrier_ended(self)
+
+    def close(self) -> None:
+        """Let go of both pipes."""
+        for t in (self._in, self._out):
+            if t is not None:
+                t.close()
+        self.ended()
 
 
 class RelayPeer:
@@ -130,107 +281,105 @@ class RelayPeer:
         self.master_port = master_port
         self.mux = Mux(opener=False)
         self.epoch = os.urandom(12).hex().encode()
-        self._conns: dict[int, _Conn] = {}
-        self._carrier: list[asyncio.Task[None]] = []
-        self._writer: asyncio.StreamWriter | None = None
-        self._wake = asyncio.Event()
+        self._conns: dict[int, _Master] = {}
+        self._carrier: Carrier | None = None
+        self._kicked = False
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._welcome: asyncio.Future[str] | None = None
         self._bye: asyncio.Future[None] | None = None
         self._pongs: dict[int, asyncio.Future[None]] = {}
         self._ping_seq = 0
-        self._lost: asyncio.Future[None] | None = None
         self.resumptions = 0
         self.fresh_starts = 0
         self.last_resumption: float | None = None
         self.head_pid: int | None = None
         self.generation = 0
+        """Counts carriers: a session lets go of the peer only while its own carrier is current."""
         self.ended = False
         """The head relay said goodbye: nothing is left on the head node."""
         self.last_took: float | None = None
         self._lost_at: float | None = None
-        """Counts carriers: a session lets go of the peer only while its own carrier is current."""
 
     # -- carriers -------------------------------------------------------------------
 
-    async def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        """Make this reader/writer the carrier; returns ``fresh`` or ``resumed`` once the head answered.
+    async def attach(self, carrier: Carrier) -> str:
+        """Make ``carrier`` current; returns ``fresh`` or ``resumed`` once the head answered.
 
         Raises :class:`RelayEnded` when the carrier ends before the head's answer.
         """
         self.detach()
         self.generation += 1
-        loop = asyncio.get_running_loop()
-        self._welcome = loop.create_future()
-        self._lost = loop.create_future()
-        self._lost.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._writer = writer
-        writer.write(encode(HELLO, payload=self.epoch))
-        self._carrier = [
-            asyncio.create_task(self._read(reader), name="relay-carrier-in"),
-            asyncio.create_task(self._write(writer), name="relay-carrier-out"),
-        ]
+        self._welcome = asyncio.get_running_loop().create_future()
+        self._carrier = carrier
+        carrier.write(encode(HELLO, payload=self.epoch))
+        carrier.start()
+        if carrier.lost.done():
+            self._carrier_ended(carrier)
         return await asyncio.shield(self._welcome)
 
     def detach(self) -> None:
         """Stop using the current carrier (it died or is being replaced); keep every stream."""
-        for task in self._carrier:
-            task.cancel()
-        if self._writer is not None:
-            self._carrier_gone()
-        self._carrier = []
-        self._writer = None
+        carrier, self._carrier = self._carrier, None
+        if carrier is not None:
+            carrier.current = False
+            if self._lost_at is None:
+                self._lost_at = asyncio.get_running_loop().time()
         self.mux.detach()
         self._fail_waiters()
 
-    def _carrier_gone(self) -> None:
-        if self._lost_at is None:
-            self._lost_at = asyncio.get_running_loop().time()
-
     def _fail_waiters(self) -> None:
-        for fut in (self._welcome, self._bye, self._lost, *self._pongs.values()):
+        for fut in (self._welcome, self._bye, *self._pongs.values()):
             if fut is not None and not fut.done():
                 fut.set_exception(RelayEnded("the relay's carrier ended"))
 
+    def _carrier_ended(self, carrier: Carrier) -> None:
+        if carrier is self._carrier:
+            self.detach()
+
     async def carrier_lost(self) -> None:
         """Wait until the current carrier ends."""
-        if self._lost is not None:
-            with contextlib.suppress(RelayEnded):
-                await asyncio.shield(self._lost)
+        if self._carrier is not None:
+            await asyncio.shield(self._carrier.lost)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    def _carrier_data(self, carrier: Carrier, data: bytes) -> None:
+        if carrier is not self._carrier:
+            return
         try:
-            while True:
-                data = await reader.read(256 * 1024)
-                if not data:
-                    break
-                self.mux.feed(data, self._on_control)
-                self._apply_events()
-                for conn in self._conns.values():
-                    conn.room.set()
-                self.kick()
-        except (OSError, WireError):
-            pass
-        self.mux.detach()
-        self._carrier_gone()
-        self._fail_waiters()
-
-    async def _write(self, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self.mux.wants_output():
-                    writer.write(self.mux.output())
-                    await writer.drain()
-                    self._apply_events()
-        except (OSError, RuntimeError):
-            self.mux.detach()
-            self._carrier_gone()
-            self._fail_waiters()
+            self.mux.feed(data, self._on_control)
+        except WireError:
+            carrier.close()
+            return
+        self._apply_events()
+        for conn in self._conns.values():
+            conn.resume()
+        self.kick()
 
     def kick(self) -> None:
-        """Something may have to go to the head."""
-        self._wake.set()
+        """Something may have to go to the head: write it once this turn of the loop is done."""
+        if not self._kicked:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._kicked = False
+        for conn in self._conns.values():
+            conn.refresh()
+        carrier = self._carrier
+        if carrier is not None and self.mux.attached:
+            while not carrier.paused and self.mux.wants_output():
+                carrier.write(self.mux.output())
+                self._apply_events()
+        if self.mux.owes_acks():
+            if self._ack_timer is None:
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._acks_due)
+        elif self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+
+    def _acks_due(self) -> None:
+        self._ack_timer = None
+        self.mux.flush_acks()
+        self.kick()
 
     def _on_control(self, kind: int, value: int, payload: bytes) -> None:
         if kind == WELCOME:
@@ -266,19 +415,19 @@ class RelayPeer:
         events, self.mux.events = self.mux.events, []
         for kind, sid, data in events:
             if kind == "open":
-                self._conns[sid] = _Conn(self, sid)
+                self._conns[sid] = _Master(self, sid)
             elif kind == "data":
                 conn = self._conns.get(sid)
                 if conn is None:
                     self.mux.taken(sid, len(data))
                 else:
-                    conn.queue.put_nowait(data)
+                    conn.deliver(data)
             elif kind == "eof":
                 conn = self._conns.get(sid)
                 if conn is None:
                     self.mux.took_fin(sid)
                 else:
-                    conn.queue.put_nowait(None)
+                    conn.end()
             elif kind == "close":
                 conn = self._conns.pop(sid, None)
                 if conn is not None:
@@ -288,7 +437,7 @@ class RelayPeer:
 
     async def ping(self) -> float:
         """One round trip to the head relay and back; returns its seconds (wrap it in a timeout)."""
-        if self._writer is None or not self.mux.attached:
+        if self._carrier is None or not self.mux.attached:
             raise RelayEnded("no carrier")
         loop = asyncio.get_running_loop()
         self._ping_seq += 1
@@ -307,7 +456,7 @@ class RelayPeer:
     async def shutdown(self, timeout: float = 3.0) -> bool:
         """End the head relay (it closes every worker connection); True when it said goodbye."""
         said = self.ended
-        if not said and self._writer is not None and self.mux.attached:
+        if not said and self._carrier is not None and self.mux.attached:
             self._bye = asyncio.get_running_loop().create_future()
             self.mux.control(SHUTDOWN)
             self.kick()
@@ -324,8 +473,9 @@ class RelayPeer:
         conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             conn.close(abort=True)
-        if conns:
-            await asyncio.wait([c.task for c in conns], timeout=2.0)
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self.mux = Mux(opener=False)
         # A new identity: a relay that still holds connections for the old one
         # must drop them when this peer attaches again, not replay into nothing.

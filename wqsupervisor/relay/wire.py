@@ -13,7 +13,7 @@ import struct
 from typing import List, Tuple
 
 HEADER = struct.Struct("!BIQI")
-MAX_PAYLOAD = 64 * 1024
+MAX_PAYLOAD = 256 * 1024
 # The largest frame we accept: anything bigger means the stream is not ours.
 MAX_FRAME_PAYLOAD = 1024 * 1024
 
@@ -27,7 +27,7 @@ PONG = 7  # value = the number pinged
 SHUTDOWN = 8  # the agent ends the relay: close every connection, exit
 BYE = 9  # the head's last frame before it exits
 
-Frame = Tuple[int, int, int, bytes]
+Frame = Tuple[int, int, int, memoryview]
 
 
 class WireError(Exception):
@@ -40,31 +40,50 @@ def encode(kind: int, sid: int = 0, value: int = 0, payload: bytes = b"") -> byt
 
 
 class Decoder:
-    """Turns the bytes of a carrier, as they come, into frames."""
+    """Turns the bytes of a carrier, as they come, into frames.
+
+    Payloads are memoryviews into the bytes fed (no copy); a frame cut across
+    reads is joined once, when its last byte arrives.
+    """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._parts: List[bytes] = []
+        self._have = 0
+        self._need = HEADER.size
 
     def feed(self, data: bytes) -> List[Frame]:
         """Add ``data``; returns every frame it completes, in order."""
-        self._buf += data
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            buf = b"".join(self._parts)
+            self._parts = []
+            self._have = 0
+        else:
+            buf = bytes(data)
+        view = memoryview(buf)
         frames: List[Frame] = []
-        pos = 0
-        buf = self._buf
-        while len(buf) - pos >= HEADER.size:
+        pos, size, need = 0, len(buf), HEADER.size
+        while size - pos >= HEADER.size:
             kind, sid, value, length = HEADER.unpack_from(buf, pos)
             if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > BYE:
                 raise WireError("bad frame header (kind %d, length %d)" % (kind, length))
             end = pos + HEADER.size + length
-            if end > len(buf):
+            if end > size:
+                need = end - pos
                 break
-            frames.append((kind, sid, value, bytes(buf[pos + HEADER.size : end])))
+            frames.append((kind, sid, value, view[pos + HEADER.size : end]))
             pos = end
-        if pos:
-            del buf[:pos]
+        if pos < size:
+            rest = buf[pos:]
+            self._parts = [rest]
+            self._have = len(rest)
+            self._need = need
         return frames
 
     @property
     def pending(self) -> int:
         """Bytes held that do not make a whole frame yet."""
-        return len(self._buf)
+        return self._have

@@ -239,10 +239,16 @@ PATHS: dict[str, PathSpec] = {
             _closing(Supervised),
             ("direct", "ssh -R"),
         ),
+        PathSpec(
+            "resumable",
+            "wqsupervisor, resumable (head relay on the data path)",
+            _closing(lambda head, port: Supervised(head, port, backend="resumable")),
+            ("direct", "wqsupervisor"),
+        ),
     )
 }
 # Many workers share one ssh connection: the paths that carry them all in one.
-CONCURRENT_PATHS = ("direct", "ssh -R", "wqsupervisor")
+CONCURRENT_PATHS = ("direct", "ssh -R", "wqsupervisor", "resumable")
 
 
 class Bed:

@@ -24,15 +24,18 @@ class Supervised:
 
     name = "wqsupervisor"
 
-    def __init__(self, head: HeadNode, master_port: int, remote_port: int | None = None) -> None:
+    def __init__(
+        self, head: HeadNode, master_port: int, remote_port: int | None = None, **options: Any
+    ) -> None:
         self.remote_port = remote_port or free_port()
+        self.options = options
         self.host = EngineThread(log=False)
         self.sup = self.host.call(self._attach(head, master_port))
         if not self.host.call(self._up(), timeout=60):
             raise RuntimeError("the supervised tunnel did not come up")
 
     async def _attach(self, head: HeadNode, master_port: int) -> Any:
-        settings = head.settings(remote_port=self.remote_port, allow_no_password=True)
+        settings = head.settings(remote_port=self.remote_port, allow_no_password=True, **self.options)
         return self.host.engine.attach(MasterInfo(port=master_port, name="wqs-bench"), settings)
 
     async def _up(self) -> bool:
