@@ -40,8 +40,8 @@ def lab() -> Iterator[Lab]:
         yield built
 
 
-def _persistent_fds(pid: int) -> int:
-    """How many of the agent's descriptors stay open for 3 s (longer than any probe lives)."""
+def _persistent_fds(pid: int) -> set[str]:
+    """The agent's descriptors that stay open for 3 s (longer than any probe lives), by what they are."""
 
     def look() -> set[tuple[str, str]]:
         found = set()
@@ -54,7 +54,21 @@ def _persistent_fds(pid: int) -> int:
     for _ in range(15):
         time.sleep(0.2)
         kept &= look()
-    return len(kept)
+    return {_describe(pid, fd, target) for fd, target in kept}
+
+
+def _describe(pid: int, fd: str, target: str) -> str:
+    """A descriptor by kind and, for a TCP socket, its ports and state (fd numbers are reused)."""
+    if not target.startswith("socket:["):
+        return target
+    inode = target[8:-1]
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table.rsplit('/', 1)[1]}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[9] == inode:
+                    return f"tcp {fields[1]} {fields[2]} state {fields[3]} (fd {fd})"
+    return f"socket (fd {fd})"
 
 
 class Run:
@@ -85,7 +99,11 @@ class Run:
         for tag, outputs in self.app.results.items():
             assert outputs == [f"out-{tag}"], (tag, outputs)
         self.app.wait_for(lambda: self.tunnel().state.value == "up", 60, "the tunnel to be up")
-        assert _persistent_fds(self.agent) == self.fds_before, "the agent leaked file descriptors"
+        after = _persistent_fds(self.agent)
+        assert len(after) == len(self.fds_before), (
+            f"the agent leaked file descriptors: now {sorted(after - self.fds_before)}, "
+            f"before {sorted(self.fds_before - after)}\n" + self.lab.sh(self.lab.ns[CAMPUS], "ss -tanpo")
+        )
         self.app.close()
         for proc in self.launchers:
             proc.send_signal(signal.SIGTERM)
@@ -332,3 +350,69 @@ def test_the_supervisor_socket_options(lab):
     assert tunnel.rto_capped is capped
     assert tunnel.tcp is not None and tunnel.tcp.rtt_ms >= 0
     run.finish()
+
+
+# -- resumable forwarding: the same faults cost no worker and no task ------------------------------
+
+
+def _relays(lab: Lab) -> list[int]:
+    """Head relay daemons in the head's namespace."""
+    found = []
+    for pid in lab.pids(HEAD):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == "wqs-relay":
+                found.append(pid)
+    return found
+
+
+def _hang_session(run: Run) -> None:
+    hung = run.tunnel().remote_pid
+    run.lab.stop_session(hung)
+    run.app.wait_event("tunnel.stalled", 20, after=run.started)
+    run.app.wait_event("tunnel.up", 60, after=run.started)
+    run.lab.resume_session(hung)
+
+
+def _forgotten_blackhole(run: Run) -> None:
+    with run.lab.fault(run.lab.blackhole, lambda: run.lab.heal(forget=True)):
+        time.sleep(20)
+
+
+def _link_down(run: Run) -> None:
+    with run.lab.fault(run.lab.link_down, run.lab.link_up):
+        time.sleep(90)
+
+
+# A head sshd restarted with its sessions (as the lab's restart does) also ends the node
+# launchers' -L hops, which do not resume yet: tests/test_resumable.py restarts sshd
+# under workers that connect to the head's port directly.
+RESUMABLE_FAULTS: dict[str, Callable[[Run], None]] = {
+    "ssh-killed": _kill_ssh,
+    "session-killed": lambda run: run.lab.kill_session(run.tunnel().remote_pid),
+    "peer-hung": _hang_session,
+    "blackhole-20s-forgotten": _forgotten_blackhole,
+    "link-down-90s": _link_down,
+}
+
+
+@pytest.mark.parametrize("fault", list(RESUMABLE_FAULTS))
+def test_resumable_tunnel_faults_cost_no_worker_and_no_task(lab, fault):
+    """Each fault under a resumable tunnel: no worker removed, no task sent twice, the relay gone after close."""
+    run = Run(lab, {"backend": "resumable"})
+    assert run.tunnel().resume_off is None, run.tunnel().resume_off
+    relays = _relays(lab)
+    assert len(relays) == 1, "one head relay holds the workers' connections"
+    RESUMABLE_FAULTS[fault](run)
+    run.app.wait_for(lambda: run.tunnel().state.value == "up", 90, "the tunnel to be up again")
+    if fault != "link-down-90s":
+        run.app.wait_event("tunnel.relay_reattached", 60, after=run.started)
+        assert run.tunnel().relay.resumptions >= 1
+    assert _relays(lab) == relays, "the same head relay carried the tunnel through the fault"
+    run.finish()
+    stats = run.app.latest_stats()
+    assert run.workers_removed() == 0, "a worker lost its connection"
+    assert stats["tasks_dispatched"] == stats["tasks_submitted"] == TASKS, "a task was sent twice"
+    deadline = time.monotonic() + 10
+    while _relays(lab) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _relays(lab), "the head relay outlived close()"

@@ -57,6 +57,8 @@ class MasterStats:
     tasks_running: int = 0
     tasks_done: int = 0
     tasks_submitted: int = 0
+    tasks_dispatched: int = 0
+    """Sends of a task to a worker: above tasks_submitted when a task was tried again."""
     capacity_tasks: int = 0
 
     @classmethod

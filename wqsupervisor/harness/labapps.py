@@ -423,7 +423,9 @@ def _app(argv: list[str]) -> int:
                     status=getattr(result, "return_status", None),
                 )
         else:
-            time.sleep(0.05)
+            # An idle master still takes its connections (status probes, workers), as a
+            # real application's loop does: otherwise they wait in its accept queue.
+            q.wait(1)
         if time.monotonic() - last_stats > 0.5:
             last_stats = time.monotonic()
             say("stats", stats=read_stats(q).to_dict())
