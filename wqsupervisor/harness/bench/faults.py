@@ -14,6 +14,12 @@ tool:
   outages); None when it did not within the window;
 * workers: when every worker is connected again;
 * lost: worker connections the master lost;
+* requeued: tasks sent to a worker again (dispatches that neither completed
+  nor are still on a worker), and the task-seconds that cost at most
+  (requeued times the task's length);
+* flowing: when a task completed again (from the fault for instant faults,
+  from the heal for outages), and for supervised tools, after the tunnel
+  was up again;
 * restarts (wqsupervisor only): sessions it replaced, to tell a loss that came
   with a replacement from one the master decided alone.
 """
@@ -51,6 +57,7 @@ class _Spec:
 
 TOOLS = {
     "wqsupervisor": _Spec(10001, "wqsupervisor"),
+    "wqsupervisor-resumable": _Spec(10005, "wqsupervisor", {"backend": "resumable"}),
     "autossh-M0": _Spec(10002, "autossh-M0"),
     "autossh-monitor": _Spec(10003, "autossh-monitor"),
 }
@@ -182,6 +189,7 @@ def faults() -> dict[str, Fault]:
 # Tasks queued per master: enough to keep two workers busy through the longest fault,
 # few enough that the master answers queue_status fast (about 25 us per queued task).
 BACKLOG = 5000
+TASK_SECONDS = 0.2
 
 
 def _one(
@@ -198,7 +206,7 @@ def _one(
         for tool_name, spec in specs.items():
             app = CampusApp(lab, spec.port, tunnel=spec.tunnel, settings=spec.settings)
             start_node_workers(lab, spec.port, n=n_workers)
-            app.submit(backlog, "sleep 0.2; echo out-{i}")
+            app.submit(backlog, f"sleep {TASK_SECONDS}; echo out-{{i}}")
             tools.append(_Tool(tool_name, app, HeadProbe(lab, spec.port), spec))
         for tool in tools:
             tool.app.wait_workers(n_workers, 120)
@@ -206,6 +214,7 @@ def _one(
         time.sleep(3)
         ssh_before = {t.name: t.ssh_pid() for t in tools}
         removed_before = {t.name: t.app.latest_stats().get("workers_removed", 0) for t in tools}
+        stats_before = {t.name: dict(t.app.latest_stats()) for t in tools}
         began = time.time()
         detected: dict[str, float | None] = dict.fromkeys(specs)
         watch = _DetectionWatch(tools, ssh_before, detected, began)
@@ -237,17 +246,41 @@ def _one(
             back = tool.probe.recovered(since)
             workers = _workers_back(tool, n_workers, since)
             noticed = detected[tool.name]
+            requeued = _requeued(stats_before[tool.name], tool.app.latest_stats())
+            flowing = _flowing(tool, since)
             result[tool.name] = {
                 "detected_s": None if noticed is None else noticed - began,
                 "forward_s": None if back is None else back - since,
                 "workers_s": None if workers is None else workers - since,
                 "lost": tool.app.latest_stats().get("workers_removed", 0) - removed_before[tool.name],
+                "requeued": requeued,
+                "task_s_lost_max": round(requeued * TASK_SECONDS, 1),
+                "flowing_s": None if flowing is None else flowing - since,
             }
             if tool.supervised:
                 # Whether a loss came with a replaced session or without one.
                 result[tool.name]["restarts"] = len(tool.app.named("tunnel.restarting", began))
+                ups = [e["at"] for e in tool.app.named("tunnel.up", began)]
+                if ups and flowing is not None:
+                    result[tool.name]["flowing_after_up_s"] = flowing - min(ups)
         progress(f"{name}: " + "; ".join(f"{k} {_fmt(v)}" for k, v in result.items()))
         return result
+
+
+def _requeued(before: dict[str, int], after: dict[str, int]) -> int:
+    """Dispatches that did not end in a result and are not on a worker now: tasks tried again."""
+
+    def delta(key: str) -> int:
+        return after.get(key, 0) - before.get(key, 0)
+
+    return max(0, delta("tasks_dispatched") - delta("tasks_done") - delta("tasks_on_workers"))
+
+
+def _flowing(tool: _Tool, since: float) -> float | None:
+    """The first stats line after ``since`` with more tasks done than the last one before it."""
+    before = [s.get("tasks_done", 0) for t, s in tool.app.stats if t < since]
+    done0 = before[-1] if before else 0
+    return next((t for t, s in tool.app.stats if t >= since and s.get("tasks_done", 0) > done0), None)
 
 
 def _answering_now(tool: _Tool) -> float | None:
@@ -308,6 +341,7 @@ def _fmt(figures: dict[str, Any]) -> str:
     return (
         f"detect {s(figures['detected_s'])} forward {s(figures['forward_s'])} "
         f"workers {s(figures['workers_s'])} lost {figures['lost']}"
+        + f" requeued {figures.get('requeued', 0)} flowing {s(figures.get('flowing_s'))}"
         + (f" restarts {figures['restarts']}" if "restarts" in figures else "")
     )
 
@@ -344,7 +378,12 @@ def run(
                     "never": sum(r[key] is None for r in rows),
                 }
                 for key in ("detected_s", "forward_s", "workers_s")
-            } | {"lost": summary([r["lost"] for r in rows])}
+            } | {
+                "lost": summary([r["lost"] for r in rows]),
+                "requeued": summary([r.get("requeued", 0) for r in rows]),
+                "task_s_lost_max": summary([r.get("task_s_lost_max", 0.0) for r in rows]),
+                "flowing_s": summary([r["flowing_s"] for r in rows if r.get("flowing_s") is not None]),
+            }
             if all("restarts" in r for r in rows):
                 per_tool[tool]["restarts"] = summary([r["restarts"] for r in rows])
         out["faults"][name] = {"tools": per_tool, "raw": runs}
@@ -358,11 +397,16 @@ def _cell(figures: dict[str, Any]) -> str:
     return text + (f" +{figures['never']} never" if figures.get("never") else "")
 
 
+def _count(figures: dict[str, Any]) -> str:
+    return "-" if figures["n"] == 0 else f"{figures['median']:g} ({figures['max']:g})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``benchmarks/faults.py``: every fault (or some), the tools side by side, a table on stdout."""
     parser = argparse.ArgumentParser(
         description="Per fault: time to detection, to the forward working again, to all workers back, "
-        "and worker connections lost, for wqsupervisor, autossh -M 0 and autossh -M PORT."
+        "worker connections lost and tasks requeued, for wqsupervisor (resumable or not), autossh -M 0 "
+        "and autossh -M PORT."
     )
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--only", nargs="*", choices=sorted(faults()))
@@ -371,21 +415,20 @@ def main(argv: list[str] | None = None) -> int:
         "--tools",
         nargs="*",
         choices=tool_names(),
-        help="tools side by side (default: wqsupervisor autossh-M0 autossh-monitor)",
+        help="tools side by side (default: wqsupervisor wqsupervisor-resumable autossh-M0 autossh-monitor)",
     )
     args = parser.parse_args(argv)
 
     result = run(only=args.only, reps=args.reps, tools=args.tools)
     save(result, args.out, "faults.json")
     print(
-        "| fault | tool | detected s, median (worst) | forward back s | workers back s | connections lost |"
+        "| fault | tool | detected s, median (worst) | forward back s | workers back s | connections lost "
+        "| tasks requeued | task-s lost (at most) | tasks flowing s |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, fault in result["faults"].items():
         for tool, figures in fault["tools"].items():
-            lost = figures["lost"]
-            print(
-                f"| {name} | {tool} | {_cell(figures['detected_s'])} | {_cell(figures['forward_s'])} | "
-                f"{_cell(figures['workers_s'])} | {lost['median']:g} ({lost['max']:g}) |"
-            )
+            cells = [_cell(figures[k]) for k in ("detected_s", "forward_s", "workers_s")]
+            cells += [_count(figures[k]) for k in ("lost", "requeued", "task_s_lost_max")]
+            print(f"| {name} | {tool} | " + " | ".join([*cells, _cell(figures["flowing_s"])]) + " |")
     return 0

@@ -44,7 +44,7 @@ SECTIONS = ("bulk", "concurrency", "latency", "tasks", "recovery")
 # the full run keeps one such (peer-hung); `--only recovery` runs every fault.
 FULL_FAULTS = ("ssh-killed", "session-killed", "peer-hung", "blackhole-20s-kept")
 QUICK_FAULTS = ("ssh-killed",)
-TASK_PATHS = ("direct", "wqsupervisor", "ssh -N -R", taskrate.TWO_HOP)
+TASK_PATHS = ("direct", "wqsupervisor", "ssh -N -R", taskrate.TWO_HOP, taskrate.RESUMABLE)
 MIB = 1 << 20
 MB = 1_000_000
 
@@ -213,27 +213,33 @@ def task_targets(tasks: dict[str, Any]) -> list[dict[str, Any]]:
     sizes = tasks["sizes"]
     empty = sizes.get("empty", {}).get("paths", {}).get("wqsupervisor")
     if empty:
-        ratio = empty["steady"]["ratios"].get("direct", {})
-        out.append(
-            {
-                "text": "supervised / direct, steady rate, empty tasks >= 0.75",
-                "value": report.fmt_ratio(ratio),
-                "met": ratio.get("median") is not None and ratio["median"] >= 0.75,
-            }
-        )
+        out.append(_target("supervised / direct, steady rate, empty tasks", empty, "direct", 0.75))
     for label, block in sizes.items():
         entry = block["paths"].get("wqsupervisor")
         if not entry or "ssh -N -R" not in entry["steady"]["ratios"]:
             continue
-        ratio = entry["steady"]["ratios"]["ssh -N -R"]
+        out.append(_target(f"supervised / ssh -N -R, steady rate, {label} inputs", entry, "ssh -N -R", 1.0))
+    resumable = {label: block["paths"].get(taskrate.RESUMABLE) for label, block in sizes.items()}
+    if resumable.get("empty"):
         out.append(
-            {
-                "text": f"supervised / ssh -N -R, steady rate, {label} inputs >= 1",
-                "value": report.fmt_ratio(ratio),
-                "met": ratio.get("median") is not None and ratio["median"] >= 1.0,
-            }
+            _target("resumable / direct, steady rate, empty tasks", resumable["empty"], "direct", 0.70)
+        )
+    if resumable.get("1 MB"):
+        out.append(
+            _target(
+                "resumable / supervised, steady rate, 1 MB inputs", resumable["1 MB"], "wqsupervisor", 0.9
+            )
         )
     return out
+
+
+def _target(text: str, entry: dict[str, Any], comparator: str, floor: float) -> dict[str, Any]:
+    ratio = entry["steady"]["ratios"].get(comparator, {})
+    return {
+        "text": f"{text} >= {floor:g}",
+        "value": report.fmt_ratio(ratio),
+        "met": ratio.get("median") is not None and ratio["median"] >= floor,
+    }
 
 
 def run_tasks(plan: Plan, progress: Progress) -> dict[str, Any]:

@@ -39,12 +39,15 @@ PATHS = ("direct", "wqsupervisor", "ssh -N -R")
 SESSION = "ssh -T -R cat"
 # The HOWTO's whole chain: ssh -N -R from the campus, the node's own ssh -N -L to it.
 TWO_HOP = "two-hop"
+# The supervised tunnel with resumable forwarding: the head relay and the agent on the data path.
+RESUMABLE = "resumable"
 # What each path's rate is divided by, round by round.
 COMPARATORS = {
     "wqsupervisor": ("direct", "ssh -N -R"),
     "ssh -N -R": ("direct",),
     SESSION: ("direct", "ssh -N -R"),
     TWO_HOP: ("direct", "ssh -N -R"),
+    RESUMABLE: ("direct", "wqsupervisor"),
 }
 MB = 1_000_000
 # (label, input bytes per task, tasks per run)
@@ -56,6 +59,8 @@ def _path(kind: str, head: HeadNode, master: MasterProcess) -> Any:
         return None
     if kind == "wqsupervisor":
         return Supervised(head, master.port)
+    if kind == RESUMABLE:
+        return Supervised(head, master.port, backend="resumable")
     if kind == TWO_HOP:
         return TwoHop(head, master.port)
     return PlainSsh(head, master.port, session=kind == SESSION)
