@@ -17,9 +17,9 @@ tool:
 * requeued: tasks sent to a worker again (dispatches that neither completed
   nor are still on a worker), and the task-seconds that cost at most
   (requeued times the task's length);
-* flowing: when a task completed again (from the fault for instant faults,
-  from the heal for outages), and for supervised tools, after the tunnel
-  was up again;
+* flowing: when a task completed again once every worker was back (from the
+  fault for instant faults, from the heal for outages), and for supervised
+  tools, after the tunnel was up again;
 * restarts (wqsupervisor only): sessions it replaced, to tell a loss that came
   with a replacement from one the master decided alone.
 """
@@ -247,7 +247,9 @@ def _one(
             workers = _workers_back(tool, n_workers, since)
             noticed = detected[tool.name]
             requeued = _requeued(stats_before[tool.name], tool.app.latest_stats())
-            flowing = _flowing(tool, since)
+            # Completions right after the fault may be results already on their way:
+            # tasks flow again once every worker is back and a task completes.
+            flowing = None if workers is None else _flowing(tool, max(since, workers))
             result[tool.name] = {
                 "detected_s": None if noticed is None else noticed - began,
                 "forward_s": None if back is None else back - since,
@@ -277,7 +279,7 @@ def _requeued(before: dict[str, int], after: dict[str, int]) -> int:
 
 
 def _flowing(tool: _Tool, since: float) -> float | None:
-    """The first stats line after ``since`` with more tasks done than the last one before it."""
+    """The first stats line from ``since`` on with more tasks done than the last one before it."""
     before = [s.get("tasks_done", 0) for t, s in tool.app.stats if t < since]
     done0 = before[-1] if before else 0
     return next((t for t, s in tool.app.stats if t >= since and s.get("tasks_done", 0) > done0), None)
