@@ -62,7 +62,7 @@ def _faults(lab: Lab, app: CampusApp) -> dict[str, tuple[Callable[[], None], boo
         for pid in lab.node_hops():
             os.kill(pid, signal.SIGKILL)
 
-    return {
+    table = {
         "ssh-killed": (lambda: os.kill(ssh_pid(), signal.SIGKILL), True),
         "session-killed": (lambda: lab.kill_session(remote_pid()), True),
         "sshd-restarted": (lambda: lab.restart_sshd(down_for=1.0), True),
@@ -74,6 +74,31 @@ def _faults(lab: Lab, app: CampusApp) -> dict[str, tuple[Callable[[], None], boo
         "blackhole-20s-forgotten": (blackhole(20, True), False),
         "node-hop-killed": (kill_hops, True),
     }
+    assert tuple(table) == FAULT_NAMES
+    return table
+
+
+# Faults that end the node launchers' own -L hops too (they do not resume yet).
+HOP_FAULTS = ("sshd-restarted", "node-hop-killed")
+
+
+FAULT_NAMES = (
+    "ssh-killed",
+    "session-killed",
+    "sshd-restarted",
+    "peer-hung",
+    "link-down-5s",
+    "blackhole-5s-kept",
+    "blackhole-20s-kept",
+    "blackhole-5s-forgotten",
+    "blackhole-20s-forgotten",
+    "node-hop-killed",
+)
+
+
+def _backlog(task_seconds: float, workers: int) -> int:
+    """Tasks kept queued: about a minute of the workers' time, never fewer than two each."""
+    return max(2 * workers, min(BACKLOG, int(60 * workers / max(task_seconds, 0.05))))
 
 
 def run(
@@ -82,25 +107,35 @@ def run(
     workers: int = 2,
     seed: int | None = None,
     progress: Callable[[str], None] = print,
+    resumable: bool = False,
+    task_seconds: float = 0.2,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Soak the supervised tunnel; returns the figures (``lost`` and ``duplicated`` must be 0)."""
+    """Soak the supervised tunnel; returns the figures (``lost`` and ``duplicated`` must be 0).
+
+    ``resumable``: the tunnel forwards through the head relay (then ``requeued``
+    and ``workers_removed`` must be 0 too, for faults of the tunnel itself).
+    """
     rng = random.Random(seed)
     deadline = time.monotonic() + minutes * 60
     submitted = 0
+    backlog = _backlog(task_seconds, workers)
     faults: list[dict[str, Any]] = []
     with Lab() as lab:
-        app = CampusApp(lab, REMOTE_PORT)
+        app = CampusApp(lab, REMOTE_PORT, {"backend": "resumable"} if resumable else None)
         app.wait_event("tunnel.up", 60)
         start_node_workers(lab, REMOTE_PORT, n=workers)
         probe = HeadProbe(lab, REMOTE_PORT)
         kinds = _faults(lab, app)
+        if only:
+            kinds = {k: v for k, v in kinds.items() if k in only}
         try:
             while time.monotonic() < deadline:
                 # Keep tasks queued through the fault and its recovery: the master answers
                 # the head's probe only from inside wait(), which the app calls while it has tasks.
-                top_up = BACKLOG - (submitted - app.done())
+                top_up = backlog - (submitted - app.done())
                 if top_up > 0:
-                    app.submit(top_up, "sleep 0.2; echo out-{i}")
+                    app.submit(top_up, f"sleep {task_seconds:g}; echo out-{{i}}")
                     submitted += top_up
                 app.wait_workers(workers, 120)
                 time.sleep(max(1.0, every - 15))
@@ -124,9 +159,10 @@ def run(
                 )
                 forward = "not within 120 s" if recovered is None else f"{recovered - since:.2f} s"
                 progress(f"{kind}: forward answering after {forward}, workers back in {back - healed:.1f} s")
-            app.wait_done(submitted, 600)
+            app.wait_done(submitted, 600 + 2 * backlog * task_seconds / workers)
             time.sleep(1)
             restarts = len(app.named("tunnel.starting")) - 1
+            stats = app.latest_stats()
         finally:
             probe.close()
             app.close()
@@ -139,7 +175,12 @@ def run(
         "minutes": minutes,
         "every": every,
         "seed": seed,
+        "resumable": resumable,
+        "task_seconds": task_seconds,
         "tasks": submitted,
+        # Sends of a task beyond its first: work thrown away and done again.
+        "requeued": stats.get("tasks_dispatched", 0) - stats.get("tasks_submitted", 0),
+        "workers_removed": stats.get("workers_removed", 0),
         "faults": len(faults),
         "by_kind": _count(f["kind"] for f in faults),
         "tunnel_restarts": restarts,
@@ -178,16 +219,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--every", type=float, default=25.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resumable", action="store_true", help="forward through the head relay")
+    parser.add_argument("--task-seconds", type=float, default=0.2, help="how long each task runs")
+    parser.add_argument(
+        "--faults",
+        nargs="*",
+        choices=FAULT_NAMES,
+        help=f"draw only from these (with --resumable, leave out {' and '.join(HOP_FAULTS)}: "
+        "they end the node hops, which do not resume)",
+    )
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
 
-    result = run(minutes=args.minutes, every=args.every, seed=args.seed)
+    result = run(
+        minutes=args.minutes,
+        every=args.every,
+        seed=args.seed,
+        resumable=args.resumable,
+        task_seconds=args.task_seconds,
+        only=args.faults,
+    )
     save(result, args.out, "soak.json")
     fb = result["forward_back"]
     print(
         f"tasks {result['tasks']}, faults {result['faults']} {result['by_kind']}, tunnel restarts "
         f"{result['tunnel_restarts']}; forward back median {fb['median']:.2f} s, worst "
         f"{result['worst_forward_back_s']:.2f} s; lost {result['lost']}, duplicated {result['duplicated']}, "
-        f"wrong output {result['wrong_output']}"
+        f"wrong output {result['wrong_output']}, requeued {result['requeued']}, "
+        f"workers removed {result['workers_removed']}"
     )
     return 0
