@@ -132,6 +132,10 @@ def _kill_ssh(lab: Lab, tool: _Tool) -> None:
 
 
 def _session(lab: Lab, tool: _Tool) -> int | None:
+    """The tunnel's sshd session on the head (not the port's holder: with resumption, that is the relay)."""
+    if tool.supervised:
+        pid = tool.app.snapshot().masters[0].tunnel.remote_pid
+        return int(pid) if pid else None
     return lab.port_holder(tool.port)
 
 
