@@ -138,3 +138,25 @@ def drive(body: Callable[[], Awaitable[None]]) -> None:
     left = [t.name for t in threading.enumerate() if t.ident not in threads]
     assert not left, f"threads left: {left}"
     assert _fds() <= fds, f"descriptors left: {sorted(_fds() - fds)}"
+
+
+def relay_pids(port: int) -> list[int]:
+    """Head relay daemons (named ``wqs-relay``) serving ``port``, by their process name and arguments.
+
+    The port tells this test's relay from those of tests or benchmarks running beside it.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "wqs-relay":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(port).encode() in args:
+            pids.append(int(entry))
+    return pids

@@ -29,7 +29,7 @@ from wqsupervisor.relay.core import WINDOW, Mux
 from wqsupervisor.relay.peer import Carrier, RelayPeer
 from wqsupervisor.relay.wire import DATA, Decoder, WireError, encode
 
-from support import free_port, listening, wait_for
+from support import free_port, listening, relay_pids, wait_for
 
 # -- the streams alone -------------------------------------------------------------------------
 
@@ -317,21 +317,10 @@ class _Head:
             await self.cut()
 
 
-def _relay_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as f:
-                if f.read().strip() == "wqs-relay":
-                    pids.append(int(entry))
-    return pids
-
-
 @contextlib.asynccontextmanager
 async def _relay(
     tmp_path: Any, linger: float = 30.0, python: str = "python3"
 ) -> AsyncIterator[tuple[_Master, _Head, RelayPeer]]:
-    before = set(_relay_pids())
     async with _Master() as master:
         head = _Head(str(tmp_path), free_port(), linger, python)
         peer = RelayPeer("127.0.0.1", master.port)
@@ -342,7 +331,7 @@ async def _relay(
                 await peer.shutdown(2)
             await peer.close()
             await head.end()
-            for pid in set(_relay_pids()) - before:
+            for pid in relay_pids(head.port):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -362,7 +351,7 @@ def test_relay_forwards_both_ways_and_shutdown_ends_it(tmp_path, python):
             assert master.connections == 6
             mode = os.stat(tmp_path / ".wqsupervisor" / "relay").st_mode & 0o777
             assert mode == 0o700
-            assert _relay_pids()
+            assert relay_pids(head.port)
             assert await peer.shutdown(3)
             await asyncio.to_thread(
                 wait_for, lambda: not listening(head.port), 5, "the relay's port to close"
@@ -393,13 +382,31 @@ def test_cut_carrier_mid_transfer_resumes_every_connection(tmp_path, python):
     _run(body)
 
 
+def test_silent_strangers_never_reach_the_master(tmp_path):
+    """A connection to the head's port reaches the master only once it has spoken (workers speak first)."""
+
+    async def body() -> None:
+        async with _relay(tmp_path) as (master, head, peer):
+            await head.session(peer)
+            _, silent = await asyncio.open_connection("127.0.0.1", head.port)
+            _, gone = await asyncio.open_connection("127.0.0.1", head.port)
+            gone.close()
+            await _worker(head.port, 1000, 1000)
+            await asyncio.sleep(0.5)
+            assert master.connections == 1, "a connection that said nothing reached the master"
+            assert peer.stats().connections == 1, "the silent one is held, the closed one forgotten"
+            silent.close()
+
+    _run(body)
+
+
 def test_relay_ends_itself_after_the_linger_closing_its_workers(tmp_path):
     """No carrier for relay_linger: the daemon closes its workers' connections, its port and its socket, and exits."""
 
     async def body() -> None:
         async with _relay(tmp_path, linger=1.5) as (_master, head, peer):
             await head.session(peer)
-            pids = _relay_pids()
+            pids = relay_pids(head.port)
             assert pids
             reader, writer = await asyncio.open_connection("127.0.0.1", head.port)
             writer.write(b"0\n")
@@ -409,7 +416,7 @@ def test_relay_ends_itself_after_the_linger_closing_its_workers(tmp_path):
             writer.close()
             await asyncio.to_thread(wait_for, lambda: not listening(head.port), 5, "the port to close")
             await asyncio.to_thread(
-                wait_for, lambda: not set(pids) & set(_relay_pids()), 5, "the daemon to exit"
+                wait_for, lambda: not set(pids) & set(relay_pids(head.port)), 5, "the daemon to exit"
             )
             assert not list((tmp_path / ".wqsupervisor" / "relay").iterdir())
 

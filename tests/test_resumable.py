@@ -27,21 +27,7 @@ from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.session import Detachable, Resumable
 from wqsupervisor.wqserver import Task
 
-from support import assert_exactly_once, listening, run_tasks, wait_for
-
-
-def _relay_pids() -> list[int]:
-    """Head relay daemons on this machine (the loopback head node), by their process name."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == "wqs-relay":
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
+from support import assert_exactly_once, listening, relay_pids, run_tasks, wait_for
 
 
 def _established_to(port: int) -> set[int]:
@@ -85,7 +71,7 @@ def test_tunnel_restart_with_tasks_running_costs_no_worker_and_no_task(
     head, master, remote_port, workers, recorder, fault
 ):
     """A tunnel restart under running sleep-5 tasks: workers_removed unchanged, every task once, tasks flow after."""
-    before = set(_relay_pids())
+    before = set(relay_pids(remote_port))
     settings = head.settings(remote_port=remote_port, backend="resumable", stable_after=1.0)
     with supervise(master, settings, on_event=recorder) as sup:
         assert sup.wait_until_up(20)
@@ -125,7 +111,7 @@ def test_tunnel_restart_with_tasks_running_costs_no_worker_and_no_task(
         assert after.workers_removed == start.workers_removed
         assert_exactly_once(run_tasks(master, 10), 10)
         assert workers_conns <= _established_to(remote_port)
-        relays = set(_relay_pids()) - before
+        relays = set(relay_pids(remote_port)) - before
         assert len(relays) == 1, "one head relay carries the tunnel across the restart"
         taken = recorder.wait(RelayReattached, 10)[0]
         assert taken.connections >= 2 and 0 < taken.took < 30
@@ -133,14 +119,14 @@ def test_tunnel_restart_with_tasks_running_costs_no_worker_and_no_task(
         assert relay is not None and relay.resumptions == 1 and relay.head_pid in relays
         assert sup.snapshot().masters[0].tunnel.resume_off is None
     wait_for(lambda: not listening(remote_port), 10, "the relay's port to close after close()")
-    wait_for(lambda: not (set(_relay_pids()) & relays), 10, "the head relay to exit after close()")
+    wait_for(lambda: not (set(relay_pids(remote_port)) & relays), 10, "the head relay to exit after close()")
 
 
 def test_without_python_on_the_head_the_tunnel_forwards_as_before_and_says_why(
     head, master, remote_port, workers, recorder
 ):
     """relay_python names no program: plain forwarding runs the tasks; an event and the state say resumption is off."""
-    before = set(_relay_pids())
+    before = set(relay_pids(remote_port))
     settings = head.settings(
         remote_port=remote_port, backend="resumable", relay_python="/nonexistent/python3"
     )
@@ -153,13 +139,13 @@ def test_without_python_on_the_head_the_tunnel_forwards_as_before_and_says_why(
         assert snap.relay is None
         workers(remote_port, n=1)
         assert_exactly_once(run_tasks(master, 5), 5)
-        assert not set(_relay_pids()) - before, "a relay was started"
+        assert not set(relay_pids(remote_port)) - before, "a relay was started"
     wait_for(lambda: not listening(remote_port), 10, "the remote port to close")
 
 
 def test_close_while_the_session_is_down_still_ends_the_relay(head, master, remote_port):
     """The relay's session died and was not replaced: end_relay() (what close() calls) still ends it, no linger."""
-    before = set(_relay_pids())
+    before = set(relay_pids(remote_port))
 
     async def body() -> None:
         with tempfile.TemporaryDirectory() as rundir:
@@ -177,7 +163,7 @@ def test_close_while_the_session_is_down_still_ends_the_relay(head, master, remo
 
     asyncio.run(body())
     wait_for(lambda: not listening(remote_port), 5, "the relay's port to close")
-    wait_for(lambda: not set(_relay_pids()) - before, 5, "the relay to exit")
+    wait_for(lambda: not set(relay_pids(remote_port)) - before, 5, "the relay to exit")
 
 
 def test_ten_megabyte_inputs_and_outputs_survive_a_killed_ssh(

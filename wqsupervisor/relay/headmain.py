@@ -228,14 +228,19 @@ class Daemon:
             self._accept_worker()
         elif what == "control":
             self._accept_carrier()
-        elif what == "carrier":
-            self._read_carrier()
-        elif what == "carrier-out":
-            if self.carrier is not None and not self.carrier.write():
+        elif what in ("carrier", "carrier-out", "attacher"):
+            carrier = self.carrier
+            # An event of this batch may be for a carrier another one already dropped.
+            if carrier is None or fd not in (carrier.rfd, carrier.wfd, carrier.conn.fileno()):
+                return
+            if what == "carrier":
+                self._read_carrier()
+            elif what == "carrier-out":
+                if not carrier.write():
+                    self._drop_carrier()
+            else:
+                # The attacher only ever waits: readable means it is gone.
                 self._drop_carrier()
-        elif what == "attacher":
-            # The attacher only ever waits: readable means it is gone.
-            self._drop_carrier()
         elif isinstance(what, tuple):
             sid = what[1]
             if mask & selectors.EVENT_WRITE:

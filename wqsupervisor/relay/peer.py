@@ -49,6 +49,11 @@ class RelayStats:
 class _Master(asyncio.Protocol):
     """One connection to the master, for stream ``sid``: written straight from the carrier's frames.
 
+    It is made when the worker's first bytes arrive, not when the worker
+    connects: Work Queue and TaskVine clients speak first (a worker's
+    handshake or password challenge, a status request), so a program on the
+    head node that connects and stays silent never reaches the master, whose
+    handshake runs under the long ``short-timeout`` the supervisor sets.
     Its transport pauses at any buffered byte (``high=0``), so what it took
     for good (and what the head may forget) is what reached the kernel.
     """
@@ -63,7 +68,7 @@ class _Master(asyncio.Protocol):
         self.eof_due = False  # the head's side ended: half-close once every byte is out
         self.reading = True
         self.gone = False
-        self.connecting = asyncio.ensure_future(self._connect())
+        self.connecting: asyncio.Future[None] | None = None
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,18 +125,25 @@ class _Master(asyncio.Protocol):
             self.reading = True
 
     def deliver(self, data: bytes | memoryview) -> None:
-        """Bytes from the head, in order."""
+        """Bytes from the head, in order (the first ones connect to the master)."""
         if self.transport is None:
             if self.gone:
                 self.peer.mux.taken(self.sid, len(data))
             else:
                 self.waiting.append(data)
+                if self.connecting is None and len(data):
+                    self.connecting = asyncio.ensure_future(self._connect())
             return
         self.transport.write(data)
         self.handed += len(data)
 
     def end(self) -> None:
         """The head's side ended (after every byte delivered)."""
+        if self.connecting is None and not self.waiting:
+            # Connected and left without a word: the master never hears of it.
+            self._gone()
+            self.peer.mux.took_fin(self.sid)
+            return
         self.eof_due = True
         self.refresh()
 
@@ -154,7 +166,8 @@ class _Master(asyncio.Protocol):
 
     def close(self, abort: bool = False) -> None:
         """End the master connection: gracefully when its stream is done, at once when the relay ends."""
-        self.connecting.cancel()
+        if self.connecting is not None:
+            self.connecting.cancel()
         if self.transport is not None:
             if abort:
                 self.transport.abort()  # close() would wait to flush to a master that may be gone
