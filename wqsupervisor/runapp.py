@@ -89,12 +89,25 @@ class EngineThread:
             return
         with contextlib.suppress(Exception):
             self.call(self.engine.close(), timeout=30)
+        with contextlib.suppress(Exception):
+            self.call(_finish_tasks(), timeout=15)
         self._end_loop()
 
     def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+async def _finish_tasks() -> None:
+    """Cancel what still runs on this loop and let it unwind (its connections close), as asyncio.run does."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 class _Signals:
