@@ -39,7 +39,13 @@ IDLE=%(idle)d
 
 log() { printf '%%s wqs-node[%%s]: %%s\n' "$(date '+%%H:%%M:%%S')" "$$" "$*" >&2; }
 
+# The directories of launchers that were SIGKILLed (no trap ran): ours, their launcher gone.
+for old in "${TMPDIR:-/tmp}"/wqs-node.*; do
+    [ -d "$old" ] && [ -O "$old" ] && [ -f "$old/owner.pid" ] || continue
+    kill -0 "$(cat "$old/owner.pid" 2>/dev/null)" 2>/dev/null || rm -rf "$old"
+done
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/wqs-node.XXXXXX") || { log "cannot create a temporary directory"; exit 1; }
+echo $$ >"$tmp/owner.pid"
 hop_loop_pid=
 worker_pid=
 cleanup() {
