@@ -93,7 +93,7 @@ class _Master(asyncio.Protocol):
         mux.local_data(self.sid, data)
         if mux.room(self.sid) <= 0:
             self.pause()
-        self.peer.kick()
+        self.peer.flush()  # at once: a turn of the loop is a wait every answer would pay
 
     def eof_received(self) -> bool:
         self.peer.mux.local_eof(self.sid)
@@ -365,16 +365,25 @@ class RelayPeer:
         self._apply_events()
         for conn in self._conns.values():
             conn.resume()
-        self.kick()
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what has to go to the head now."""
+        if self._kicked:
+            return  # a flush is due this turn anyway
+        self._flush()
 
     def kick(self) -> None:
         """Something may have to go to the head: write it once this turn of the loop is done."""
         if not self._kicked:
             self._kicked = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._kicked = False
+        self._flush()
 
     def _flush(self) -> None:
-        self._kicked = False
         for conn in self._conns.values():
             conn.refresh()
         carrier = self._carrier
