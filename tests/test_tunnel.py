@@ -27,6 +27,7 @@ from wqsupervisor import (
     AllWorkersLost,
     TunnelDown,
     TunnelFailed,
+    TunnelRestarting,
     TunnelStarting,
     TunnelState,
     TunnelUp,
@@ -439,3 +440,55 @@ def test_session_ends_with_a_nonzero_code_when_the_head_kills_it(head, master, r
                 await session.close()
 
     drive(body)
+
+
+@pytest.mark.parametrize("kind", ["openssh", "paramiko"])
+def test_a_port_taken_after_the_tunnel_was_up_is_retried_and_comes_back(
+    head, master, remote_port, recorder, kind
+):
+    """Our session dies, another program binds the port for a while: the tunnel says who, retries, and is back."""
+    settings = settings_for(head, kind, remote_port, backoff_initial=0.2, backoff_cap=1.0)
+    with supervise(master, settings, on_event=recorder) as sup:
+        assert sup.wait_until_up(20)
+        squatter = socket.socket()
+        try:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            deadline = time.monotonic() + 20
+            while True:  # the restart races us for the port: kill its session until we have it
+                assert time.monotonic() < deadline, "could not take the port from the tunnel"
+                head.kill_sessions()
+                try:
+                    squatter.bind(("127.0.0.1", remote_port))
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            squatter.listen()
+            taken = wait_for(
+                lambda: [e for e in recorder.of(TunnelRestarting) if f"(pid {os.getpid()}," in e.why],
+                30,
+                "a restart that names the port's holder",
+            )
+            assert f"remote port {remote_port}" in taken[0].why
+            assert sup.failure is None and sup.state is not TunnelState.FAILED
+        finally:
+            squatter.close()
+        wait_for(lambda: sup.state is TunnelState.UP, 30, "the tunnel back once the port is free")
+        assert not recorder.of(TunnelFailed)
+    assert not listening(remote_port)
+
+
+def test_the_summary_says_failed_for_a_tunnel_that_failed_and_was_then_closed():
+    """close() ends a failed tunnel, but the run's last line still gives the failure, not 'closed'."""
+    from wqsupervisor.protocol import MasterSnapshot, SupervisorSnapshot, TunnelSnapshot
+    from wqsupervisor.protocol.snapshot import MasterSummary
+    from wqsupervisor.runapp import summary_line
+
+    tunnel = TunnelSnapshot(
+        via="headnode", remote_port=9123, state=TunnelState.CLOSED, failed="permission denied (publickey)"
+    )
+    snap = SupervisorSnapshot(
+        finished=(MasterSnapshot(id="m1", master=MasterSummary(port=9123), tunnel=tunnel),)
+    )
+    line = summary_line("app.py", 0, 3.0, snap)
+    assert "tunnel headnode:9123 failed, 0 restart(s)" in line
+    assert "error: permission denied (publickey)" in line

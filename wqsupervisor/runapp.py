@@ -277,7 +277,9 @@ def summary_line(
         text = f"tunnel {tunnel.via}:{tunnel.remote_port} {tunnel.state.value}, {tunnel.restarts} restart(s)"
         if tunnel.recoveries:
             text += f" (worst recovery {max(tunnel.recoveries):.2f} s)"
-        if tunnel.last_error and tunnel.state is TunnelState.FAILED:
+        if tunnel.failed:
+            text = text.replace(f" {tunnel.state.value},", " failed,", 1) + f", error: {tunnel.failed}"
+        elif tunnel.last_error and tunnel.state is TunnelState.FAILED:
             text += f", error: {tunnel.last_error}"
         text += f", workers peak {entry.workers.peak}, tasks done {entry.tasks.done}"
         parts.append(text)

@@ -161,10 +161,15 @@ class SessionFailure:
     def once_up(self) -> SessionFailure:
         """This failure as seen by a tunnel that has been up before.
 
-        After a network change name lookups fail for a while; only a tunnel
-        that never came up takes an unresolved name as final.
+        After a network change name lookups fail for a while, and a remote port
+        that was ours may be taken by another program for a while (our session
+        died, something bound the port meanwhile): only a tunnel that never
+        came up takes an unresolved name or a taken port as final. Retried
+        with backoff, each attempt says who holds the port.
         """
-        return replace(self, permanent=False) if self.kind is FailureKind.RESOLVE else self
+        if self.kind in (FailureKind.RESOLVE, FailureKind.PORT_TAKEN):
+            return replace(self, permanent=False)
+        return self
 
     def as_error(self) -> TunnelError:
         """This failure as an exception for callers that raise."""

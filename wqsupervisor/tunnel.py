@@ -238,6 +238,7 @@ class Tunnel:
             tcp=tcpconn.tcp_info(sock) if sock is not None else None,
             relay=self._sessions.relay_snapshot() if isinstance(self._sessions, Resumable) else None,
             resume_off=self._sessions.off if isinstance(self._sessions, Resumable) else None,
+            failed=self.failure.message if self.failure is not None else None,
         )
 
     async def close(self) -> None:
@@ -459,7 +460,7 @@ class Tunnel:
                     exit_code=code,
                     retry_now=True,
                 )
-            failure = taken
+            failure = self._seen(taken)
         return _Attempt(up_for=None, reason=reason or failure.message, exit_code=code, failure=failure)
 
     def _just_dropped(self) -> bool:

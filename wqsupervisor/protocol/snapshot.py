@@ -120,6 +120,8 @@ class TunnelSnapshot:
     tcp: TcpSnapshot | None = None
     relay: RelaySnapshot | None = None
     resume_off: str | None = None
+    failed: str | None = None
+    """The error that ended the tunnel for good (kept once it is closed)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping (the state by its value)."""
