@@ -14,6 +14,7 @@ from wqsupervisor.openssh import (
     allocated_port,
     cipher_preference,
     classify,
+    lease_command,
     read_config,
     tunnel_argv,
 )
@@ -38,7 +39,9 @@ def test_the_tunnel_command_line():
     assert argv[0] == "ssh" and "-N" not in argv and "-T" in argv
     assert argv[argv.index("-R") + 1] == "127.0.0.1:10001:localhost:9123"
     assert argv[argv.index("-L") + 1] == "/r/p.sock:127.0.0.1:10001"
-    assert argv[-2:] == ["alice@head", REMOTE_COMMAND]
+    assert argv[-2:] == ["alice@head", lease_command(T.keepalive)]
+    probe_only = tunnel_argv(T, master_port=None, remote_port=10001, probe_path="/r/p.sock")
+    assert probe_only[-1] == REMOTE_COMMAND, "a probe-only session keeps no lease"
     assert argv[argv.index("-p") + 1] == "2200" and argv[argv.index("-i") + 1] == "/k"
     opts = _options(argv)
     for needed in ("BatchMode=yes", "ExitOnForwardFailure=yes", "ControlPath=none"):
@@ -56,6 +59,42 @@ def test_the_remote_command_ends_with_its_session_and_names_its_sshd():
     """cat reads the channel (it ends when the session does); $PPID is the head's sshd session."""
     assert "exec cat" in REMOTE_COMMAND and "sleep" not in REMOTE_COMMAND
     assert "$PPID" in REMOTE_COMMAND
+
+
+def test_the_lease_command_greets_echoes_renews_and_removes_its_lease(tmp_path):
+    """Run by sh as sshd would: the greeting, every ping echoed, the lease renewed per ping, gone at the end."""
+    import os
+    import socket
+    import subprocess
+
+    command = lease_command(2.5)
+    proc = subprocess.Popen(
+        ["sh", "-c", command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    try:
+        greeting = proc.stdout.readline().split()
+        assert greeting == ["wqs-session", str(os.getpid())]
+        lease = tmp_path / ".wqsupervisor" / "sessions" / str(os.getpid())
+        assert lease.read_text().split()[:2] == [socket.gethostname(), str(os.getpid())]
+        assert lease.read_text().split()[3] == "2.5"
+        assert (lease.parent.stat().st_mode & 0o777) == 0o700
+        os.utime(lease, (0, 0))
+        proc.stdin.write("wqs-ping 7\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "wqs-ping 7\n"
+        assert lease.stat().st_mtime > 0, "the ping renewed the lease"
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+        assert not lease.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            stream.close()
 
 
 def test_reading_ssh_g_output():

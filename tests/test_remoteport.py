@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -72,3 +73,64 @@ def test_a_foreign_program_holding_the_port_is_named_not_ended(head, tmp_path):
         assert f"webapp (pid {proc.pid}" in holders.describe()
         assert not asyncio.run(end_stale_session(target, proc.pid, port))
         assert proc.poll() is None
+
+
+# -- two supervisors on one port ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["openssh", "paramiko"])
+def test_a_second_supervisor_on_a_live_tunnels_port_stops_and_names_the_first(head, master, backend):
+    """The first tunnel's lease is fresh: the second supervisor fails naming it, and takes nothing from it."""
+    import socket as sockets
+
+    from wqsupervisor import StalePortReclaimed, WQSupervisorError, supervise
+    from wqsupervisor.wqserver import WorkQueueServer
+
+    port = free_port()
+    events: list = []
+    first = supervise(master, head.settings(remote_port=port, backend=backend), on_event=events.append)
+    try:
+        assert first.wait_until_up(20)
+        session = first.snapshot().masters[0].tunnel.remote_pid
+        # Another master, never in wait(): it would not answer a probe through the first tunnel.
+        with WorkQueueServer(name="wqs-second") as other:
+            second = supervise(other, head.settings(remote_port=port, backend=backend, start_attempts=2))
+            try:
+                with pytest.raises(WQSupervisorError) as failed:
+                    second.wait_until_up(30)
+                error = str(failed.value)
+                assert "held by another wqsupervisor's tunnel" in error, error
+                assert f"host {sockets.gethostname()}, pid {first._agent.pid}," in error, error
+            finally:
+                second.close()
+        assert first.snapshot().masters[0].tunnel.state.value == "up"
+        assert first.snapshot().masters[0].tunnel.remote_pid == session, "the first tunnel was replaced"
+        assert not [e for e in events if isinstance(e, StalePortReclaimed)]
+        assert pid_alive(session)
+    finally:
+        first.close()
+
+
+def test_a_tunnel_whose_supervisor_is_gone_is_still_reclaimed(head, master):
+    """The first supervisor is SIGKILLed with its session hung: once its lease is old, the port is taken back."""
+    from wqsupervisor import StalePortReclaimed, supervise
+
+    port = free_port()
+    first = supervise(master, head.settings(remote_port=port, keepalive_interval=1.0))
+    hung = None
+    try:
+        assert first.wait_until_up(20)
+        hung = first.snapshot().masters[0].tunnel.remote_pid
+        os.kill(hung, signal.SIGSTOP)
+        os.kill(first._agent.pid, signal.SIGKILL)
+    finally:
+        first.close()
+    try:
+        events: list = []
+        with supervise(master, head.settings(remote_port=port), on_event=events.append) as second:
+            assert second.wait_until_up(60), second.failure
+            assert [e.pid for e in events if isinstance(e, StalePortReclaimed)] == [hung]
+    finally:
+        if hung is not None and pid_alive(hung):
+            os.kill(hung, signal.SIGCONT)
+            os.kill(hung, signal.SIGKILL)

@@ -211,6 +211,7 @@ class Settings:
             connect_timeout=self.connect_timeout,
             bind=self.remote_bind,
             program=self.ssh_program,
+            keepalive=self.keepalive_interval,
         )
 
     def require_via(self) -> None:

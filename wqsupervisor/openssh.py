@@ -47,6 +47,7 @@ from .session import (
     SessionEnded,
     SessionFailed,
     SessionFailure,
+    lease_command,
 )
 from .target import SshTarget
 
@@ -179,9 +180,14 @@ def tunnel_argv(
     remote_port: int,
     probe_path: str | None,
     extra: Sequence[str] = (),
-    command: str = REMOTE_COMMAND,
+    command: str | None = None,
 ) -> list[str]:
-    """The full command line of the tunnel's ssh (``master_port`` None: the probe forward only)."""
+    """The full command line of the tunnel's ssh (``master_port`` None: the probe forward only).
+
+    A session that forwards the port keeps a lease on the head (:func:`lease_command`).
+    """
+    if command is None:
+        command = lease_command(target.keepalive) if master_port is not None else REMOTE_COMMAND
     argv = base_argv(target)
     argv[1:1] = list(extra)
     argv.append("-T")

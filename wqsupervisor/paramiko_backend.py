@@ -71,6 +71,7 @@ from .session import (
     RemoteLines,
     SessionEnded,
     SessionFailure,
+    lease_command,
 )
 from .sshkeys import (
     UnknownHostKey,
@@ -359,7 +360,7 @@ class ParamikoSession:
             self.remote_port = int(port)
         chan = transport.open_session(timeout=t.connect_timeout)
         self._chan = chan
-        chan.exec_command(REMOTE_COMMAND)
+        chan.exec_command(lease_command(t.keepalive) if self._master_port is not None else REMOTE_COMMAND)
 
     def _authenticate(self, transport: Any, identities: list[str]) -> None:
         cfg = self._config

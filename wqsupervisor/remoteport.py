@@ -15,6 +15,9 @@ the remote port, never anything else.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +26,7 @@ from .forward import ForwardProver
 from .master import MasterIdentity
 from .openssh import remote_argv
 from .relay.headmain import PROCESS_NAME
-from .session import FailureKind, SessionEnded, SessionFactory, SessionFailed, SessionFailure
+from .session import LEASE_DIR, FailureKind, SessionEnded, SessionFactory, SessionFailed, SessionFailure
 from .target import SshTarget
 
 # The name a head relay gives itself (/proc/PID/comm), so it is told from a foreign program.
@@ -55,6 +58,10 @@ ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v inodes="$inodes" '
 ' | sort -u | while read -r pid; do
     uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
     echo "holder $pid $uid $(cat "/proc/$pid/comm" 2>/dev/null)"
+    lease="$HOME/%(lease_dir)s/$pid"
+    if [ -f "$lease" ]; then
+        echo "lease $pid $(( $(date +%%s) - $(stat -c %%Y "$lease") )) $(head -c 200 "$lease" | head -n 1)"
+    fi
 done
 """
 )
@@ -115,12 +122,51 @@ class Holder:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """What a tunnel's session on the head says of its supervisor, and how long ago it last said it."""
+
+    age: float
+    host: str
+    pid: int
+    since: int
+    keepalive: float
+
+    @classmethod
+    def parse(cls, age: str, words: list[str]) -> Lease | None:
+        """From ``AGE HOST PID SINCE KEEPALIVE`` (None when it is not a lease of ours)."""
+        try:
+            return cls(float(age), words[0], int(words[1]), int(words[2]), float(words[3]))
+        except (IndexError, ValueError):
+            return None
+
+    @property
+    def fresh(self) -> bool:
+        """Renewed within three pings (and a little): the supervisor behind it is alive and reaches it."""
+        return self.age <= 3 * self.keepalive + 5
+
+    def is_of(self, host: str, pid: int) -> bool:
+        """This lease was written for the supervisor ``pid`` on ``host``."""
+        return self.host == host and self.pid == pid
+
+    def describe(self) -> str:
+        """``host H, pid N, since T``."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"host {self.host}, pid {self.pid}, since {since}"
+
+
+@dataclass(frozen=True)
 class PortHolders:
     """What the head node says about a port: bound or not, and by whom (as far as we may see)."""
 
     bound: bool
     my_uid: int | None = None
     holders: tuple[Holder, ...] = field(default_factory=tuple)
+    leases: tuple[tuple[int, Lease], ...] = ()
+    """The leases of holders that are tunnels' sessions, by holder pid."""
+
+    def lease(self, pid: int) -> Lease | None:
+        """The lease of holder ``pid``, if it has one."""
+        return next((lease for holder, lease in self.leases if holder == pid), None)
 
     def stale_candidates(self, known: set[int]) -> list[int]:
         """Our own sshd processes that hold the port: recorded sessions first (never our relay)."""
@@ -161,9 +207,15 @@ def parse_holders(text: str) -> PortHolders:
     bound = False
     me: int | None = None
     holders: list[Holder] = []
+    leases: list[tuple[int, Lease]] = []
     for line in text.splitlines():
         parts = line.split(None, 3)
         if not parts:
+            continue
+        if parts[0] == "lease" and len(parts) == 4 and parts[1].isdigit():
+            lease = Lease.parse(parts[2], parts[3].split())
+            if lease is not None:
+                leases.append((int(parts[1]), lease))
             continue
         if parts[0] == "bound":
             bound = True
@@ -172,12 +224,12 @@ def parse_holders(text: str) -> PortHolders:
         elif parts[0] == "holder" and len(parts) >= 2 and parts[1].isdigit():
             uid = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
             holders.append(Holder(int(parts[1]), uid, parts[3].strip() if len(parts) > 3 else ""))
-    return PortHolders(bound=bound, my_uid=me, holders=tuple(holders))
+    return PortHolders(bound=bound, my_uid=me, holders=tuple(holders), leases=tuple(leases))
 
 
 async def inspect_port(target: SshTarget, port: int, timeout: float = 10.0) -> PortHolders:
     """Ask the head node whether ``port`` is bound on it, and by which processes."""
-    out = await _run_script(target, _FIND_HOLDERS % {"port": port}, timeout)
+    out = await _run_script(target, _FIND_HOLDERS % {"port": port, "lease_dir": LEASE_DIR}, timeout)
     return parse_holders(out)
 
 
@@ -244,6 +296,23 @@ class RemotePort:
         known = {known_pid} if known_pid else set()
         stale = holders.stale_candidates(known=known)
         dest = self.target.destination
+        for pid in stale:
+            lease = holders.lease(pid)
+            if pid in known or lease is None or not lease.fresh:
+                continue
+            if lease.is_of(socket.gethostname(), os.getpid()):
+                continue
+            if await self._renewed(pid, lease):
+                # A live supervisor renews this lease: its tunnel is not stale, whatever its master says.
+                return SessionFailure(
+                    FailureKind.PORT_TAKEN,
+                    f"remote port {self.port} on {dest} is held by another wqsupervisor's tunnel "
+                    f"({lease.describe()})",
+                    "give each master its own --remote-port, or stop that supervisor",
+                    permanent=True,
+                    port=self.port,
+                )
+            return await self.reclaim(known_pid)  # its lease has run out meanwhile
         if stale and not set(stale) <= known:
             # An sshd of ours that this tunnel did not start (an earlier run?). If a
             # master still answers through it, it is someone's live tunnel: leave it.
@@ -280,6 +349,18 @@ class RemotePort:
             permanent=True,
             port=self.port,
         )
+
+    async def _renewed(self, pid: int, lease: Lease) -> bool:
+        """Whether the lease of holder ``pid`` is renewed within a ping; if not, wait until it runs out."""
+        started = time.monotonic()
+        await asyncio.sleep(min(lease.keepalive, 10.0) + 1.5)
+        now = (await inspect_port(self.target, self.port)).lease(pid)
+        waited = time.monotonic() - started
+        if now is not None and now.age < lease.age + waited - 0.5:
+            return True
+        # Its supervisor is gone or cut off: the session is stale once the lease has run out.
+        await asyncio.sleep(max(0.0, 3 * lease.keepalive + 5 - lease.age - waited) + 0.5)
+        return False
 
     async def owner(self) -> MasterIdentity | None:
         """Which master answers on the port through a one-off session, if any."""

@@ -22,8 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
+import shlex
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -38,6 +41,31 @@ if TYPE_CHECKING:
 # through the very connection that carries the forward. cat ends with the
 # session, so nothing is left running on the head node.
 REMOTE_COMMAND = "exec sh -c 'echo wqs-session $PPID; exec cat'"
+# Where a tunnel's session keeps its lease on the head node: one file per sshd session pid.
+LEASE_DIR = ".wqsupervisor/sessions"
+_STARTED = int(time.time())
+
+
+def lease_command(keepalive: float) -> str:
+    """The remote command of a session that forwards the port: as :data:`REMOTE_COMMAND`, with a lease.
+
+    The lease, ``~/.wqsupervisor/sessions/<sshd pid>`` (0700 directory), says
+    which supervisor the session serves (campus host, pid, since when, ping
+    interval); it is rewritten at every ping, before the answer, and removed when the session ends.
+    Another supervisor that finds the port held reads it: a fresh lease is a
+    live tunnel of someone else's, never a stale session to end.
+    """
+    owner = f"{socket.gethostname()} {os.getpid()} {_STARTED} {keepalive:g}"
+    inner = (
+        f'umask 077; d="$HOME/{LEASE_DIR}"; mkdir -p "$d" 2>/dev/null; f="$d/$PPID"; '
+        f"o={shlex.quote(owner)}; "
+        'printf "%s\\n" "$o" > "$f" 2>/dev/null; echo wqs-session $PPID; '
+        'while IFS= read -r l; do printf "%s\\n" "$o" > "$f" 2>/dev/null; printf "%s\\n" "$l"; done; '
+        'rm -f "$f"'
+    )
+    return f"exec sh -c {shlex.quote(inner)}"
+
+
 # Measured faster than the defaults of both clients (AEAD in one pass).
 FAST_CIPHER = "aes128-gcm@openssh.com"
 

@@ -34,6 +34,8 @@ class SshTarget:
     """Where the head node binds the remote port (``GatewayPorts`` permitting)."""
     program: str = "ssh"
     """The OpenSSH client to run, for the backends and commands that run one."""
+    keepalive: float = 5.0
+    """Seconds between pings through a tunnel's session (its lease on the head is renewed as often)."""
 
     @property
     def host(self) -> str:
