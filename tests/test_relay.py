@@ -400,6 +400,39 @@ def test_silent_strangers_never_reach_the_master(tmp_path):
     _run(body)
 
 
+def test_another_agent_is_refused_while_this_one_lives_and_takes_over_once_it_went_silent(tmp_path):
+    """A second supervisor's session gets REFUSED naming the first; the first's connections carry on."""
+    from wqsupervisor.relay.peer import RelayRefused
+
+    async def body() -> None:
+        async with _relay(tmp_path) as (master, head, peer):
+            peer.keepalive = 0.5  # silent for 3 x 0.5 + 5 s: gone
+            assert await head.session(peer) == "fresh"
+            first = head.carrier
+            reader, writer = await asyncio.open_connection("127.0.0.1", head.port)
+            writer.write(b"5\n")
+            await asyncio.to_thread(wait_for, lambda: master.connections == 1, 5, "the master connection")
+            other = RelayPeer("127.0.0.1", master.port)
+            second = _Head(head.home, head.port, head.linger)
+            with pytest.raises(RelayRefused) as refused:
+                await second.session(other)
+            assert f" {os.getpid()} " in refused.value.owner, refused.value.owner
+            await second.end()
+            assert await asyncio.wait_for(peer.ping(), 5) < 1, "the first supervisor's carrier still works"
+            assert head.carrier is first
+            await asyncio.sleep(7)  # the first agent says nothing (no ping) for longer than its silence
+            try:
+                assert await second.session(other) == "fresh"
+                # The old connection ends (after the 5 bytes the master sent it, if not read yet).
+                assert len(await asyncio.wait_for(reader.read(), 10)) <= 5
+            finally:
+                await other.shutdown(2)
+                await second.end()
+            writer.close()
+
+    _run(body)
+
+
 def test_relay_ends_itself_after_the_linger_closing_its_workers(tmp_path):
     """No carrier for relay_linger: the daemon closes its workers' connections, its port and its socket, and exits."""
 

@@ -214,3 +214,31 @@ def test_ten_megabyte_inputs_and_outputs_survive_a_killed_ssh(
             assert local == got_out, f"task {tag}: its output came back changed"
         recorder.wait(TunnelUp, 30, count=2)
         assert workers_conns <= _established_to(remote_port), "a worker's connection to the head was lost"
+
+
+def test_a_second_supervisor_on_a_live_relays_port_stops_and_names_the_first(head, master, remote_port):
+    """The relay serves the first supervisor, which is alive: the second is refused by name, the first untouched."""
+    import socket
+
+    from wqsupervisor import WQSupervisorError
+    from wqsupervisor.wqserver import WorkQueueServer
+
+    settings = head.settings(remote_port=remote_port, backend="resumable", relay_linger=5.0)
+    with supervise(master, settings) as first:
+        assert first.wait_until_up(20)
+        relay = first.snapshot().masters[0].tunnel.relay
+        assert relay is not None
+        with WorkQueueServer(name="wqs-second") as other:
+            second = supervise(other, head.settings(remote_port=remote_port, backend="resumable"))
+            try:
+                with pytest.raises(WQSupervisorError) as failed:
+                    second.wait_until_up(30)
+                error = str(failed.value)
+                assert "held by another wqsupervisor's relay" in error, error
+                assert f"host {socket.gethostname()}, pid {first._agent.pid}," in error, error
+            finally:
+                second.close()
+        tunnel = first.snapshot().masters[0].tunnel
+        assert tunnel.state.value == "up" and tunnel.restarts == 0
+        assert tunnel.relay is not None and tunnel.relay.head_pid == relay.head_pid
+        assert tunnel.relay.resumptions == 0

@@ -29,8 +29,8 @@ from .logs import get_logger
 from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, spawn, tunnel_argv
 from .protocol.snapshot import RelaySnapshot
 from .relay import program
-from .relay.peer import Carrier, RelayEnded, RelayPeer, RelayStats
-from .session import SessionEnded, SessionFailed
+from .relay.peer import Carrier, RelayEnded, RelayPeer, RelayRefused, RelayStats
+from .session import FailureKind, SessionEnded, SessionFailed, SessionFailure, describe_owner
 from .target import SshTarget
 
 __all__ = ["ResumableSession", "ResumableSessions"]
@@ -120,6 +120,19 @@ class ResumableSession(OpenSSHSession):
             attached.cancel()
         if not self._attached.done() or self._attached.exception() is not None:
             raise SessionEnded(await self.exited())
+
+    def failure(self) -> SessionFailure:
+        """A relay that serves another live supervisor refused this session: say whose; else as ssh says."""
+        refused = self._attached.exception() if self._attached.done() else None
+        if isinstance(refused, RelayRefused):
+            return SessionFailure(
+                FailureKind.PORT_OWNED,
+                f"the remote port on {self.target.destination} is held by another wqsupervisor's relay "
+                f"({describe_owner(refused.owner)})",
+                "give each master its own --remote-port, or stop that supervisor",
+                permanent=True,
+            )
+        return super().failure()
 
     async def ping(self) -> float:
         """One round trip to the head relay through this session."""
@@ -261,7 +274,7 @@ class ResumableSessions(OpenSSHSessions):
         self._relay_next = master_port is not None and remote_port != 0 and self._decided and self.off is None
         if self._relay_next and (self._peer is None or self._peer.master_port != master_port):
             assert master_port is not None
-            self._peer = RelayPeer("localhost", master_port)
+            self._peer = RelayPeer("localhost", master_port, keepalive=self.target.keepalive)
         if self._relay_next:
             self._remote_port = remote_port
         return await super().start(master_port=master_port, remote_port=remote_port, probes=probes)

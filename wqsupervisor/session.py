@@ -46,6 +46,20 @@ LEASE_DIR = ".wqsupervisor/sessions"
 _STARTED = int(time.time())
 
 
+def owner_words(keepalive: float) -> str:
+    """This supervisor, as its sessions name it on the head: ``host pid since keepalive``."""
+    return f"{socket.gethostname()} {os.getpid()} {_STARTED} {keepalive:g}"
+
+
+def describe_owner(words: str) -> str:
+    """``host H, pid N, since T`` from :func:`owner_words`' text (the text itself if it is not that)."""
+    parts = words.split()
+    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return words
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(parts[2])))
+    return f"host {parts[0]}, pid {parts[1]}, since {since}"
+
+
 def lease_command(keepalive: float) -> str:
     """The remote command of a session that forwards the port: as :data:`REMOTE_COMMAND`, with a lease.
 
@@ -55,7 +69,7 @@ def lease_command(keepalive: float) -> str:
     Another supervisor that finds the port held reads it: a fresh lease is a
     live tunnel of someone else's, never a stale session to end.
     """
-    owner = f"{socket.gethostname()} {os.getpid()} {_STARTED} {keepalive:g}"
+    owner = owner_words(keepalive)
     inner = (
         f'umask 077; d="$HOME/{LEASE_DIR}"; mkdir -p "$d" 2>/dev/null; f="$d/$PPID"; '
         f"o={shlex.quote(owner)}; "
@@ -74,6 +88,8 @@ class FailureKind(enum.StrEnum):
     """Why a session could not start, or ended."""
 
     PORT_TAKEN = "port_taken"
+    PORT_OWNED = "port_owned"
+    """The port's relay serves another supervisor whose session is alive (it said so)."""
     HOST_KEY_CHANGED = "host_key_changed"
     HOST_KEY_UNKNOWN = "host_key_unknown"
     AUTH = "auth"
@@ -195,7 +211,7 @@ class SessionFailure:
         came up takes an unresolved name or a taken port as final. Retried
         with backoff, each attempt says who holds the port.
         """
-        if self.kind in (FailureKind.RESOLVE, FailureKind.PORT_TAKEN):
+        if self.kind in (FailureKind.RESOLVE, FailureKind.PORT_TAKEN, FailureKind.PORT_OWNED):
             return replace(self, permanent=False)
         return self
 

@@ -28,7 +28,7 @@ import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
 from .core import ACK_DELAY, Chunk, Mux
-from .wire import BYE, HELLO, PING, PONG, SHUTDOWN, WELCOME, WireError
+from .wire import BYE, HELLO, PING, PONG, REFUSED, SHUTDOWN, WELCOME, Decoder, WireError, encode
 
 READ_CHUNK = 256 * 1024
 CARRIER_READ = 256 * 1024
@@ -155,8 +155,13 @@ class Daemon:
         self.read_done: Set[int] = set()
         self.end_after_write: Set[int] = set()
         self.carrier: Optional[Carrier] = None
+        self.candidate: Optional[Carrier] = None  # another agent's session, until its HELLO is judged
+        self.candidate_bytes = b""
         self.greeted = False
         self.epoch: Optional[bytes] = None
+        self.owner = b""
+        self.heard_at = time.monotonic()
+        self.silence = 20.0  # the current agent is gone when its carrier said nothing this long
         self.detached_at = time.monotonic()
         self.ack_at: Optional[float] = None
         self.stopping = False
@@ -194,6 +199,8 @@ class Daemon:
             if self.pending.get(sid):
                 mask |= selectors.EVENT_WRITE
             self._set(sock.fileno(), ("sock", sid), mask)
+        if self.candidate is not None:
+            self._set(self.candidate.rfd, "candidate", selectors.EVENT_READ)
         carrier = self.carrier
         if carrier is not None:
             self._set(carrier.rfd, "carrier", selectors.EVENT_READ)
@@ -228,6 +235,9 @@ class Daemon:
             self._accept_worker()
         elif what == "control":
             self._accept_carrier()
+        elif what == "candidate":
+            if self.candidate is not None and fd == self.candidate.rfd:
+                self._judge_candidate()
         elif what in ("carrier", "carrier-out", "attacher"):
             carrier = self.carrier
             # An event of this batch may be for a carrier another one already dropped.
@@ -349,10 +359,67 @@ class Daemon:
             conn.close()
             return
         conn.setblocking(False)
+        if self.carrier is not None and self.greeted:
+            # Ours again (a restart), or another agent's: its HELLO decides (_judge_candidate).
+            self._drop_candidate()
+            self.candidate = Carrier(conn, fds[0], fds[1])
+            self.candidate_bytes = b""
+            return
         self._drop_carrier()
         self.carrier = Carrier(conn, fds[0], fds[1])
         self.greeted = False
         self.detached_at = time.monotonic()
+
+    def _drop_candidate(self) -> None:
+        if self.candidate is not None:
+            self._unregister(self.candidate.rfd)
+            self.candidate.close()
+        self.candidate = None
+
+    def _judge_candidate(self) -> None:
+        """Take the new session when it is our agent's, or when ours went silent; refuse it otherwise."""
+        candidate = self.candidate
+        assert candidate is not None
+        try:
+            data = os.read(candidate.rfd, CARRIER_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_candidate()
+            return
+        self.candidate_bytes += data
+        try:
+            frames = Decoder().feed(self.candidate_bytes)
+        except WireError:
+            self._drop_candidate()
+            return
+        if not frames:
+            return
+        kind, _sid, _value, payload = frames[0]
+        if kind != HELLO:
+            self._drop_candidate()
+            return
+        ours = bytes(payload).split(b" ", 1)[0] == self.epoch
+        if ours or time.monotonic() - self.heard_at > self.silence:
+            early = self.candidate_bytes
+            self._unregister(candidate.rfd)
+            self.candidate = None
+            self._drop_carrier()
+            self.carrier = candidate
+            self.greeted = False
+            self.detached_at = self.heard_at = time.monotonic()
+            try:
+                self.mux.feed(early, self._on_control)
+            except WireError:
+                self._drop_carrier()
+            return
+        # A live agent holds this relay: say whose, and let the other session end.
+        with contextlib.suppress(OSError):
+            os.set_blocking(candidate.wfd, True)
+            os.write(candidate.wfd, encode(REFUSED, payload=self.owner))
+        self._drop_candidate()
 
     def _drop_carrier(self) -> None:
         if self.carrier is not None:
@@ -376,6 +443,7 @@ class Daemon:
         if not data:
             self._drop_carrier()
             return
+        self.heard_at = time.monotonic()
         try:
             self.mux.feed(data, self._on_control)
         except WireError:
@@ -383,10 +451,14 @@ class Daemon:
 
     def _on_control(self, kind: int, value: int, payload: bytes) -> None:
         if kind == HELLO:
-            fresh = self.epoch != payload
+            words = payload.split(b" ", 1)
+            fresh = self.epoch != words[0]
             if fresh:
                 self.mux.reset()
-                self.epoch = payload
+                self.epoch = words[0]
+            self.owner = words[1] if len(words) > 1 else b""
+            with contextlib.suppress(IndexError, ValueError):
+                self.silence = 3 * float(self.owner.split()[3]) + 5
             self.greeted = True
             self.mux.attach()
             self.mux.control(WELCOME, 0, ("%s %d" % ("fresh" if fresh else "resumed", os.getpid())).encode())
@@ -426,6 +498,7 @@ class Daemon:
                 time.sleep(0.005)
 
     def _close_all(self) -> None:
+        self._drop_candidate()
         for sock in list(self.socks.values()):
             self._forget(sock)
         self.socks.clear()

@@ -20,10 +20,11 @@ import os
 import time
 from dataclasses import dataclass
 
+from ..session import owner_words
 from .core import ACK_DELAY, Mux
-from .wire import BYE, HELLO, PING, PONG, SHUTDOWN, WELCOME, WireError, encode
+from .wire import BYE, HELLO, PING, PONG, REFUSED, SHUTDOWN, WELCOME, WireError, encode
 
-__all__ = ["Carrier", "RelayEnded", "RelayPeer", "RelayStats"]
+__all__ = ["Carrier", "RelayEnded", "RelayPeer", "RelayRefused", "RelayStats"]
 
 PIPE_SIZE = 1024 * 1024
 CARRIER_HIGH = 1024 * 1024
@@ -31,6 +32,14 @@ CARRIER_HIGH = 1024 * 1024
 
 class RelayEnded(Exception):
     """The carrier ended (or was replaced) while something waited on it."""
+
+
+class RelayRefused(RelayEnded):
+    """The head relay serves another supervisor whose session is alive; the message names it."""
+
+    def __init__(self, owner: str) -> None:
+        super().__init__(owner)
+        self.owner = owner
 
 
 @dataclass(frozen=True)
@@ -289,9 +298,10 @@ class Carrier:
 class RelayPeer:
     """The agent's end of one tunnel's relay, reattached by each new session."""
 
-    def __init__(self, master_host: str, master_port: int) -> None:
+    def __init__(self, master_host: str, master_port: int, keepalive: float = 5.0) -> None:
         self.master_host = master_host
         self.master_port = master_port
+        self.keepalive = keepalive
         self.mux = Mux(opener=False)
         self.epoch = os.urandom(12).hex().encode()
         self._conns: dict[int, _Master] = {}
@@ -324,7 +334,7 @@ class RelayPeer:
         self.generation += 1
         self._welcome = asyncio.get_running_loop().create_future()
         self._carrier = carrier
-        carrier.write(encode(HELLO, payload=self.epoch))
+        carrier.write(encode(HELLO, payload=self.epoch + b" " + owner_words(self.keepalive).encode()))
         carrier.start()
         if carrier.lost.done():
             self._carrier_ended(carrier)
@@ -432,6 +442,8 @@ class RelayPeer:
                 fut.set_result(None)
         elif kind == BYE and self._bye is not None and not self._bye.done():
             self._bye.set_result(None)
+        elif kind == REFUSED and self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(RelayRefused(payload.decode(errors="replace")))
 
     def _apply_events(self) -> None:
         events, self.mux.events = self.mux.events, []

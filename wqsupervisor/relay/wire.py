@@ -20,12 +20,13 @@ MAX_FRAME_PAYLOAD = 1024 * 1024
 DATA = 1  # sid, value = offset of the first byte, payload = the bytes
 ACK = 2  # sid, value = bytes (and FIN) taken for good by the receiver
 FIN = 3  # sid, value = offset of the end: the sender reads no more from its socket
-HELLO = 4  # the agent's first frame on a carrier, payload = its epoch
+HELLO = 4  # the agent's first frame on a carrier, payload = ``epoch host pid since keepalive``
 WELCOME = 5  # the head's answer, payload = ``resumed|fresh pid``
 PING = 6  # value = number
 PONG = 7  # value = the number pinged
 SHUTDOWN = 8  # the agent ends the relay: close every connection, exit
 BYE = 9  # the head's last frame before it exits
+REFUSED = 10  # to a session of another agent while this one's carrier lives; payload = its owner
 
 Frame = Tuple[int, int, int, memoryview]
 
@@ -68,7 +69,7 @@ class Decoder:
         pos, size, need = 0, len(buf), HEADER.size
         while size - pos >= HEADER.size:
             kind, sid, value, length = HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > BYE:
+            if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > REFUSED:
                 raise WireError("bad frame header (kind %d, length %d)" % (kind, length))
             end = pos + HEADER.size + length
             if end > size:
