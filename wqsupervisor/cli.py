@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script", help="the master script to run")
     run.add_argument("args", nargs="*", metavar="ARG", help="arguments passed to the script, as they are")
 
+    attach = sub.add_parser(
+        "attach",
+        allow_abbrev=False,
+        help="supervise a master that is already listening on a port (Makeflow, Parsl, C masters...)",
+        description=_attach_help(),
+    )
+    _add_settings(attach)
+    attach.add_argument(
+        "--master-port", type=int, required=True, metavar="PORT", help="the port the master listens on"
+    )
+    attach.add_argument(
+        "--until-master-exits",
+        action="store_true",
+        help="end once the master has stopped listening for 10 s (tunnel, workers and jobs go; exit 0)",
+    )
+
     sub.add_parser(
         "bench",
         add_help=False,
@@ -127,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--log-format", default="console", choices=("console", "json"), help="log line format")
     return parser
+
+
+def _attach_help() -> str:
+    from .attachapp import HELP
+
+    return HELP
 
 
 def _flag(name: str) -> str:
@@ -179,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_grace(ns.grace)
             configure_cli_logging(settings.log_format)
             return run_script(settings, ns.script, ns.args, grace=ns.grace, view=not ns.no_view)
+        if ns.command == "attach":
+            from .attachapp import attach_master
+
+            settings = resolve(_settings_flags(ns), ns.config)
+            configure_cli_logging(settings.log_format)
+            return attach_master(settings, ns.master_port, until_master_exits=ns.until_master_exits)
         if ns.command == "status":
             from .status import main as status_main
 
