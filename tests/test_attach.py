@@ -123,7 +123,7 @@ def test_a_port_that_is_no_master_is_refused(head):
 
 def test_makeflow_runs_every_rule_on_workers_behind_the_tunnel(head, remote_port, workers, tmp_path):
     """Debian's makeflow -T wq: attach gives it a tunnel; workers that know only the remote port run each rule."""
-    rules = ["out.%d: \n\techo rule-%d > out.%d\n" % (i, i, i) for i in range(4)]
+    rules = [f"out.{i}: \n\techo rule-{i} > out.{i}\n" for i in range(4)]
     (tmp_path / "Makeflow").write_text(
         "all.txt: out.0 out.1 out.2 out.3\n\tcat out.0 out.1 out.2 out.3 > all.txt\n\n" + "\n".join(rules)
     )
