@@ -279,3 +279,50 @@ def test_a_metrics_port_in_use_fails_run_and_leaves_nothing(head, remote_port, t
     assert "metrics" in err, err
     assert not list((runtime / "wqsupervisor").glob("*.sock")), "the status socket outlived run"
     assert not list(Path(tempfile.gettempdir()).glob(f"wqs-{proc.pid}-*")), "the run directory outlived run"
+
+
+_SPAWNED_MASTER = """
+import multiprocessing, sys
+
+def master(n):
+    from wqsupervisor.wqserver import Task, WorkQueueServer
+    with WorkQueueServer(name="wqs-spawned") as q:
+        for i in range(n):
+            q.submit(Task(f"echo child-{i}", tag=str(i)))
+        done = []
+        while len(done) < n:
+            r = q.wait(1)
+            if r is not None:
+                done.append(r.output.strip())
+        print(" ".join(sorted(done)), flush=True)
+
+if __name__ == "__main__":
+    # As Parsl's executors do: the master lives in a process started with spawn.
+    child = multiprocessing.get_context("spawn").Process(target=master, args=(int(sys.argv[1]),))
+    child.start()
+    child.join()
+    sys.exit(child.exitcode)
+"""
+
+
+def test_run_follows_a_master_created_in_a_spawned_child(head, remote_port, workers, tmp_path):
+    """A master made in a multiprocessing-spawn child is supervised like one in the script itself."""
+    script = tmp_path / "spawner.py"
+    script.write_text(_SPAWNED_MASTER)
+    with subprocess.Popen(
+        _run_args(head, remote_port, str(script), "12"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=python_env(),
+    ) as proc:
+        try:
+            wait_for(lambda: listening(remote_port), 60, "the tunnel of the child's master")
+            workers(remote_port, n=2)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.split() == sorted(f"child-{i}" for i in range(12))
+    summary = err.strip().splitlines()[-1]
+    assert f"tunnel headnode:{remote_port}" in summary and "tasks done 12" in summary, summary

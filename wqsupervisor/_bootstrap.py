@@ -5,6 +5,11 @@ Before the script starts, an import hook wraps ``WorkQueue.__init__`` of
 :class:`wqsupervisor.wqserver.WorkQueueServer`, so that every master the script
 creates gets a supervisor from the parent's engine. Nothing else of the
 master changes.
+
+The script's own Python children follow: a forked one inherits the hook, and
+every Python process it starts (multiprocessing's spawn, as Parsl's executors
+use, or ``subprocess``) imports :data:`SITECUSTOMIZE` from a directory on its
+``PYTHONPATH``, which installs the same hook from the inherited environment.
 """
 
 from __future__ import annotations
@@ -94,14 +99,69 @@ def install(engine: str, settings: Settings) -> None:
     for name in _TARGETS:
         if name in sys.modules:
             _patch(sys.modules[name], engine, settings)
-    sys.meta_path.insert(0, _Finder(engine, settings))
+    if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _Finder(engine, settings))
+
+
+# Imported at the start of every Python process the script starts (see follow()); it then
+# imports the next sitecustomize on the path, if any, so the user's own still runs.
+SITECUSTOMIZE = """\
+import importlib, os, sys
+if os.environ.get("@ENGINE@") and os.environ.get("@SETTINGS@"):
+    try:
+        from wqsupervisor._bootstrap import follow
+        follow()
+    except Exception as exc:  # the child runs unsupervised rather than not at all
+        print("wqsupervisor: a child process is not supervised:", exc, file=sys.stderr)
+_here = os.path.dirname(os.path.abspath(__file__))
+_path, sys.path[:] = sys.path[:], [p for p in sys.path if os.path.abspath(p or ".") != _here]
+del sys.modules["sitecustomize"]
+try:
+    importlib.import_module("sitecustomize")
+except ImportError:
+    pass
+finally:
+    sys.path[:] = _path
+""".replace("@ENGINE@", ENGINE_ENV).replace("@SETTINGS@", SETTINGS_ENV)
+
+
+def follow_directory(rundir: str) -> str:
+    """Write the children's ``sitecustomize.py`` into ``rundir``/follow; returns that directory."""
+    folder = os.path.join(rundir, "follow")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, "sitecustomize.py")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(SITECUSTOMIZE)
+    os.replace(tmp, path)
+    return folder
+
+
+def follow() -> None:
+    """In a Python process the script started: supervise its masters too, through the same engine."""
+    engine = os.environ.get(ENGINE_ENV)
+    raw = os.environ.get(SETTINGS_ENV)
+    if engine is None or raw is None:
+        return
+    data = json.loads(raw)
+    install(engine, settings_from_kwargs({k: v for k, v in data.items() if v is not None}))
+    import atexit
+
+    atexit.register(_close_all)
+
+
+def _close_all() -> None:
+    for sup in _supervisors:
+        with contextlib.suppress(Exception):
+            sup.close(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the script named first in ``argv`` with the rest as its arguments."""
     args = sys.argv[1:] if argv is None else argv
-    engine = os.environ.pop(ENGINE_ENV, None)
-    raw = os.environ.pop(SETTINGS_ENV, None)
+    # Left in the environment: the script's Python children follow (see follow()).
+    engine = os.environ.get(ENGINE_ENV)
+    raw = os.environ.get(SETTINGS_ENV)
     if not args or engine is None or raw is None:
         print(
             "wqsupervisor: _bootstrap is started by 'python -m wqsupervisor run', not by hand",
@@ -120,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wqsupervisor: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        for sup in _supervisors:
-            with contextlib.suppress(Exception):
-                sup.close(timeout=5)
+        _close_all()
 
 
 if __name__ == "__main__":

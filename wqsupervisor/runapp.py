@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._bootstrap import SETTINGS_ENV
+from ._bootstrap import SETTINGS_ENV, follow_directory
 from .config import Settings
 from .engine import Engine
 from .errors import ConfigError
@@ -186,7 +186,8 @@ def run_script(
         env[ENGINE_ENV] = host.socket_path
         env[SETTINGS_ENV] = json.dumps(settings.to_dict())
         package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        follow = follow_directory(str(Path(host.socket_path).parent))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (follow, package_root, env.get("PYTHONPATH")) if p)
         # The script dies with this process, SIGKILL included, as if `run` had exec'd it.
         argv = owned_argv([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], "KILL")
         if live is None:
