@@ -379,3 +379,26 @@ def test_every_transport_implements_the_session_interface(backend):
     init = inspect.getsource(cls.__init__)
     missing = [m for m in members if not hasattr(cls, m) and f"self.{m}" not in init]
     assert not missing, f"{cls.__name__} lacks {missing}"
+
+
+def test_a_resumable_session_is_replaced_after_the_grace_even_when_it_survived():
+    """With the head relay, replacing costs nothing: the surviving session is not kept for the head's backoff."""
+    live = Liveness.start(T, 100.0, grace=GRACE_CAPPED, resumable=True)
+    for now, head, tcp, _, _, _ in SURVIVED[:5]:
+        live, d = live.observe(Observation(head=head, acks=tcp), now)
+        assert d.end is None, now
+    assert live.stall is not None and live.stall.acked_at == 121.5
+    live, d = live.observe(Observation(acks=acks(0, False, 121.4)), 122.75)  # the grace is over at 122.75
+    assert d.probe_head and d.end is None
+    _, d = live.observe(Observation(head=Reach.UP), 123.0)
+    assert d.end is not None and d.replace
+
+
+def test_no_route_does_not_stretch_a_resumable_sessions_grace():
+    """An outage lifts the cap as before, but the grace stays short: the next session resumes everything."""
+    live = Liveness.start(T, 100.0, grace=GRACE_CAPPED, resumable=True)
+    live, _ = live.observe(TICK, 104.0)
+    live, d = live.observe(TICK, 104.25)
+    assert d.probe_head
+    live, d = live.observe(Observation(head=Reach.NO_ROUTE), 104.5)
+    assert d.cap is False and live.stall is not None and live.stall.grace == GRACE_CAPPED

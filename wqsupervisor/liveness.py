@@ -27,6 +27,10 @@ The rules:
   one whose retransmissions stay unacknowledged is replaced as before. While
   stalled with nothing unacknowledged, a ping is sent anyway (``nudge``) so
   there is data whose acknowledgement can tell;
+* a session that resumes (``resumable``: the head relay keeps every worker
+  connection, so replacing it costs nothing) is never kept waiting for the
+  head's backoff, nor given the long grace of an outage: once the head
+  answers fresh connections for ``grace`` seconds, a silent one is replaced;
 * while up, the forward is checked every ``probe_interval``: a different
   master, or two losses or refusals in a row, end the session.
 """
@@ -174,9 +178,13 @@ class Liveness:
     lost_streak: int = 0
     stall: Stall | None = None
     rto_lifted: bool = False
+    resumable: bool = False
+    """Replacing the session costs no worker connection (the head relay resumes them)."""
 
     @classmethod
-    def start(cls, timing: Timing, now: float, *, grace: float, rto_lifted: bool = False) -> Liveness:
+    def start(
+        cls, timing: Timing, now: float, *, grace: float, rto_lifted: bool = False, resumable: bool = False
+    ) -> Liveness:
         """A session that just came up at ``now``; ``grace`` is the resume grace of a new stall."""
         return cls(
             timing=timing,
@@ -184,6 +192,7 @@ class Liveness:
             last_pong=now,
             next_probe=now + timing.probe_interval,
             rto_lifted=rto_lifted,
+            resumable=resumable,
         )
 
     @property
@@ -258,7 +267,8 @@ class Liveness:
             if head is Reach.NO_ROUTE and not self.rto_lifted:
                 # Keep the session alive through the outage; it will resume on TCP's own schedule.
                 cap = False
-                stall = replace(stall, grace=max(stall.grace, GRACE_UNCAPPED))
+                if not self.resumable:
+                    stall = replace(stall, grace=max(stall.grace, GRACE_UNCAPPED))
             elif ok and self.rto_lifted:
                 cap = True
             if ok and stall.reachable_at is None:
@@ -276,11 +286,10 @@ class Liveness:
             stall = replace(stall, probing=True)
         return replace(self, stall=stall), Decision(probe_head=probe, cap=cap)
 
-    @staticmethod
-    def _due(stall: Stall, now: float) -> bool:
+    def _due(self, stall: Stall, now: float) -> bool:
         """The reachable head's grace is over and no acknowledgement keeps the session."""
         assert stall.reachable_at is not None
-        return now - stall.reachable_at >= stall.grace and not stall.kept(now)
+        return now - stall.reachable_at >= stall.grace and (self.resumable or not stall.kept(now))
 
     def _forward(self, seen: Observation, now: float) -> tuple[Liveness, Decision]:
         """Take a forward check's result, and start the next one when it is due (only while up)."""

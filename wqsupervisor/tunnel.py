@@ -476,8 +476,13 @@ class Tunnel:
 
     async def _watch(self, session: Session) -> tuple[str, int | None, bool]:
         """Watch an up session until it ends or must be replaced: (reason, exit code, replaced)."""
+        resumable = isinstance(self._sessions, Resumable) and self._sessions.off is None
         live = Liveness.start(
-            self.options.timing, self._clock.monotonic(), grace=self.grace, rto_lifted=self.record.rto_lifted
+            self.options.timing,
+            self._clock.monotonic(),
+            grace=self.grace,
+            rto_lifted=self.record.rto_lifted,
+            resumable=resumable,
         )
         return await watch(
             session,
