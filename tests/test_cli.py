@@ -15,7 +15,7 @@ import pytest
 
 from wqsupervisor.process import pid_alive
 
-from support import REPO, listening, processes_matching, python_env, wait_for
+from support import REPO, free_port, listening, processes_matching, python_env, wait_for
 
 SQUARES = str(REPO / "examples" / "squares.py")
 
@@ -326,3 +326,36 @@ def test_run_follows_a_master_created_in_a_spawned_child(head, remote_port, work
     assert out.split() == sorted(f"child-{i}" for i in range(12))
     summary = err.strip().splitlines()[-1]
     assert f"tunnel headnode:{remote_port}" in summary and "tasks done 12" in summary, summary
+
+
+_C_MASTER = """
+import subprocess, sys, time
+# A master in another language, started by the script: run cannot wrap it.
+proc = subprocess.Popen(["work_queue_server", "-p", sys.argv[1], "-s", sys.argv[2]])
+try:
+    time.sleep(float(sys.argv[3]))
+finally:
+    proc.terminate()
+    proc.wait()
+"""
+
+
+def test_run_names_a_master_port_in_a_child_it_cannot_wrap(head, remote_port, tmp_path):
+    """A C master started by the script: run says which process listens on which port, and that attach serves it."""
+    script = tmp_path / "cmaster.py"
+    script.write_text(_C_MASTER)
+    port, rpc = free_port(), free_port()
+    res = subprocess.run(
+        _run_args(head, remote_port, str(script), str(port), str(rpc), "16"),
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    said = [line for line in res.stderr.splitlines() if "processes it started listen" in line]
+    assert len(said) == 1, res.stderr
+    assert "work_queue_serv (pid " in said[0] and f"on port {port}" in said[0], said[0]
+    assert "python -m wqsupervisor attach --master-port" in said[0], said[0]
+    assert "no master was created" in res.stderr.strip().splitlines()[-1]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ._bootstrap import SETTINGS_ENV, follow_directory
+from .children import listening_descendants
 from .config import Settings
 from .engine import Engine
 from .errors import ConfigError
@@ -210,6 +211,9 @@ def run_script(
         raise
     handler = _Signals(child, grace)
     watch.on_fatal = lambda: handler(signal.SIGTERM, None)
+    threading.Thread(
+        target=_say_foreign_masters, args=(child, host), name="wqsupervisor-children", daemon=True
+    ).start()
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
@@ -235,6 +239,36 @@ def run_script(
         status, signum = 2, None
     print(summary_line(path.name, status, time.monotonic() - started, snapshot, signum), file=sys.stderr)
     return status
+
+
+# How long a run may go without a supervised master before it says what its children listen on.
+FOREIGN_AFTER = 10.0
+
+
+def _say_foreign_masters(child: subprocess.Popen[bytes], host: EngineThread) -> None:
+    """No master supervised after a while, but processes of the script listen: name them, and attach."""
+    started = time.monotonic()
+    while child.poll() is None:
+        time.sleep(2.0)
+        try:
+            snap = host.snapshot()
+        except Exception:  # the engine is going away with the run
+            return
+        if snap.masters or snap.finished:
+            return
+        if time.monotonic() - started < FOREIGN_AFTER:
+            continue
+        found = listening_descendants(child.pid)
+        if found:
+            ports = ", ".join(f"{f.command} (pid {f.pid}) on port {f.port}" for f in found)
+            print(
+                "wqsupervisor: no master in the script's Python processes yet, but processes it started "
+                f"listen: {ports}. A master that is not in a Python process of the script is not "
+                f"wrapped by 'run'; supervise it with: python -m wqsupervisor attach --master-port "
+                f"{found[0].port} [the same options]",
+                file=sys.stderr,
+            )
+            return
 
 
 def _relay(child: subprocess.Popen[bytes], live: Any) -> None:
