@@ -492,3 +492,18 @@ def test_the_summary_says_failed_for_a_tunnel_that_failed_and_was_then_closed():
     line = summary_line("app.py", 0, 3.0, snap)
     assert "tunnel headnode:9123 failed, 0 restart(s)" in line
     assert "error: permission denied (publickey)" in line
+
+
+@pytest.mark.parametrize("kind", ["openssh", "paramiko"])
+def test_a_revoked_host_key_is_refused_even_when_also_known(head, remote_port, recorder, tmp_path, kind):
+    """known_hosts lists the head's key and marks it @revoked: both backends refuse it, as ssh does, for good."""
+    known = head.known_hosts.read_text().strip()
+    hosts, key = known.split(" ", 1)
+    revoked = tmp_path / "known_hosts"
+    revoked.write_text(f"{known}\n@revoked {hosts} {key}\n")
+    settings = settings_for(head, kind, remote_port).replace(
+        ssh_options=(("UserKnownHostsFile", str(revoked)),), start_attempts=2
+    )
+    failed = _assert_fails(settings, recorder)
+    assert "marked @revoked in known_hosts" in failed.error, failed.error
+    assert len(recorder.of(TunnelStarting)) == 1, "a revoked key is final, not retried"

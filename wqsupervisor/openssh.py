@@ -225,6 +225,8 @@ def _classify(text: str, exit_code: int | None, dest: str) -> SessionFailure:
     last = _last_meaningful_line(text) or f"ssh exited with status {exit_code}"
     if m := _FORWARD_FAILED.search(text):
         return SessionFailure.port_taken(dest, int(m.group(1)))
+    if "REVOKED HOST KEY DETECTED" in text:
+        return SessionFailure.host_key_revoked(dest)
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or ("Host key for" in text and "has changed" in text):
         return SessionFailure.host_key_changed(dest)
     if any(words in text for words in _HOST_KEY_UNKNOWN):

@@ -74,6 +74,7 @@ from .session import (
     lease_command,
 )
 from .sshkeys import (
+    RevokedHostKey,
     UnknownHostKey,
     check_host_key,
     host_key_name,
@@ -82,6 +83,7 @@ from .sshkeys import (
     known_host_keys,
     known_hosts_files,
     load_keys,
+    revoked_host_keys,
 )
 from .target import SshTarget
 
@@ -109,7 +111,7 @@ class PublicKeyRefused(Exception):
     """The head node accepted none of the keys offered."""
 
 
-_REFUSALS = (ProxyUnsupported, PortForwardRefused, PublicKeyRefused, UnknownHostKey)
+_REFUSALS = (ProxyUnsupported, PortForwardRefused, PublicKeyRefused, UnknownHostKey, RevokedHostKey)
 
 
 def failure_of(exc: BaseException, dest: str, where: str, *, authenticated: bool) -> SessionFailure:
@@ -118,6 +120,8 @@ def failure_of(exc: BaseException, dest: str, where: str, *, authenticated: bool
         return exc.failure(dest)
     if isinstance(exc, PortForwardRefused):
         return SessionFailure.port_taken(dest, exc.port)
+    if isinstance(exc, RevokedHostKey):
+        return SessionFailure.host_key_revoked(dest)
     if isinstance(exc, paramiko.BadHostKeyException):
         return SessionFailure.host_key_changed(dest)
     if isinstance(exc, UnknownHostKey):
@@ -345,7 +349,8 @@ class ParamikoSession:
             # close() came between the connection and the handshake: do not start it.
             raise EOFError("closed before the handshake")
         transport.start_client(timeout=t.connect_timeout)
-        check_host_key(transport.get_remote_server_key(), known, name)
+        revoked = revoked_host_keys(known_hosts_files(cfg), name)
+        check_host_key(transport.get_remote_server_key(), known, name, revoked)
         self._authenticate(transport, identities)
         self._authenticated = True
         if self._master_port is not None:

@@ -126,6 +126,16 @@ class SessionFailure:
         )
 
     @classmethod
+    def host_key_revoked(cls, dest: str) -> SessionFailure:
+        """known_hosts marks the head's host key ``@revoked``."""
+        return cls(
+            FailureKind.HOST_KEY_CHANGED,
+            f"the host key of {dest} is marked @revoked in known_hosts",
+            "do not connect; ask the head node's admins for its current key",
+            permanent=True,
+        )
+
+    @classmethod
     def host_key_changed(cls, dest: str) -> SessionFailure:
         """The head's host key differs from the known one."""
         return cls(

@@ -61,13 +61,9 @@ def _entry_matches(patterns: Iterable[str], name: str) -> bool:
     return matched
 
 
-def known_host_keys(files: Iterable[str], name: str) -> dict[str, list[Any]]:
-    """The keys known for ``name`` in ``files``, by key type (plain, hashed and wildcard entries).
-
-    Lines ssh would skip are skipped: comments, malformed keys, unknown key
-    types, and ``@cert-authority``/``@revoked`` markers (not supported here).
-    """
-    found: dict[str, list[Any]] = {}
+def _entries(files: Iterable[str], name: str, marker: str | None) -> list[Any]:
+    """The keys of the lines for ``name`` with ``marker`` (``@revoked``), or without any marker (None)."""
+    keys: list[Any] = []
     for path in files:
         try:
             text = Path(path).read_text(errors="replace")
@@ -75,7 +71,14 @@ def known_host_keys(files: Iterable[str], name: str) -> dict[str, list[Any]]:
             continue
         for raw in text.splitlines():
             line = raw.strip()
-            if not line or line.startswith(("#", "@")):
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("@"):
+                first, _, rest = line.partition(" ")
+                if first != marker:
+                    continue
+                line = rest.strip()
+            elif marker is not None:
                 continue
             try:
                 entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
@@ -83,8 +86,30 @@ def known_host_keys(files: Iterable[str], name: str) -> dict[str, list[Any]]:
                 continue
             if entry is None or entry.key is None or not _entry_matches(entry.hostnames, name):
                 continue
-            found.setdefault(entry.key.get_name(), []).append(entry.key)
+            keys.append(entry.key)
+    return keys
+
+
+def known_host_keys(files: Iterable[str], name: str) -> dict[str, list[Any]]:
+    """The keys known for ``name`` in ``files``, by key type (plain, hashed and wildcard entries).
+
+    Lines ssh would skip are skipped: comments, malformed keys, unknown key
+    types; ``@revoked`` keys are read by :func:`revoked_host_keys`, and
+    ``@cert-authority`` lines are skipped (host certificates are not supported here).
+    """
+    found: dict[str, list[Any]] = {}
+    for key in _entries(files, name, None):
+        found.setdefault(key.get_name(), []).append(key)
     return found
+
+
+def revoked_host_keys(files: Iterable[str], name: str) -> list[Any]:
+    """The keys ``@revoked`` for ``name`` in ``files``: never accepted, even where also listed as known."""
+    return _entries(files, name, "@revoked")
+
+
+class RevokedHostKey(Exception):
+    """The server's host key is marked ``@revoked`` in known_hosts."""
 
 
 def _key_label(key: Any) -> str:
@@ -96,12 +121,17 @@ class UnknownHostKey(Exception):
     """No known_hosts file has a key of the server's type for this host; it is never added."""
 
 
-def check_host_key(server_key: Any, known: dict[str, list[Any]], name: str) -> None:
-    """Return when ``server_key`` is known for ``name``.
+def check_host_key(
+    server_key: Any, known: dict[str, list[Any]], name: str, revoked: Iterable[Any] = ()
+) -> None:
+    """Return when ``server_key`` is known for ``name`` and not revoked.
 
-    Raises :class:`UnknownHostKey` when no key of its type is known, and
-    paramiko's ``BadHostKeyException`` when the known one differs.
+    Raises :class:`RevokedHostKey` for a key marked ``@revoked`` (as ssh does,
+    whatever else lists it), :class:`UnknownHostKey` when no key of its type is
+    known, and paramiko's ``BadHostKeyException`` when the known one differs.
     """
+    if any(k.asbytes() == server_key.asbytes() for k in revoked):
+        raise RevokedHostKey(f"The {_key_label(server_key)} host key for {name} is marked as revoked.")
     kind = server_key.get_name()
     if kind not in known:
         raise UnknownHostKey(
