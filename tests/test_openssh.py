@@ -68,6 +68,9 @@ def test_the_lease_command_greets_echoes_renews_and_removes_its_lease(tmp_path):
     import subprocess
 
     command = lease_command(2.5)
+    stale = tmp_path / ".wqsupervisor" / "sessions" / "4194999"  # above any pid: a session long gone
+    stale.parent.mkdir(parents=True)
+    stale.write_text("elsewhere 1 2 5\n")
     proc = subprocess.Popen(
         ["sh", "-c", command],
         stdin=subprocess.PIPE,
@@ -81,7 +84,7 @@ def test_the_lease_command_greets_echoes_renews_and_removes_its_lease(tmp_path):
         lease = tmp_path / ".wqsupervisor" / "sessions" / str(os.getpid())
         assert lease.read_text().split()[:2] == [socket.gethostname(), str(os.getpid())]
         assert lease.read_text().split()[3] == "2.5"
-        assert (lease.parent.stat().st_mode & 0o777) == 0o700
+        assert not stale.exists(), "a dead session's lease was left"
         os.utime(lease, (0, 0))
         proc.stdin.write("wqs-ping 7\n")
         proc.stdin.flush()
@@ -177,3 +180,22 @@ def test_allocated_port_is_read_from_stderr():
     """-R 0 makes sshd choose; ssh prints the choice on stderr."""
     assert allocated_port("Allocated port 41234 for remote forward to localhost:9123\n") == 41234
     assert allocated_port("nothing here") is None
+
+
+def test_the_lease_directory_is_private(tmp_path):
+    """The first lease on a head node creates ~/.wqsupervisor/sessions readable by its user only."""
+    import os
+    import subprocess
+
+    done = subprocess.run(
+        ["sh", "-c", lease_command(5)],
+        input="",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+        timeout=10,
+        check=True,
+    )
+    assert done.stdout.startswith("wqs-session ")
+    folder = tmp_path / ".wqsupervisor" / "sessions"
+    assert (folder.stat().st_mode & 0o777) == 0o700 and not list(folder.iterdir())

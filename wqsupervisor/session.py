@@ -72,6 +72,8 @@ def lease_command(keepalive: float) -> str:
     owner = owner_words(keepalive)
     inner = (
         f'umask 077; d="$HOME/{LEASE_DIR}"; mkdir -p "$d" 2>/dev/null; f="$d/$PPID"; '
+        # Leases of sessions that died without removing theirs (killed outright) go first.
+        'for x in "$d"/*; do [ -e "$x" ] && [ ! -d "/proc/${x##*/}" ] && rm -f "$x"; done; '
         f"o={shlex.quote(owner)}; "
         'printf "%s\\n" "$o" > "$f" 2>/dev/null; echo wqs-session $PPID; '
         'while IFS= read -r l; do printf "%s\\n" "$o" > "$f" 2>/dev/null; printf "%s\\n" "$l"; done; '
