@@ -71,6 +71,8 @@ def lease_command(keepalive: float) -> str:
     """
     owner = owner_words(keepalive)
     inner = (
+        # A parent already gone (reparented to init): the session is over before it began.
+        '[ "$PPID" != 1 ] || exit 0; '
         f'umask 077; d="$HOME/{LEASE_DIR}"; mkdir -p "$d" 2>/dev/null; f="$d/$PPID"; '
         # Leases of sessions that died without removing theirs (killed outright) go first.
         'for x in "$d"/*; do [ -e "$x" ] && [ ! -d "/proc/${x##*/}" ] && rm -f "$x"; done; '
