@@ -74,7 +74,7 @@ class Carrier:
         self.conn = conn  # closed when we let go: the attacher then exits, and its session ends
         self.rfd = rfd
         self.wfd = wfd
-        self.out: Deque[memoryview] = collections.deque()
+        self.out: Deque[Chunk] = collections.deque()
         self.out_bytes = 0
         for fd in (rfd, wfd):
             os.set_blocking(fd, False)
@@ -91,14 +91,7 @@ class Carrier:
             except OSError:
                 return False
             self.out_bytes -= n
-            while n:
-                first = self.out[0]
-                if n >= len(first):
-                    self.out.popleft()
-                    n -= len(first)
-                else:
-                    self.out[0] = first[n:]
-                    n = 0
+            _consume(self.out, n)
         return True
 
     def close(self) -> None:
@@ -106,6 +99,18 @@ class Carrier:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.conn.close()
+
+
+def _consume(chunks: Deque[Chunk], n: int) -> None:
+    """Drop the first ``n`` bytes of ``chunks`` (what a write took)."""
+    while n:
+        first = chunks[0]
+        if n >= len(first):
+            chunks.popleft()
+            n -= len(first)
+        else:
+            chunks[0] = memoryview(first)[n:]
+            n = 0
 
 
 def _receive_fds(conn: socket.socket) -> Optional[Tuple[int, int]]:
@@ -299,14 +304,7 @@ class Daemon:
             self._drop(sid)
             return
         self.mux.taken(sid, n)
-        while n:
-            first = chunks[0]
-            if n >= len(first):
-                chunks.popleft()
-                n -= len(first)
-            else:
-                chunks[0] = first[n:]
-                n = 0
+        _consume(chunks, n)
         if not chunks and sid in self.end_after_write:
             self._end_write(sid)
 
