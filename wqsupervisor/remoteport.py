@@ -15,8 +15,7 @@ the remote port, never anything else.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,15 @@ from .forward import ForwardProver
 from .master import MasterIdentity
 from .openssh import remote_argv
 from .relay.headmain import PROCESS_NAME
-from .session import LEASE_DIR, FailureKind, SessionEnded, SessionFactory, SessionFailed, SessionFailure
+from .session import (
+    LEASE_DIR,
+    FailureKind,
+    Owner,
+    SessionEnded,
+    SessionFactory,
+    SessionFailed,
+    SessionFailure,
+)
 from .target import SshTarget
 
 # The name a head relay gives itself (/proc/PID/comm), so it is told from a foreign program.
@@ -126,32 +133,12 @@ class Lease:
     """What a tunnel's session on the head says of its supervisor, and how long ago it last said it."""
 
     age: float
-    host: str
-    pid: int
-    since: int
-    keepalive: float
-
-    @classmethod
-    def parse(cls, age: str, words: list[str]) -> Lease | None:
-        """From ``AGE HOST PID SINCE KEEPALIVE`` (None when it is not a lease of ours)."""
-        try:
-            return cls(float(age), words[0], int(words[1]), int(words[2]), float(words[3]))
-        except (IndexError, ValueError):
-            return None
+    owner: Owner
 
     @property
     def fresh(self) -> bool:
-        """Renewed within three pings (and a little): the supervisor behind it is alive and reaches it."""
-        return self.age <= 3 * self.keepalive + 5
-
-    def is_of(self, host: str, pid: int) -> bool:
-        """This lease was written for the supervisor ``pid`` on ``host``."""
-        return self.host == host and self.pid == pid
-
-    def describe(self) -> str:
-        """``host H, pid N, since T``."""
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
-        return f"host {self.host}, pid {self.pid}, since {since}"
+        """Renewed recently enough: the supervisor behind it is alive and reaches it."""
+        return not self.owner.expired(self.age)
 
 
 @dataclass(frozen=True)
@@ -213,9 +200,10 @@ def parse_holders(text: str) -> PortHolders:
         if not parts:
             continue
         if parts[0] == "lease" and len(parts) == 4 and parts[1].isdigit():
-            lease = Lease.parse(parts[2], parts[3].split())
-            if lease is not None:
-                leases.append((int(parts[1]), lease))
+            owner = Owner.parse(parts[3])
+            with contextlib.suppress(ValueError):
+                if owner is not None:
+                    leases.append((int(parts[1]), Lease(float(parts[2]), owner)))
             continue
         if parts[0] == "bound":
             bound = True
@@ -298,19 +286,12 @@ class RemotePort:
         dest = self.target.destination
         for pid in stale:
             lease = holders.lease(pid)
-            if pid in known or lease is None or not lease.fresh:
-                continue
-            if lease.is_of(socket.gethostname(), os.getpid()):
+            if pid in known or lease is None or not lease.fresh or lease.owner.is_here():
                 continue
             if await self._renewed(pid, lease):
                 # A live supervisor renews this lease: its tunnel is not stale, whatever its master says.
-                return SessionFailure(
-                    FailureKind.PORT_TAKEN,
-                    f"remote port {self.port} on {dest} is held by another wqsupervisor's tunnel "
-                    f"({lease.describe()})",
-                    "give each master its own --remote-port, or stop that supervisor",
-                    permanent=True,
-                    port=self.port,
+                return SessionFailure.port_owned(
+                    f"remote port {self.port} on {dest}", "tunnel", lease.owner.describe()
                 )
             return await self.reclaim(known_pid)  # its lease has run out meanwhile
         if stale and not set(stale) <= known:
@@ -353,13 +334,13 @@ class RemotePort:
     async def _renewed(self, pid: int, lease: Lease) -> bool:
         """Whether the lease of holder ``pid`` is renewed within a ping; if not, wait until it runs out."""
         started = time.monotonic()
-        await asyncio.sleep(min(lease.keepalive, 10.0) + 1.5)
+        await asyncio.sleep(min(lease.owner.keepalive, 10.0) + 1.5)
         now = (await inspect_port(self.target, self.port)).lease(pid)
         waited = time.monotonic() - started
         if now is not None and now.age < lease.age + waited - 0.5:
             return True
         # Its supervisor is gone or cut off: the session is stale once the lease has run out.
-        await asyncio.sleep(max(0.0, 3 * lease.keepalive + 5 - lease.age - waited) + 0.5)
+        await asyncio.sleep(max(0.0, 3 * lease.owner.keepalive + 5 - lease.age - waited) + 0.5)
         return False
 
     async def owner(self) -> MasterIdentity | None:

@@ -30,7 +30,7 @@ from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, spawn, tunnel
 from .protocol.snapshot import RelaySnapshot
 from .relay import program
 from .relay.peer import Carrier, RelayEnded, RelayPeer, RelayRefused, RelayStats
-from .session import FailureKind, SessionEnded, SessionFailed, SessionFailure, describe_owner
+from .session import Owner, SessionEnded, SessionFailed, SessionFailure
 from .target import SshTarget
 
 __all__ = ["ResumableSession", "ResumableSessions"]
@@ -125,12 +125,11 @@ class ResumableSession(OpenSSHSession):
         """A relay that serves another live supervisor refused this session: say whose; else as ssh says."""
         refused = self._attached.exception() if self._attached.done() else None
         if isinstance(refused, RelayRefused):
-            return SessionFailure(
-                FailureKind.PORT_OWNED,
-                f"the remote port on {self.target.destination} is held by another wqsupervisor's relay "
-                f"({describe_owner(refused.owner)})",
-                "give each master its own --remote-port, or stop that supervisor",
-                permanent=True,
+            owner = Owner.parse(refused.owner)
+            return SessionFailure.port_owned(
+                f"the remote port on {self.target.destination}",
+                "relay",
+                owner.describe() if owner is not None else refused.owner,
             )
         return super().failure()
 

@@ -46,18 +46,45 @@ LEASE_DIR = ".wqsupervisor/sessions"
 _STARTED = int(time.time())
 
 
-def owner_words(keepalive: float) -> str:
-    """This supervisor, as its sessions name it on the head: ``host pid since keepalive``."""
-    return f"{socket.gethostname()} {os.getpid()} {_STARTED} {keepalive:g}"
+@dataclass(frozen=True)
+class Owner:
+    """The supervisor a session serves, as the session names it on the head: ``host pid since keepalive``."""
 
+    host: str
+    pid: int
+    since: int
+    keepalive: float
 
-def describe_owner(words: str) -> str:
-    """``host H, pid N, since T`` from :func:`owner_words`' text (the text itself if it is not that)."""
-    parts = words.split()
-    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        return words
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(parts[2])))
-    return f"host {parts[0]}, pid {parts[1]}, since {since}"
+    @classmethod
+    def here(cls, keepalive: float) -> Owner:
+        """This supervisor (this process on this machine)."""
+        return cls(socket.gethostname(), os.getpid(), _STARTED, keepalive)
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        """From :meth:`words` (None when the text is not that)."""
+        parts = text.split()
+        try:
+            return cls(parts[0], int(parts[1]), int(parts[2]), float(parts[3]))
+        except (IndexError, ValueError):
+            return None
+
+    def words(self) -> str:
+        """``host pid since keepalive``, as the head's leases and the relay's HELLO carry it."""
+        return f"{self.host} {self.pid} {self.since} {self.keepalive:g}"
+
+    def is_here(self) -> bool:
+        """This owner is this supervisor."""
+        return self.host == socket.gethostname() and self.pid == os.getpid()
+
+    def expired(self, silent_for: float) -> bool:
+        """Silent longer than three pings (and a little): the supervisor is gone or cut off."""
+        return silent_for > 3 * self.keepalive + 5
+
+    def describe(self) -> str:
+        """``host H, pid N, since T``."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"host {self.host}, pid {self.pid}, since {since}"
 
 
 def lease_command(keepalive: float) -> str:
@@ -69,7 +96,7 @@ def lease_command(keepalive: float) -> str:
     Another supervisor that finds the port held reads it: a fresh lease is a
     live tunnel of someone else's, never a stale session to end.
     """
-    owner = owner_words(keepalive)
+    owner = Owner.here(keepalive).words()
     inner = (
         # A parent already gone (reparented to init): the session is over before it began.
         '[ "$PPID" != 1 ] || exit 0; '
@@ -93,7 +120,7 @@ class FailureKind(enum.StrEnum):
 
     PORT_TAKEN = "port_taken"
     PORT_OWNED = "port_owned"
-    """The port's relay serves another supervisor whose session is alive (it said so)."""
+    """Another supervisor's live session (its lease renewed) or relay holds the port."""
     HOST_KEY_CHANGED = "host_key_changed"
     HOST_KEY_UNKNOWN = "host_key_unknown"
     AUTH = "auth"
@@ -127,6 +154,16 @@ class SessionFailure:
             f"pick another --remote-port, or free port {port} on {dest}",
             permanent=True,
             port=port,
+        )
+
+    @classmethod
+    def port_owned(cls, where: str, by: str, owner: str) -> SessionFailure:
+        """``where`` is held by another live supervisor's ``by`` (tunnel, relay), described as ``owner``."""
+        return cls(
+            FailureKind.PORT_OWNED,
+            f"{where} is held by another wqsupervisor's {by} ({owner})",
+            "give each master its own --remote-port, or stop that supervisor",
+            permanent=True,
         )
 
     @classmethod

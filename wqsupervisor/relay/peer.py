@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from ..session import owner_words
+from ..session import Owner
 from .core import ACK_DELAY, Mux
 from .wire import BYE, HELLO, PING, PONG, REFUSED, SHUTDOWN, WELCOME, WireError, encode
 
@@ -334,7 +334,7 @@ class RelayPeer:
         self.generation += 1
         self._welcome = asyncio.get_running_loop().create_future()
         self._carrier = carrier
-        carrier.write(encode(HELLO, payload=self.epoch + b" " + owner_words(self.keepalive).encode()))
+        carrier.write(encode(HELLO, payload=self.epoch + b" " + Owner.here(self.keepalive).words().encode()))
         carrier.start()
         if carrier.lost.done():
             self._carrier_ended(carrier)
