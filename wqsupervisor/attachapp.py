@@ -19,13 +19,13 @@ import time
 from typing import Any
 
 from .config import Settings
+from .engine import credentials_for
 from .errors import AuthenticationFailed, ConfigError, ProtocolError
-from .events import Event, TunnelFailed, TunnelUp
 from .master import MasterInfo
-from .passwords import AUTO, read_password
-from .runapp import EngineThread, summary_line
+from .passwords import AUTO
+from .runapp import EngineThread, StartWatch, summary_line
 from .status import status_dir
-from .wqproto import Credentials, request_status, tls_context
+from .wqproto import request_status
 
 # How long a master's port must refuse connections before --until-master-exits ends the run.
 GONE_AFTER = 10.0
@@ -43,27 +43,6 @@ HELP = (
 )
 
 
-class _Watch:
-    """Ends the run when the tunnel fails before it was ever up; remembers the failure."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
-        self.up = False
-        self.fatal: TunnelFailed | None = None
-
-    def __call__(self, event: Event, _state: str) -> None:
-        if isinstance(event, TunnelUp):
-            self.up = True
-        elif isinstance(event, TunnelFailed) and not self.up and self.fatal is None:
-            self.fatal = event
-            self.stop.set()
-
-
-def _credentials(settings: Settings) -> Credentials:
-    password = read_password(settings.password_file) if settings.password_file else None
-    return Credentials(password=password, tls=tls_context() if settings.ssl else None)
-
-
 def identify(port: int, settings: Settings, timeout: float = 5.0) -> MasterInfo:
     """Ask what listens on 127.0.0.1:``port``; a master's identity, or a ConfigError that says what to do."""
 
@@ -71,7 +50,7 @@ def identify(port: int, settings: Settings, timeout: float = 5.0) -> MasterInfo:
         return await asyncio.open_connection("127.0.0.1", port)
 
     try:
-        reply = asyncio.run(request_status(connect, credentials=_credentials(settings), timeout=timeout))
+        reply = asyncio.run(request_status(connect, credentials=credentials_for(settings), timeout=timeout))
     except ConnectionRefusedError:
         raise ConfigError(
             f"nothing listens on port {port} of this machine",
@@ -128,7 +107,8 @@ def attach_master(settings: Settings, port: int, *, until_master_exits: bool = F
     status_dir()
     started = time.monotonic()
     stop = threading.Event()
-    watch = _Watch(stop)
+    watch = StartWatch()
+    watch.on_fatal = stop.set
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -169,11 +149,7 @@ def attach_master(settings: Settings, port: int, *, until_master_exits: bool = F
         if metrics is not None:
             metrics.stop()
         host.stop()
-    status = 0
-    if watch.fatal is not None:
-        hint = f"; hint: {watch.fatal.hint}" if watch.fatal.hint else ""
-        print(f"wqsupervisor: error: {watch.fatal.error}{hint}", file=sys.stderr)
-        status = 2
+    status = 2 if watch.say_fatal() else 0
     name = f"master on port {port}" + (f" ({master.name})" if master.name else "")
     signum = received[0] if received else None
     print(summary_line(name, status, time.monotonic() - started, snapshot, signum), file=sys.stderr)

@@ -66,6 +66,14 @@ _RECENT_EVENTS = 50
 MAX_REQUEST = 64 * 1024
 
 
+def credentials_for(settings: Settings) -> Credentials:
+    """What the probes and samples say to a master: its password and TLS, from the settings."""
+    return Credentials(
+        password=read_password(settings.password_file) if settings.password_file else None,
+        tls=tls_context() if settings.ssl else None,
+    )
+
+
 @dataclass
 class Supervised:
     """One attached master and what watches it."""
@@ -161,10 +169,7 @@ class Engine:
             settings = settings.replace(remote_port=port)
         sup_id = f"m{next(self._ids)}"
         emit = self._emit_for(sup_id)
-        credentials = Credentials(
-            password=read_password(settings.password_file) if settings.password_file else None,
-            tls=tls_context() if settings.ssl else None,
-        )
+        credentials = credentials_for(settings)
 
         async def direct(timeout: float) -> list[dict[str, Any]] | None:
             return await self._ask_master(master.port, credentials, timeout=timeout)

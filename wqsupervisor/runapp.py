@@ -176,7 +176,7 @@ def run_script(
             from .view import LiveView
 
             live = LiveView(host.snapshot)
-        watch = _StartWatch()
+        watch = StartWatch()
         host.add_sink(watch)
         if settings.metrics_port is not None:
             from .metrics import MetricsServer
@@ -233,9 +233,7 @@ def run_script(
         host.stop()
     status = exit_status(code)
     signum = handler.received
-    if watch.fatal is not None:
-        hint = f"; hint: {watch.fatal.hint}" if watch.fatal.hint else ""
-        print(f"wqsupervisor: error: {watch.fatal.error}{hint}", file=sys.stderr)
+    if watch.say_fatal():
         status, signum = 2, None
     print(summary_line(path.name, status, time.monotonic() - started, snapshot, signum), file=sys.stderr)
     return status
@@ -278,7 +276,7 @@ def _relay(child: subprocess.Popen[bytes], live: Any) -> None:
         live.console.print(raw.decode(errors="replace").rstrip("\n"), markup=False, highlight=False)
 
 
-class _StartWatch:
+class StartWatch:
     """Ends the run when a tunnel fails before it was ever up.
 
     Nothing can have been lost yet, and a master left waiting for workers that
@@ -297,6 +295,14 @@ class _StartWatch:
         elif isinstance(event, TunnelFailed) and event.source not in self._up and self.fatal is None:
             self.fatal = event
             self.on_fatal()
+
+    def say_fatal(self) -> bool:
+        """Print the failure that ended the run, with its hint, on stderr; False when there was none."""
+        if self.fatal is None:
+            return False
+        hint = f"; hint: {self.fatal.hint}" if self.fatal.hint else ""
+        print(f"wqsupervisor: error: {self.fatal.error}{hint}", file=sys.stderr)
+        return True
 
 
 def summary_line(
