@@ -78,12 +78,11 @@ from .sshkeys import (
     UnknownHostKey,
     check_host_key,
     host_key_name,
+    host_keys,
     identity_files,
     key_type_of,
-    known_host_keys,
     known_hosts_files,
     load_keys,
-    revoked_host_keys,
 )
 from .target import SshTarget
 
@@ -332,7 +331,7 @@ class ParamikoSession:
     def _handshake(self, sock: socket.socket, identities: list[str]) -> None:
         t, cfg = self._target, self._config
         name = host_key_name(cfg)
-        known = known_host_keys(known_hosts_files(cfg), name)
+        known, revoked = host_keys(known_hosts_files(cfg), name)
         transport = paramiko.Transport(sock)
         transport.name = "wqs-paramiko-transport"
         self._transport = transport
@@ -349,7 +348,6 @@ class ParamikoSession:
             # close() came between the connection and the handshake: do not start it.
             raise EOFError("closed before the handshake")
         transport.start_client(timeout=t.connect_timeout)
-        revoked = revoked_host_keys(known_hosts_files(cfg), name)
         check_host_key(transport.get_remote_server_key(), known, name, revoked)
         self._authenticate(transport, identities)
         self._authenticated = True

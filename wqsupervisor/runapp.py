@@ -315,13 +315,14 @@ def summary_line(
     parts = [f"wqsupervisor: {name} {how} after {elapsed:.1f} s"]
     for entry in (*snapshot.finished, *snapshot.masters):
         tunnel = entry.tunnel
-        text = f"tunnel {tunnel.via}:{tunnel.remote_port} {tunnel.state.value}, {tunnel.restarts} restart(s)"
+        # A tunnel that failed and was then closed is still a failure.
+        state = "failed" if tunnel.failed else tunnel.state.value
+        error = tunnel.failed or (tunnel.last_error if tunnel.state is TunnelState.FAILED else None)
+        text = f"tunnel {tunnel.via}:{tunnel.remote_port} {state}, {tunnel.restarts} restart(s)"
         if tunnel.recoveries:
             text += f" (worst recovery {max(tunnel.recoveries):.2f} s)"
-        if tunnel.failed:
-            text = text.replace(f" {tunnel.state.value},", " failed,", 1) + f", error: {tunnel.failed}"
-        elif tunnel.last_error and tunnel.state is TunnelState.FAILED:
-            text += f", error: {tunnel.last_error}"
+        if error:
+            text += f", error: {error}"
         text += f", workers peak {entry.workers.peak}, tasks done {entry.tasks.done}"
         parts.append(text)
     if len(parts) == 1:

@@ -61,9 +61,15 @@ def _entry_matches(patterns: Iterable[str], name: str) -> bool:
     return matched
 
 
-def _entries(files: Iterable[str], name: str, marker: str | None) -> list[Any]:
-    """The keys of the lines for ``name`` with ``marker`` (``@revoked``), or without any marker (None)."""
-    keys: list[Any] = []
+def host_keys(files: Iterable[str], name: str) -> tuple[dict[str, list[Any]], list[Any]]:
+    """The keys known for ``name`` in ``files`` by key type, and those marked ``@revoked``, in one reading.
+
+    Lines ssh would skip are skipped: comments, malformed keys, unknown key
+    types, and ``@cert-authority`` lines (host certificates are not supported
+    here). A ``@revoked`` key is never accepted, even where also listed as known.
+    """
+    known: dict[str, list[Any]] = {}
+    revoked: list[Any] = []
     for path in files:
         try:
             text = Path(path).read_text(errors="replace")
@@ -73,39 +79,27 @@ def _entries(files: Iterable[str], name: str, marker: str | None) -> list[Any]:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
+            marker = None
             if line.startswith("@"):
-                first, _, rest = line.partition(" ")
-                if first != marker:
+                marker, _, line = line.partition(" ")
+                if marker != "@revoked":
                     continue
-                line = rest.strip()
-            elif marker is not None:
-                continue
             try:
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line.strip())
             except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError):
                 continue
             if entry is None or entry.key is None or not _entry_matches(entry.hostnames, name):
                 continue
-            keys.append(entry.key)
-    return keys
+            if marker is None:
+                known.setdefault(entry.key.get_name(), []).append(entry.key)
+            else:
+                revoked.append(entry.key)
+    return known, revoked
 
 
 def known_host_keys(files: Iterable[str], name: str) -> dict[str, list[Any]]:
-    """The keys known for ``name`` in ``files``, by key type (plain, hashed and wildcard entries).
-
-    Lines ssh would skip are skipped: comments, malformed keys, unknown key
-    types; ``@revoked`` keys are read by :func:`revoked_host_keys`, and
-    ``@cert-authority`` lines are skipped (host certificates are not supported here).
-    """
-    found: dict[str, list[Any]] = {}
-    for key in _entries(files, name, None):
-        found.setdefault(key.get_name(), []).append(key)
-    return found
-
-
-def revoked_host_keys(files: Iterable[str], name: str) -> list[Any]:
-    """The keys ``@revoked`` for ``name`` in ``files``: never accepted, even where also listed as known."""
-    return _entries(files, name, "@revoked")
+    """The keys known for ``name`` in ``files``, by key type (plain, hashed and wildcard entries)."""
+    return host_keys(files, name)[0]
 
 
 class RevokedHostKey(Exception):

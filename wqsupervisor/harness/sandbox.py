@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import privatedir, rundir
+from ..children import descendants
 from ..config import Settings
 from ..errors import WQSupervisorError
 from ..process import owned_argv, pid_alive, terminate, wait_gone
@@ -42,27 +43,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (read from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 class HeadNode:
@@ -230,7 +210,7 @@ class HeadNode:
         """The per-connection sshd processes now running (listener excluded)."""
         if self.proc is None:
             return []
-        return [p for p in children_of(self.proc.pid) if pid_alive(p)]
+        return [p for p in descendants(self.proc.pid) if pid_alive(p)]
 
     def kill_sessions(self, sig: int = signal.SIGKILL) -> list[int]:
         """Kill every sshd session process (what a head node's admin or OOM killer does)."""

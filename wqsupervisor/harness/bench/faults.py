@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...children import descendants
 from ...process import pid_alive
 from ..common import machine, save, summary
 from ..lab import Lab
 from ..labapps import CampusApp, HeadProbe, start_node_workers
-from ..sandbox import children_of
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class _Tool:
             pid = self.app.snapshot().masters[0].tunnel.ssh_pid
             return int(pid) if pid else None
         autossh = self.app.ready["autossh_pid"] if self.app.ready else None
-        kids = [p for p in children_of(int(autossh or 0)) if _comm(p) == "ssh"] if autossh else []
+        kids = [p for p in descendants(int(autossh or 0)) if _comm(p) == "ssh"] if autossh else []
         return kids[0] if kids else None
 
 

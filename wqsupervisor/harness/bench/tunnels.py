@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ...children import descendants
 from ...master import MasterInfo
 from ...process import owned_argv, terminate
 from ...runapp import EngineThread
 from ...wqserver import free_port
-from ..sandbox import ALIAS, HeadNode, children_of
+from ..sandbox import ALIAS, HeadNode
 
 
 class Supervised:
@@ -106,7 +107,7 @@ class PlainSsh:
     def ssh_pid(self) -> int:
         if self.name != "autossh":
             return self.proc.pid
-        kids = [p for p in children_of(self.proc.pid) if _comm(p) == "ssh"]
+        kids = [p for p in descendants(self.proc.pid) if _comm(p) == "ssh"]
         if not kids:
             raise RuntimeError("autossh has no ssh child")
         return kids[0]
