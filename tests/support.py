@@ -160,3 +160,20 @@ def relay_pids(port: int) -> list[int]:
         if str(port).encode() in args:
             pids.append(int(entry))
     return pids
+
+
+def head_argv(command: str, head: Any, remote_port: int, *extra: str) -> list[str]:
+    """``python -m wqsupervisor COMMAND`` to the loopback head node on ``remote_port``, then ``extra``."""
+    return [
+        sys.executable,
+        "-m",
+        "wqsupervisor",
+        command,
+        "--via",
+        "headnode",
+        "--ssh-config",
+        str(head.ssh_config),
+        "--remote-port",
+        str(remote_port),
+        *extra,
+    ]

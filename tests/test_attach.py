@@ -5,31 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from wqsupervisor.wqserver import Task, WorkQueueServer
 
-from support import assert_exactly_once, free_port, listening, python_env, run_tasks, wait_for
+from support import assert_exactly_once, free_port, head_argv, listening, python_env, run_tasks, wait_for
 
 
 def _attach(head, master_port: int, remote_port: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "wqsupervisor",
-        "attach",
-        "--via",
-        "headnode",
-        "--ssh-config",
-        str(head.ssh_config),
-        "--remote-port",
-        str(remote_port),
-        "--master-port",
-        str(master_port),
-        *extra,
-    ]
+    return head_argv("attach", head, remote_port, "--master-port", str(master_port), *extra)
 
 
 def _start(argv: list[str]) -> subprocess.Popen[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from wqsupervisor.process import pid_alive
 
-from support import REPO, free_port, listening, processes_matching, python_env, wait_for
+from support import REPO, free_port, head_argv, listening, processes_matching, python_env, wait_for
 
 SQUARES = str(REPO / "examples" / "squares.py")
 
@@ -34,17 +34,7 @@ def test_help_explains_every_required_option_in_one_line():
 
 
 def _run_args(head, remote_port: int, *extra: str) -> list[str]:
-    return cli(
-        "run",
-        "--via",
-        "headnode",
-        "--ssh-config",
-        str(head.ssh_config),
-        "--remote-port",
-        str(remote_port),
-        "--allow-no-password",
-        *extra,
-    )
+    return head_argv("run", head, remote_port, "--allow-no-password", *extra)
 
 
 def test_run_supervises_an_unmodified_script_and_passes_its_exit_status(head, remote_port, workers):
