@@ -71,10 +71,29 @@ class Recorder(Runner):
         self.replies = {program: list(answers) for program, answers in replies.items()}
 
     async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
+        if list(argv[:3]) == ["sh", "-c", scheduler.SUBMIT_SCRIPT]:
+            return self._batched(argv[4:], input)
         assert input is None, "no adapter feeds a scheduler command on stdin"
         self.calls.append(list(argv))
         queue = self.replies.get(argv[0])
         return queue.pop(0) if queue else Completed(0, "", "")
+
+    def _batched(self, args: Sequence[str], input: str | None) -> Completed:
+        """A batched submission, answered as the head's shell runs it (the real script: test_submit_script_*)."""
+        script, write, count, command = args[0], args[1], int(args[2]), list(args[3:])
+        assert command[-1] == script, "a submission ends with the job script it submits"
+        if write == "1":
+            assert input is not None
+            self.writes.append((script, input, 0o700))
+        out = [scheduler.WRITTEN]
+        for _ in range(count):
+            self.calls.append(command)
+            queue = self.replies.get(command[0])
+            done = queue.pop(0) if queue else Completed(0, "", "")
+            if done.returncode != 0:
+                return Completed(done.returncode, "\n".join(out) + "\n", done.stdout + done.stderr)
+            out += [done.stdout.rstrip("\n"), scheduler.SUBMITTED]
+        return Completed(0, "\n".join(out) + "\n", "")
 
     async def write(self, path: str, content: str, mode: int = 0o600) -> None:
         self.writes.append((path, content, mode))

@@ -56,6 +56,8 @@ class Unavailable(WQSupervisorError):
 
 # How a runner reports a command it could not start at all, as a shell does.
 NOT_FOUND, NOT_EXECUTABLE = 127, 126
+# ssh's own exit status when it could not connect or log in (the remote command's is passed through).
+SSH_FAILED = 255
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class Runner(abc.ABC):
         done = await self.run(["sh", "-c", script, "sh", path, format(mode, "o")], input=content)
         if done.returncode != 0:
             raise WQSupervisorError(f"cannot write {path}: {done.error_text}")
+
+    async def close(self) -> None:  # noqa: B027 (most runners hold nothing)
+        """Release what the runner holds (a connection); nothing by default."""
 
     async def home(self) -> str:
         """The home directory on that side."""
@@ -134,26 +139,53 @@ class LocalRunner(Runner):
 
 
 class SshRunner(Runner):
-    """Commands on the head node, through ssh to ``target`` (its own connection each time).
+    """Commands on the head node, through ssh to ``target``.
 
-    ssh exits with status 255 when it could not reach or log in to the head
-    node; :mod:`wqsupervisor.batch.scheduler` reads that as "unavailable".
+    With ``control`` (a socket path in a private directory), commands run over
+    one multiplexed connection of our own
+    (:class:`~wqsupervisor.batch.control.ControlConnection`), started on first
+    use; without it, or while that connection is down, each command opens its
+    own. ssh exits with status 255 when it could not reach or log in to the
+    head node; :mod:`wqsupervisor.batch.scheduler` reads that as "unavailable".
     """
 
-    def __init__(self, target: SshTarget, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, target: SshTarget, env: Mapping[str, str] | None = None, control: str | None = None
+    ) -> None:
+        from .control import ControlConnection
+
         self.target = target
         self.env = dict(env or {})
+        self.control = ControlConnection(target, control) if control else None
 
     async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
         """Run ``argv`` on the head node (a login shell is not needed, nor started)."""
-        return await _communicate(self.argv(argv), input, timeout)
+        control = self.control
+        if control is None or not await control.ready():
+            return await _communicate(self.argv(argv), input, timeout)
+        done = await _communicate(self.argv(argv, control.client_options()), input, timeout)
+        if done.timed_out or done.returncode == SSH_FAILED:
+            control.failed()  # the next command starts a new connection
+        return done
 
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        """The local ssh command line that runs ``argv`` on the head node, with ``env``."""
+    def argv(self, argv: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+        """The local ssh command line that runs ``argv`` on the head node, with ``env``.
+
+        Without ``extra`` it opens a connection of its own: sessions that last
+        (workers on the head node, the factory) use that, so that they do not
+        end with the control connection.
+        """
         command = " ".join(shlex.quote(a) for a in argv)
         if self.env:
             command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
-        return remote_argv(self.target, command)
+        ssh = remote_argv(self.target, command)
+        ssh[1:1] = list(extra)
+        return ssh
+
+    async def close(self) -> None:
+        """End the control connection, if there is one."""
+        if self.control is not None:
+            await self.control.close()
 
 
 @dataclass(frozen=True)
@@ -234,9 +266,12 @@ class BatchSystem(abc.ABC):
         """
 
     async def close(self) -> None:
-        """Remove what :meth:`prepare` wrote."""
-        if self.workdir:
-            await self.runner.run(["rm", "-rf", self.workdir])
+        """Remove what :meth:`prepare` wrote, and release the runner."""
+        try:
+            if self.workdir:
+                await self.runner.run(["rm", "-rf", self.workdir])
+        finally:
+            await self.runner.close()
 
     def describe(self) -> dict[str, Any]:
         """For status output."""

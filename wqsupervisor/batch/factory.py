@@ -25,9 +25,9 @@ from .local import Processes
 
 _WRAPPER = """\
 #!/bin/sh
-# wqsupervisor: run work_queue_factory for as long as this ssh session lasts.
+# wqsupervisor: run work_queue_factory for as long as this ssh session lasts; its log beside this script.
 exec 3<&0
-%(factory)s </dev/null &
+%(factory)s </dev/null >"$(dirname "$0")/factory.log" 2>&1 &
 factory=$!
 ( cat <&3 >/dev/null 2>&1; kill "$factory" 2>/dev/null ) &
 wait "$factory"

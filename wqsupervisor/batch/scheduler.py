@@ -28,6 +28,7 @@ from ..errors import WQSupervisorError
 from ..logs import get_logger
 from .base import (
     NOT_FOUND,
+    SSH_FAILED,
     BatchOptions,
     BatchSystem,
     Completed,
@@ -37,8 +38,25 @@ from .base import (
     Unavailable,
 )
 
-# ssh's own exit status when it could not connect or log in (the remote command's is passed through).
-SSH_FAILED = 255
+# Writes the job script ($1) when $2 is 1, from its input, 0700 and atomically; then runs the
+# submission (the arguments after $3) $3 times, stopping at the first refusal. Each accepted
+# submission's output is followed by a line of its own, so that they can be told apart.
+SUBMIT_SCRIPT = """\
+set -e
+umask 077
+d=$(dirname "$1"); mkdir -p "$d"; chmod 700 "$d"
+if [ "$2" = 1 ]; then t=$(mktemp "$1.XXXXXX"); cat >"$t"; chmod 700 "$t"; mv -f "$t" "$1"; fi
+echo wqs-written
+set +e
+n=$3; shift 3; i=0
+while [ "$i" -lt "$n" ]; do
+    out=$("$@"); status=$?
+    if [ "$status" -ne 0 ]; then printf '%s\\n' "$out" >&2; exit "$status"; fi
+    printf '%s\\nwqs-submitted\\n' "$out"
+    i=$((i + 1))
+done
+"""
+WRITTEN, SUBMITTED = "wqs-written", "wqs-submitted"
 UNAVAILABLE_HINT = (
     "the jobs keep their last known states, and none is submitted, until the scheduler answers again"
 )
@@ -64,6 +82,22 @@ def unreachable(done: Completed, program: str) -> str | None:
     if done.returncode == NOT_FOUND:
         return f"{program} is not there (not installed, or not on PATH): {done.error_text}"
     return None
+
+
+def read_submissions(stdout: str) -> tuple[bool, list[str]]:
+    """Read a batched submission's output: was the script written, and each accepted submission's output."""
+    lines = stdout.splitlines()
+    if WRITTEN not in lines:
+        return False, []
+    outputs: list[str] = []
+    current: list[str] = []
+    for line in lines[lines.index(WRITTEN) + 1 :]:
+        if line == SUBMITTED:
+            outputs.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    return True, outputs
 
 
 def unanswered(done: Completed, program: str, no_such_job: Callable[[Completed], bool]) -> str | None:
@@ -100,6 +134,7 @@ class Scheduler(BatchSystem):
     def __init__(self, runner: Runner, options: BatchOptions | None = None) -> None:
         super().__init__(runner, options)
         self.stuck: set[str] = set()
+        self._written: dict[str, str] = {}
 
     def paths(self) -> tuple[str, str]:
         """The work directory and the launcher; only after :meth:`prepare`."""
@@ -177,31 +212,56 @@ class Scheduler(BatchSystem):
         parse: Callable[[str], str],
         hint: str,
     ) -> list[str]:
-        """Write ``text`` to ``script`` (0700) and run ``command`` (which ends with it) ``count`` times.
+        """Write ``text`` to ``script`` (0700) and run ``command`` (which ends with it) ``count`` times,
+        all in one command on the head node.
 
-        Returns the ids ``parse`` reads from each submission's output. A first
-        refusal raises :class:`SubmitError` with the scheduler's words (or
-        :class:`Unavailable`); a later one keeps what was accepted, and the
-        next round asks again.
+        The script is written only when it is not there yet as it is now (a
+        failed round writes it again). Returns the ids ``parse`` reads from each
+        submission's output. A first refusal raises :class:`SubmitError` with
+        the scheduler's words (or :class:`Unavailable`); a later one keeps what
+        was accepted, and the next round asks again.
         """
         if count <= 0:
             return []
+        write = self._written.get(script) != text
+        done = await self.runner.run(
+            ["sh", "-c", SUBMIT_SCRIPT, "sh", script, "1" if write else "0", str(count), *command],
+            input=text if write else None,
+            timeout=60.0 + 2.0 * count,
+        )
         try:
-            await self.runner.write(script, text, 0o700)
-        except WQSupervisorError as exc:
-            raise SubmitError(f"cannot write the job script: {exc.message}") from None
+            ids = self._read_submissions(done, command[0], parse, hint)
+        except WQSupervisorError:
+            self._written.pop(script, None)
+            raise
+        self._written[script] = text
+        return ids
+
+    def _read_submissions(
+        self, done: Completed, program: str, parse: Callable[[str], str], hint: str
+    ) -> list[str]:
+        """The ids of what the batched submission accepted, or why it accepted nothing."""
+        written, outputs = read_submissions(done.stdout)
+        if not written:
+            reason = unreachable(done, program)
+            if reason is not None:
+                raise Unavailable(f"cannot submit: {reason}", UNAVAILABLE_HINT)
+            raise SubmitError(f"cannot write the job script: {done.error_text}")
         ids: list[str] = []
-        for _ in range(count):
+        for output in outputs:
             try:
-                done = await self.run_submit(command, f"{command[0]} refused the worker job", hint)
-            except (SubmitError, Unavailable):
-                if ids:
-                    break
-                raise
-            try:
-                ids.append(parse(done.stdout))
+                ids.append(parse(output))
             except ValueError as exc:
                 raise SubmitError(str(exc)) from None
+        if done.returncode != 0 and not ids:
+            reason = unreachable(done, program)
+            if reason is not None:
+                raise Unavailable(f"cannot submit: {reason}", UNAVAILABLE_HINT)
+            raise SubmitError(f"{program} refused the worker job: {done.error_text}", hint)
+        if done.returncode != 0:
+            get_logger().info(
+                "batch.submitted_part", system=self.name, accepted=len(ids), error=done.error_text
+            )
         return ids
 
     # -- close -------------------------------------------------------------------------
