@@ -35,6 +35,7 @@ from wqsupervisor.protocol import (
     Ping,
     ReportStats,
     SnapshotReply,
+    Submitted,
     SupervisorSnapshot,
     TasksSnapshot,
     TcpSnapshot,
@@ -104,6 +105,7 @@ REQUESTS = [
     Detach("m1"),
     GetSnapshot(),
     ReportStats("m1", MasterStats(workers_connected=2, tasks_done=5)),
+    Submitted("m1", outstanding=20),
     Adapt("m1", minimum=1, maximum=None),
     Ping(),
 ]
@@ -127,6 +129,7 @@ def test_every_request_round_trips(request_):
         (b'{"op": "attach", "settings": {}}', "bad request: 'master'"),
         (b'{"op": "stats", "id": "m1"}', "bad request: 'stats'"),
         (b'{"op": "adapt"}', "bad request: 'id'"),
+        (b'{"op": "submitted", "id": "m1"}', "bad request: 'outstanding'"),
     ],
 )
 def test_a_bad_request_says_what_is_wrong(line, message):
@@ -345,3 +348,32 @@ def test_a_connection_cannot_detach_or_adapt_what_another_attached(engine, head,
         assert attached.id in engine.engine.masters
         mine.request(Detach(id=attached.id))
     wait_for(lambda: attached.id not in engine.engine.masters, 10, "the master to be detached")
+
+
+def test_a_submission_heard_from_the_handle_samples_the_master_at_once(engine, head, master, remote_port):
+    """With a minute between samples, 'submitted' has the master asked now: its new backlog is seen at once."""
+    settings = head.settings(remote_port=remote_port, allow_no_password=True, stats_interval=60)
+    done = threading.Event()
+
+    def script_waits() -> None:  # the master answers status requests inside wait(), as a script calls it
+        while not done.is_set():
+            master.wait(1)
+
+    waiting = threading.Thread(target=script_waits)
+    waiting.start()
+    try:
+        with EngineClient.connect(engine.socket_path, timeout=10) as client:
+            attached = client.attach(MasterInfo(port=master.port), settings)
+            sup = engine.engine.masters[attached.id]
+            wait_for(lambda: sup.stats is not None, 30, "the first sample")
+            assert sup.stats is not None and sup.stats.tasks_waiting == 0
+            for i in range(3):
+                master.submit(f"echo {i}")
+            client.submitted(attached.id, 3)
+            wait_for(
+                lambda: sup.stats is not None and sup.stats.tasks_waiting == 3, 10, "a sample of the backlog"
+            )
+            client.detach(attached.id)
+    finally:
+        done.set()
+        waiting.join(10)

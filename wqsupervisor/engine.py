@@ -51,6 +51,7 @@ from .protocol import (
     Reply,
     ReportStats,
     SnapshotReply,
+    Submitted,
     SupervisorSnapshot,
     TasksSnapshot,
     WorkersSnapshot,
@@ -64,6 +65,18 @@ from .wqproto import Credentials, request_status, tls_context
 _RECENT_EVENTS = 50
 # The longest request line: an attach with every setting is a few kilobytes.
 MAX_REQUEST = 64 * 1024
+
+
+# While the supervisor starts workers, the master is asked this often at least: it answers
+# inside wait(), so a backlog is seen within this long of the script calling wait().
+BACKLOG_INTERVAL = 0.1
+
+
+def _sample_interval(settings: Settings) -> float:
+    """Seconds between two samples of the master: shorter while workers are started from its backlog."""
+    if settings.workers:
+        return min(settings.stats_interval, BACKLOG_INTERVAL)
+    return settings.stats_interval
 
 
 def credentials_for(settings: Settings) -> Credentials:
@@ -89,6 +102,8 @@ class Supervised:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     master_gone: bool = False
     jobs: JobTracker | FactoryTracker | None = None
+    sample_now: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the handle saw tasks submitted: the sampler asks the master without waiting."""
 
     def snapshot(self, clock: Clock) -> MasterSnapshot:
         """This master's part of the engine's snapshot."""
@@ -211,6 +226,7 @@ class Engine:
                 tunnel_up=lambda: sup.tunnel.state is TunnelState.UP,
                 source=f"workers:{sup.settings.workers}",
                 clock=self.clock,
+                rundir=self.rundir,
             )
         except WQSupervisorError as exc:
             emit(
@@ -314,7 +330,20 @@ class Engine:
                 reply = None
             if reply:
                 self._observe(sup, MasterStats.from_any(reply[0]), emit)
-            await self.clock.sleep(sup.settings.stats_interval)
+            await self._until_next_sample(sup)
+
+    async def _until_next_sample(self, sup: Supervised) -> None:
+        """The sampling interval, cut short when the handle says tasks were submitted."""
+        sup.sample_now.clear()
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self.clock.sleep(_sample_interval(sup.settings))),
+            asyncio.ensure_future(sup.sample_now.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def _observe(self, sup: Supervised, stats: MasterStats, emit: Callable[[Event], None]) -> None:
         backlog_grew = sup.stats is None or stats.tasks_waiting > sup.stats.tasks_waiting
@@ -441,6 +470,9 @@ class Engine:
             if isinstance(request, ReportStats):
                 sup = self._owned(request.id, owner)
                 self._observe(sup, request.stats, self._emit_for(sup.id))
+                return Ack(request.op)
+            if isinstance(request, Submitted):
+                self._owned(request.id, owner).sample_now.set()
                 return Ack(request.op)
             if isinstance(request, Adapt):
                 sup = self._owned(request.id, owner)

@@ -367,7 +367,7 @@ class FactoryTracker:
                     source=self.source,
                     system="factory",
                     error="work_queue_factory ended",
-                    hint="see its scratch directory",
+                    hint=f"see its log, {self.system.workdir}/factory.log on the head node",
                     retry_in=round(delay, 1),
                 )
             )
@@ -406,15 +406,23 @@ async def build_tracker(
     tunnel_up: Callable[[], bool],
     source: str,
     clock: Clock,
+    rundir: str | None = None,
 ) -> JobTracker | FactoryTracker:
-    """The tracker for ``settings.workers``, with its runner and the launcher its jobs run."""
+    """The tracker for ``settings.workers``, with its runner and the launcher its jobs run.
+
+    With ``rundir`` (private), the scheduler's commands share one ssh
+    connection of their own, its socket there.
+    """
     from .batch import system_class
     from .batch.factory import Factory
 
     assert settings.workers is not None
     name = settings.workers
+    control = f"{rundir}/batch-{remote_port}.sock" if rundir else None
     runner: Runner = (
-        LocalRunner() if name == "local" else SshRunner(settings.ssh_target(), dict(settings.batch_env))
+        LocalRunner()
+        if name == "local"
+        else SshRunner(settings.ssh_target(), dict(settings.batch_env), control=control)
     )
     options = BatchOptions(
         partition=settings.partition,

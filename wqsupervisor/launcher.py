@@ -78,10 +78,10 @@ start_hop() {
     hop "$1" &
     echo $! >"$tmp/hop.pid"
     i=0
-    while [ $i -lt 300 ]; do
+    while [ $i -lt 1500 ]; do
         grep -q wqs-hop-up "$tmp/hop.out" 2>/dev/null && return 0
         kill -0 "$(cat "$tmp/hop.pid")" 2>/dev/null || return 1
-        sleep 0.1
+        sleep 0.02
         i=$((i + 1))
     done
     return 1

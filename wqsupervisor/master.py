@@ -20,7 +20,7 @@ through the master's own status port instead (see :mod:`wqsupervisor.wqproto`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -166,6 +166,19 @@ def describe(master: Any) -> MasterInfo:
 def read_stats(master: Any) -> MasterStats:
     """Take one stats snapshot; call only from the thread that drives the master."""
     return MasterStats.from_any(master.stats)
+
+
+def task_table(master: Any) -> Sized | None:
+    """The binding's own table of tasks submitted and not yet returned by ``wait()``, if it keeps one.
+
+    cctools' Python bindings (Debian's ``work_queue``, ``ndcctools.work_queue``
+    and ``ndcctools.taskvine``) keep every submitted task in a plain dict,
+    ``_task_table``, until ``wait()`` returns it. Its length can be read from
+    any thread without calling into the master (no C call, no lock): a
+    growing length is a submission.
+    """
+    table = getattr(master, "_task_table", None)
+    return table if isinstance(table, dict) else None
 
 
 def set_reply_timeout(master: Any, seconds: int) -> int | None:

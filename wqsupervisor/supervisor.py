@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,14 @@ from .config import Settings, settings_from_kwargs
 from .errors import WQSupervisorError
 from .events import Event, EventBus, TunnelFailed
 from .lifecycle import TunnelState
-from .master import MasterInfo, describe, read_stats, set_reply_timeout
+from .master import MasterInfo, describe, read_stats, set_reply_timeout, task_table
 from .process import terminate
 from .protocol import EngineClient, SupervisorSnapshot
 
 ENGINE_ENV = "WQSUPERVISOR_ENGINE"
 _REPLY_TIMEOUT = 15.0
+# How often the handle looks at the binding's task table for new submissions.
+_SUBMISSIONS_POLL = 0.05
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 
@@ -101,6 +103,12 @@ class Supervisor:
         attached = self._client.attach(self.info, self.settings)
         self.id: str = attached.id
         self.remote_port: int = int(attached.remote_port or self.settings.remote_port or 0)
+        self._watching = threading.Event()
+        table = task_table(master)
+        if table is not None:
+            threading.Thread(
+                target=self._watch_submissions, args=(table,), name="wqsupervisor-submissions", daemon=True
+            ).start()
         _live.add(self)
 
     # -- connection to the engine ------------------------------------------------------
@@ -133,6 +141,23 @@ class Supervisor:
         finally:
             theirs.close()
         return mine
+
+    def _watch_submissions(self, table: Sized) -> None:
+        """Tell the engine as soon as the script submits tasks, so that workers are asked for at once.
+
+        Reads only the length of the binding's task table (see
+        :func:`~wqsupervisor.master.task_table`); the master itself is not
+        touched from this thread.
+        """
+        seen = len(table)
+        while not self._watching.wait(_SUBMISSIONS_POLL):
+            now = len(table)
+            if now > seen:
+                try:
+                    self._client.submitted(self.id, now)
+                except WQSupervisorError:
+                    return  # the engine is gone; _engine_lost says so
+            seen = now
 
     def _on_event(self, event: Event, state: TunnelState) -> None:
         """Follow the tunnel's state and relay the event (on the client's reader thread)."""
@@ -221,6 +246,7 @@ class Supervisor:
         if self._closed:
             return
         self._closed = True
+        self._watching.set()
         _live.discard(self)
         master = self._master()
         if master is not None:

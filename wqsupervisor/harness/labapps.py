@@ -59,6 +59,8 @@ class CampusApp:
         self.results: dict[str, list[str]] = {}
         self.stats: list[tuple[float, dict[str, int]]] = []
         self._replies: list[dict[str, Any]] = []
+        self.submitted_at: list[float] = []
+        """When the application had submitted each batch of tasks (its own clock)."""
         self.ready: dict[str, Any] | None = None
         argv = [
             sys.executable,
@@ -108,6 +110,8 @@ class CampusApp:
                     self.stats.append((msg["t"], msg["stats"]))
                 elif kind == "ready":
                     self.ready = msg
+                elif kind == "submitted":
+                    self.submitted_at.append(msg["t"])
                 else:
                     self._replies.append(msg)
                 self._cond.notify_all()
@@ -133,6 +137,18 @@ class CampusApp:
     def submit(self, n: int, command: str = "echo out-{i}") -> None:
         """Submit n tasks; ``{i}`` in the command becomes the task's tag."""
         self.send(f"submit {n} {command}")
+
+    def submit_now(self, n: int, command: str = "echo out-{i}", timeout: float = 10.0) -> float:
+        """Submit n tasks and return when the application had submitted them (its own clock).
+
+        The application reads its commands between two ``wait()`` calls, so
+        this is later than the command was sent: the moment the backlog is
+        there, and the start of a time to first task.
+        """
+        count = len(self.submitted_at)
+        self.submit(n, command)
+        self.wait_for(lambda: len(self.submitted_at) > count, timeout, "the tasks to be submitted")
+        return self.submitted_at[count]
 
     def named(self, name: str, after: float = 0.0) -> list[dict[str, Any]]:
         """Events called ``name`` that happened after wall time ``after``."""
@@ -405,6 +421,7 @@ def _app(argv: list[str]) -> int:
                         q.submit(make_task(" ".join(line[2:]).replace("{i}", tag), tag))
                         next_tag += 1
                         outstanding += 1
+                    say("submitted", n=int(line[1]))
                 elif line[0] == "busy":
                     say("busy", seconds=float(line[1]))
                     time.sleep(float(line[1]))

@@ -12,7 +12,8 @@ Handles talk to an engine over a unix socket, one JSON object per line::
     -> {"op": "detach", "id": "m1"}
 
 Requests are small frozen dataclasses (:class:`Attach`, :class:`Detach`,
-:class:`GetSnapshot`, :class:`ReportStats`, :class:`Adapt`, :class:`Ping`),
+:class:`GetSnapshot`, :class:`ReportStats`, :class:`Submitted`, :class:`Adapt`,
+:class:`Ping`),
 replies likewise (:class:`Attached`, :class:`Ack`, :class:`SnapshotReply`,
 :class:`ErrorReply`), and pushed events are :class:`EventMessage`. The status
 snapshot is a tree of frozen dataclasses rooted at :class:`SupervisorSnapshot`;
@@ -38,6 +39,7 @@ from .messages import (
     ReportStats,
     Request,
     SnapshotReply,
+    Submitted,
     decode_message,
     decode_request,
     encode,
@@ -74,6 +76,7 @@ __all__ = [
     "ReportStats",
     "Request",
     "SnapshotReply",
+    "Submitted",
     "SupervisorSnapshot",
     "TasksSnapshot",
     "TcpSnapshot",

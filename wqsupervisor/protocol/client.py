@@ -27,6 +27,7 @@ from .messages import (
     ReportStats,
     Request,
     SnapshotReply,
+    Submitted,
     decode_message,
     encode,
 )
@@ -137,6 +138,10 @@ class EngineClient:
     def report_stats(self, sup_id: str, stats: MasterStats) -> None:
         """Tell the engine the master's counters as the handle read them."""
         self.request(ReportStats(sup_id, stats))
+
+    def submitted(self, sup_id: str, outstanding: int) -> None:
+        """Tell the engine that tasks were submitted (it samples the master at once)."""
+        self.request(Submitted(sup_id, outstanding))
 
     def adapt(self, sup_id: str, minimum: int | None, maximum: int | None) -> None:
         """Change the worker limits of ``sup_id``."""

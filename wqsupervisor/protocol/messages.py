@@ -72,6 +72,23 @@ class ReportStats:
 
 
 @dataclass(frozen=True)
+class Submitted:
+    """The handle saw tasks submitted: ``outstanding`` tasks are now submitted and not yet returned.
+
+    The engine samples the master at once instead of at its next interval:
+    the master answers as soon as the script calls ``wait()``.
+    """
+
+    op: ClassVar[str] = "submitted"
+    id: str
+    outstanding: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as sent."""
+        return {"op": self.op, "id": self.id, "outstanding": self.outstanding}
+
+
+@dataclass(frozen=True)
 class Adapt:
     """Change how many workers the engine keeps for the master attached as ``id``."""
 
@@ -96,7 +113,7 @@ class Ping:
         return {"op": self.op}
 
 
-Request: TypeAlias = Attach | Detach | GetSnapshot | ReportStats | Adapt | Ping
+Request: TypeAlias = Attach | Detach | GetSnapshot | ReportStats | Submitted | Adapt | Ping
 
 
 def decode_request(line: bytes | str) -> Request:
@@ -121,6 +138,8 @@ def decode_request(line: bytes | str) -> Request:
             return GetSnapshot()
         if op == "stats":
             return ReportStats(id=str(data["id"]), stats=MasterStats.from_any(data["stats"]))
+        if op == "submitted":
+            return Submitted(id=str(data["id"]), outstanding=int(data["outstanding"]))
         if op == "adapt":
             return Adapt(id=str(data["id"]), minimum=data.get("minimum"), maximum=data.get("maximum"))
         if op == "ping":
