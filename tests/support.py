@@ -177,3 +177,34 @@ def head_argv(command: str, head: Any, remote_port: int, *extra: str) -> list[st
         str(remote_port),
         *extra,
     ]
+
+
+def persistent_fds(pid: int) -> set[str]:
+    """The agent's descriptors that stay open for 3 s (longer than any probe lives), by what they are."""
+
+    def look() -> set[tuple[str, str]]:
+        found = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                found.add((fd, os.readlink(f"/proc/{pid}/fd/{fd}")))
+        return found
+
+    kept = look()
+    for _ in range(15):
+        time.sleep(0.2)
+        kept &= look()
+    return {describe_fd(pid, fd, target) for fd, target in kept}
+
+
+def describe_fd(pid: int, fd: str, target: str) -> str:
+    """A descriptor by kind and, for a TCP socket, its ports and state (fd numbers are reused)."""
+    if not target.startswith("socket:["):
+        return target
+    inode = target[8:-1]
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table.rsplit('/', 1)[1]}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[9] == inode:
+                    return f"tcp {fields[1]} {fields[2]} state {fields[3]} (fd {fd})"
+    return f"socket (fd {fd})"

@@ -25,6 +25,8 @@ from wqsupervisor.harness.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, ROUTER, Lab,
 from wqsupervisor.harness.labapps import CampusApp, start_node_workers
 from wqsupervisor.protocol import TunnelSnapshot
 
+from support import persistent_fds
+
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
 TASKS = 240
@@ -40,37 +42,6 @@ def lab() -> Iterator[Lab]:
         yield built
 
 
-def _persistent_fds(pid: int) -> set[str]:
-    """The agent's descriptors that stay open for 3 s (longer than any probe lives), by what they are."""
-
-    def look() -> set[tuple[str, str]]:
-        found = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                found.add((fd, os.readlink(f"/proc/{pid}/fd/{fd}")))
-        return found
-
-    kept = look()
-    for _ in range(15):
-        time.sleep(0.2)
-        kept &= look()
-    return {_describe(pid, fd, target) for fd, target in kept}
-
-
-def _describe(pid: int, fd: str, target: str) -> str:
-    """A descriptor by kind and, for a TCP socket, its ports and state (fd numbers are reused)."""
-    if not target.startswith("socket:["):
-        return target
-    inode = target[8:-1]
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table.rsplit('/', 1)[1]}") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[9] == inode:
-                    return f"tcp {fields[1]} {fields[2]} state {fields[3]} (fd {fd})"
-    return f"socket (fd {fd})"
-
-
 class Run:
     """A campus app with workers on node and a stream of tasks, checked at the end."""
 
@@ -83,7 +54,7 @@ class Run:
         self.app.submit(TASKS, "sleep 0.2; echo out-{i}")
         self.app.wait_workers(WORKERS, 90)
         self.agent = int(self.app.ready["agent_pid"])
-        self.fds_before = _persistent_fds(self.agent)
+        self.fds_before = persistent_fds(self.agent)
         self.app.wait_done(10, 60)
         self.started = time.time()
         self.removed_before = self.app.latest_stats().get("workers_removed", 0)
@@ -99,7 +70,7 @@ class Run:
         for tag, outputs in self.app.results.items():
             assert outputs == [f"out-{tag}"], (tag, outputs)
         self.app.wait_for(lambda: self.tunnel().state.value == "up", 60, "the tunnel to be up")
-        after = _persistent_fds(self.agent)
+        after = persistent_fds(self.agent)
         assert len(after) == len(self.fds_before), (
             f"the agent leaked file descriptors: now {sorted(after - self.fds_before)}, "
             f"before {sorted(self.fds_before - after)}\n" + self.lab.sh(self.lab.ns[CAMPUS], "ss -tanpo")

@@ -30,7 +30,7 @@ from wqsupervisor.master import MasterStats
 from wqsupervisor.policy import ScalingSettings
 from wqsupervisor.target import SshTarget
 
-from support import wait_for
+from support import persistent_fds, wait_for
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
@@ -94,6 +94,53 @@ def test_a_backlog_brings_up_slurm_workers_that_scale_back_to_zero(slurm_lab):
         # Idle workers leave after idle_time, so their jobs end: back to 0, nothing left in Slurm.
         app.wait_for(lambda: _ended(app) >= _submitted(app), 120, "every worker job to end")
         assert not lab.squeue()
+    finally:
+        app.close()
+    assert not lab.squeue(), "the supervisor left jobs in Slurm"
+
+
+WIDE = 64
+
+
+@pytest.fixture
+def wide_slurm_lab() -> Iterator[Lab]:
+    """The lab with a Slurm whose one node takes 64 one-core worker jobs at once (CPUs overcommitted)."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root; CI runs as root")
+    with Lab() as lab:
+        lab.start_slurm(cpus=WIDE)
+        yield lab
+
+
+def test_64_slurm_workers_through_one_tunnel_run_2000_tasks_once_and_leave_nothing(wide_slurm_lab):
+    """64 worker jobs, each through its node hop and the one tunnel: 2000 tasks back once, 0 jobs left, no fd leaked."""
+    lab = wide_slurm_lab
+    app = CampusApp(
+        lab,
+        REMOTE_PORT,
+        _settings(lab, max_workers=WIDE, max_pending=WIDE, max_per_cycle=WIDE, idle_time=15.0),
+    )
+    try:
+        app.wait_event("tunnel.up", 60)
+        agent = int(app.ready["agent_pid"])
+        fds_before = persistent_fds(agent)
+        app.adapt(WIDE, WIDE)
+        app.wait_workers(WIDE, 300)
+        assert max(len(e["ids"]) for e in app.named("jobs.submitted")) > 1, "jobs went one command each"
+        app.submit(2000, "echo out-{i}")
+        app.wait_done(2000, 600)
+        assert sorted(app.results, key=int) == [str(i) for i in range(2000)]
+        assert all(v == [f"out-{k}"] for k, v in app.results.items())
+        assert _submitted(app) == WIDE, "a job was submitted beyond the 64 asked for"
+        stats = app.wait_for(
+            lambda: (s := app.latest_stats()).get("tasks_done", 0) >= 2000 and s, 30, "the master's count"
+        )
+        assert stats["tasks_dispatched"] == 2000, "a task was sent twice (a worker forsook it)"
+        # Back to none: the idle workers leave, their jobs end, Slurm holds nothing of ours.
+        app.adapt(0, 0)
+        app.wait_for(lambda: _ended(app) >= WIDE, 180, "every worker job to end")
+        wait_for(lambda: not lab.squeue(), 60, "Slurm's queue to empty")
+        assert persistent_fds(agent) == fds_before
     finally:
         app.close()
     assert not lab.squeue(), "the supervisor left jobs in Slurm"

@@ -10,6 +10,11 @@ The script keeps that hop alive and runs ``work_queue_worker`` through it:
 * ``ExitOnForwardFailure`` and keepalives make a broken hop exit, and the
   script restarts it with a backoff (1 s doubling to 30 s, reset after a hop
   that lived 30 s), so a dead head node is not hammered;
+* without a ``--disk`` of the user's, the worker claims half of the disk
+  that is free where it works: claiming all of it (the worker's default), a
+  worker sharing its node with other jobs forsakes every task that asks for
+  the whole worker as soon as a neighbour writes (seen with 64 workers on one
+  node: tasks sent twice and workers that never went idle);
 * the worker gets ``--parent-death`` and a short reconnect backoff; when it
   ends (idle timeout, or the master released it) the script stops the hop,
   removes its files and exits with the worker's status.
@@ -129,7 +134,18 @@ else
     target_port=$REMOTE_PORT
 fi
 
-%(worker)s --parent-death --min-backoff 1 --max-backoff %(max_backoff)d -t "$IDLE" %(worker_args)s \
+disk_arg=
+if [ %(measure_disk)d = 1 ]; then
+    # A worker claims all the disk that is free when it starts, and a task that asks for no
+    # resources is given the whole worker: once a neighbour on the node writes a byte, the task
+    # no longer fits and the worker forsakes it. Claim half of what is free instead.
+    free=$(df -Pm "${TMPDIR:-/tmp}" 2>/dev/null | awk 'NR == 2 {print $4}')
+    case "$free" in
+        '' | *[!0-9]*) ;;
+        *) [ "$free" -ge 2 ] && disk_arg="--disk=$((free / 2))" ;;
+    esac
+fi
+%(worker)s --parent-death --min-backoff 1 --max-backoff %(max_backoff)d -t "$IDLE" $disk_arg %(worker_args)s \
     127.0.0.1 "$target_port" &
 worker_pid=$!
 wait "$worker_pid"
@@ -192,6 +208,7 @@ class NodeLauncher:
             "worker": shlex.quote(self.worker),
             "worker_args": " ".join(shlex.quote(a) for a in self._worker_args()),
             "max_backoff": self.max_backoff,
+            "measure_disk": 1 if self.disk_mb is None else 0,
         }
 
     def write(self, path: str | os.PathLike[str]) -> Path:

@@ -138,6 +138,10 @@ class CampusApp:
         """Submit n tasks; ``{i}`` in the command becomes the task's tag."""
         self.send(f"submit {n} {command}")
 
+    def adapt(self, minimum: int, maximum: int) -> None:
+        """Change the worker limits through the drop-in handle (``sup.adapt``)."""
+        self.send(f"adapt {minimum} {maximum}")
+
     def submit_now(self, n: int, command: str = "echo out-{i}", timeout: float = 10.0) -> float:
         """Submit n tasks and return when the application had submitted them (its own clock).
 
@@ -426,6 +430,8 @@ def _app(argv: list[str]) -> int:
                     say("busy", seconds=float(line[1]))
                     time.sleep(float(line[1]))
                     say("idle")
+                elif line[0] == "adapt" and sup is not None:
+                    sup.adapt(int(line[1]), int(line[2]))
                 elif line[0] == "snapshot" and sup is not None:
                     say("snapshot", data=sup.snapshot().to_dict())
         if outstanding:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -134,7 +135,8 @@ def _one(
         app = CampusApp(lab, REMOTE_PORT, _settings(lab, tool, max_workers))
         try:
             app.wait_event("tunnel.up", 60)
-            time.sleep(3)
+            # slurmctld starts jobs on a tick of its own: a burst at a random moment of it, for both tools.
+            time.sleep(3 + random.random())
             before = _jobs_seen(lab)
             workdir = lab.root / "home" / ".wqsupervisor" / str(REMOTE_PORT)
             log = FactoryLog(workdir / "factory.log")
