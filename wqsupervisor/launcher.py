@@ -71,9 +71,8 @@ trap 'exit 129' HUP
 hop() {
     # $1: local port. The remote command says when the session runs, then waits on a
     # FIFO that only this script holds open, so it ends with the script.
-    %(ssh)s -T -o BatchMode=yes -o ExitOnForwardFailure=yes \
-        -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -o ControlMaster=no -o ControlPath=none \
-        -L "127.0.0.1:$1:127.0.0.1:$REMOTE_PORT" %(ssh_args)s %(via)s 'echo wqs-hop-up; exec cat' \
+    %(ssh)s %(hop_options)s \
+        -L "127.0.0.1:$1:127.0.0.1:$REMOTE_PORT" %(ssh_args)s %(via)s %(hop_command)s \
         <"$tmp/keep" >"$tmp/hop.out" 2>"$tmp/hop.err"
 }
 
@@ -84,7 +83,7 @@ start_hop() {
     echo $! >"$tmp/hop.pid"
     i=0
     while [ $i -lt 1500 ]; do
-        grep -q wqs-hop-up "$tmp/hop.out" 2>/dev/null && return 0
+        grep -q %(hop_up)s "$tmp/hop.out" 2>/dev/null && return 0
         kill -0 "$(cat "$tmp/hop.pid")" 2>/dev/null || return 1
         sleep 0.02
         i=$((i + 1))
@@ -156,6 +155,42 @@ exit $status
 """
 
 
+# The hop's ssh: a session (for TCP_NODELAY), a broken hop that exits instead of hanging, never
+# someone else's master connection. The remote command says when the session runs, then waits.
+HOP_OPTIONS = (
+    "-T",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ExitOnForwardFailure=yes",
+    "-o",
+    "ServerAliveInterval=5",
+    "-o",
+    "ServerAliveCountMax=3",
+    "-o",
+    "ControlMaster=no",
+    "-o",
+    "ControlPath=none",
+)
+HOP_UP = "wqs-hop-up"
+HOP_COMMAND = f"echo {HOP_UP}; exec cat"
+
+
+def hop_argv(
+    via: str, local_port: int, remote_port: int, ssh_args: Sequence[str] = (), ssh: str = "ssh"
+) -> list[str]:
+    """The hop's command line, as the launcher runs it: 127.0.0.1:local_port to the head's remote port."""
+    return [
+        ssh,
+        *HOP_OPTIONS,
+        "-L",
+        f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}",
+        *ssh_args,
+        via,
+        HOP_COMMAND,
+    ]
+
+
 @dataclass(frozen=True)
 class NodeLauncher:
     """Settings of the generated script; :meth:`script` renders it, :meth:`write` saves it."""
@@ -203,6 +238,9 @@ class NodeLauncher:
             "hop": 1 if self.via else 0,
             "idle": self.idle_timeout,
             "ssh": shlex.quote(self.ssh_program),
+            "hop_options": " ".join(shlex.quote(a) for a in HOP_OPTIONS),
+            "hop_command": shlex.quote(HOP_COMMAND),
+            "hop_up": HOP_UP,
             "ssh_args": " ".join(shlex.quote(a) for a in self.ssh_args),
             "via": shlex.quote(self.via or "-"),
             "worker": shlex.quote(self.worker),

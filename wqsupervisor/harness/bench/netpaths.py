@@ -12,7 +12,9 @@ accepts it as a master) and yields the 127.0.0.1 port a client connects to:
   node's ``ssh -N -L`` to the head's remote port;
 * ``paramiko`` -- the in-process backend's reverse forward
   (:class:`~wqsupervisor.paramiko_backend.ParamikoSession`);
-* ``wqsupervisor`` -- the supervised tunnel, the real engine (OpenSSH backend).
+* ``wqsupervisor`` -- the supervised tunnel, the real engine (OpenSSH backend);
+* ``wqsupervisor two-hop`` -- that tunnel and the node launcher's own hop, the
+  path workers on compute nodes take (compared with the HOWTO's two hops).
 
 The load comes from a :class:`~.traffic.Client` in a process of its own (see
 :mod:`.traffic`); :class:`Bed` holds a head node, both ends and every path.
@@ -31,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ...launcher import hop_argv
 from ...process import owned_argv, terminate
 from ...wqserver import free_port
 from ..sandbox import ALIAS, HeadNode
@@ -99,6 +102,40 @@ class TwoHop:
             terminate(node, grace=2)
         self.campus.close()
         _close_stdin(self.campus)
+
+
+class SupervisedTwoHop:
+    """The path workers on compute nodes take: the supervised tunnel, then the node launcher's hop.
+
+    The hop is the launcher's own ssh command line (:func:`~wqsupervisor.launcher.hop_argv`:
+    a session, so that sshd sets TCP_NODELAY); :attr:`remote_port` is the node's local port.
+    """
+
+    name = "wqsupervisor two-hop"
+
+    def __init__(self, head: HeadNode, master_port: int, **options: Any) -> None:
+        self.tunnel = Supervised(head, master_port, **options)
+        self.remote_port = free_port()
+        try:
+            argv = hop_argv(ALIAS, self.remote_port, self.tunnel.remote_port, ("-F", str(head.ssh_config)))
+            # The hop's remote command waits on its input, as on a node: a pipe kept open until close().
+            self.node = subprocess.Popen(
+                owned_argv(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            wait_listening(self.remote_port, self.node, what="the node launcher's hop")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the hop, then the tunnel."""
+        node: subprocess.Popen[bytes] | None = getattr(self, "node", None)
+        if node is not None:
+            if node.stdin is not None:
+                with contextlib.suppress(OSError):
+                    node.stdin.close()
+            terminate(node, grace=2)
+        self.tunnel.close()
 
 
 class ParamikoTunnel:
@@ -238,6 +275,12 @@ PATHS: dict[str, PathSpec] = {
             "wqsupervisor, supervised (OpenSSH, prefers aes128-gcm)",
             _closing(Supervised),
             ("direct", "ssh -R"),
+        ),
+        PathSpec(
+            "wqsupervisor two-hop",
+            "wqsupervisor + node launcher's hop (the compute nodes' path)",
+            _closing(SupervisedTwoHop),
+            ("direct", "two-hop"),
         ),
         PathSpec(
             "resumable",

@@ -44,7 +44,14 @@ SECTIONS = ("bulk", "concurrency", "latency", "tasks", "recovery")
 # the full run keeps one such (peer-hung); `--only recovery` runs every fault.
 FULL_FAULTS = ("ssh-killed", "session-killed", "peer-hung", "blackhole-20s-kept")
 QUICK_FAULTS = ("ssh-killed",)
-TASK_PATHS = ("direct", "wqsupervisor", "ssh -N -R", taskrate.TWO_HOP, taskrate.RESUMABLE)
+TASK_PATHS = (
+    "direct",
+    "wqsupervisor",
+    "ssh -N -R",
+    taskrate.TWO_HOP,
+    taskrate.SUPERVISED_TWO_HOP,
+    taskrate.RESUMABLE,
+)
 MIB = 1 << 20
 MB = 1_000_000
 

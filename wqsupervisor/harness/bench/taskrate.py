@@ -30,7 +30,7 @@ from typing import Any
 from ..common import machine, save, summary
 from ..sandbox import HeadNode, workers
 from .master import MasterProcess
-from .netpaths import TwoHop
+from .netpaths import SupervisedTwoHop, TwoHop
 from .report import compare, interleaved
 from .tunnels import PlainSsh, Supervised
 
@@ -41,6 +41,8 @@ SESSION = "ssh -T -R cat"
 TWO_HOP = "two-hop"
 # The supervised tunnel with resumable forwarding: the head relay and the agent on the data path.
 RESUMABLE = "resumable"
+# The compute nodes' path: the supervised tunnel and the node launcher's hop.
+SUPERVISED_TWO_HOP = "wqsupervisor two-hop"
 # What each path's rate is divided by, round by round.
 COMPARATORS = {
     "wqsupervisor": ("direct", "ssh -N -R"),
@@ -48,6 +50,7 @@ COMPARATORS = {
     SESSION: ("direct", "ssh -N -R"),
     TWO_HOP: ("direct", "ssh -N -R"),
     RESUMABLE: ("direct", "wqsupervisor"),
+    SUPERVISED_TWO_HOP: ("direct", TWO_HOP),
 }
 MB = 1_000_000
 # (label, input bytes per task, tasks per run)
@@ -63,6 +66,8 @@ def _path(kind: str, head: HeadNode, master: MasterProcess) -> Any:
         return Supervised(head, master.port, backend="resumable")
     if kind == TWO_HOP:
         return TwoHop(head, master.port)
+    if kind == SUPERVISED_TWO_HOP:
+        return SupervisedTwoHop(head, master.port)
     return PlainSsh(head, master.port, session=kind == SESSION)
 
 
