@@ -26,6 +26,7 @@ from support import processes_matching, python_env
 # (setting, bad value as it is typed after the flag or in the variable)
 BAD: list[tuple[str, str]] = [
     ("via", "-oProxyCommand=id"),
+    ("also_via", "-oProxyCommand=id"),
     ("via", "two words"),
     ("via", "head\nnode"),
     ("remote_port", "70000"),
@@ -83,6 +84,7 @@ BAD: list[tuple[str, str]] = [
     ("worker_disk", "-5"),
     ("worker_program", "-x"),
     ("node_via", "-oProxyCommand=id"),
+    ("also_node_via", "-oProxyCommand=id"),
     ("node_ssh_args", "-o 'unbalanced"),
     ("partition", "long\nhostname"),
     ("partition", "-x"),

@@ -28,6 +28,8 @@ from wqsupervisor.jobs import JobTracker
 from wqsupervisor.launcher import NodeLauncher
 from wqsupervisor.master import MasterStats
 from wqsupervisor.policy import ScalingSettings
+from wqsupervisor.protocol import SupervisorSnapshot
+from wqsupervisor.status import format_text
 from wqsupervisor.target import SshTarget
 
 from support import persistent_fds, wait_for
@@ -102,6 +104,12 @@ def test_a_backlog_brings_up_slurm_workers_that_scale_back_to_zero(slurm_lab):
 WIDE = 64
 
 
+def _all_running(app: CampusApp) -> SupervisorSnapshot | None:
+    snap = app.snapshot()
+    jobs = snap.masters[0].jobs
+    return snap if jobs is not None and jobs.count("running") == WIDE else None
+
+
 @pytest.fixture
 def wide_slurm_lab() -> Iterator[Lab]:
     """The lab with a Slurm whose one node takes 64 one-core worker jobs at once (CPUs overcommitted)."""
@@ -126,6 +134,10 @@ def test_64_slurm_workers_through_one_tunnel_run_2000_tasks_once_and_leave_nothi
         fds_before = persistent_fds(agent)
         app.adapt(WIDE, WIDE)
         app.wait_workers(WIDE, 300)
+        # status stays a screenful with 64 jobs: counts, not lists.
+        text = format_text([app.wait_for(lambda: _all_running(app), 60, "64 jobs seen running")])
+        assert "workers connected 64" in text and "running 64" in text, text
+        assert len(text.splitlines()) <= 25 and max(map(len, text.splitlines())) <= 120, text
         assert max(len(e["ids"]) for e in app.named("jobs.submitted")) > 1, "jobs went one command each"
         app.submit(2000, "echo out-{i}")
         app.wait_done(2000, 600)

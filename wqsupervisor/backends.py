@@ -105,11 +105,17 @@ def tunnel_for(
     from .wqproto import NO_CREDENTIALS
 
     options = tunnel_options(settings)
+    # The other head nodes, each with a transport of its own (its own ssh -G, its own socket).
+    fallbacks = [
+        (target, sessions_for(settings.replace(via=target.destination, also_via=())))
+        for target in settings.ssh_targets()[1:]
+    ]
     return Tunnel(
         settings.ssh_target(),
         options,
         master,
         sessions=sessions_for(settings),
+        fallbacks=fallbacks,
         emit=emit,
         rundir=rundir,
         direct_probe=direct_probe,

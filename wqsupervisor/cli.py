@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
-from .config import resolve, setting_fields
+from .config import SPREAD, resolve, setting_fields
 from .errors import ConfigError, WQSupervisorError
 from .logs import configure_cli_logging
 
@@ -51,7 +51,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
             help_text += f" (default: {f.default})"
         # Values stay text here: config turns them into their types and checks them,
         # with the same rules and messages as for the TOML file and the environment.
-        if kind.startswith("tuple[tuple[str, str]") or kind == "tuple[str, ...]":
+        if kind.startswith("tuple[tuple[str, str]") or kind == "tuple[str, ...]" or f.name in SPREAD:
             group.add_argument(
                 flag,
                 dest=f.name,

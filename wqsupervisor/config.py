@@ -36,6 +36,12 @@ class Settings:
         "the head node to tunnel through, [USER@]HOST or an alias from ~/.ssh/config",
         metavar="[USER@]HOST",
     )
+    also_via: tuple[str, ...] = _setting(
+        (),
+        "another head node of the same cluster, for when the tunnel cannot be kept on the first "
+        "(repeatable, tried in order; giving --via again does the same)",
+        metavar="[USER@]HOST",
+    )
     remote_port: int | None = _setting(
         None,
         "port to open on the head node's loopback for workers (0: the head picks one, once)",
@@ -144,6 +150,12 @@ class Settings:
         "how compute nodes reach the head node for their hop (default: its own hostname)",
         metavar="[USER@]HOST",
     )
+    also_node_via: tuple[str, ...] = _setting(
+        (),
+        "how compute nodes reach each of the other head nodes, in the order of --also-via "
+        "(default: their own hostnames; giving --node-via again does the same)",
+        metavar="[USER@]HOST",
+    )
     node_ssh_args: str | None = _setting(
         None, "extra ssh arguments for the compute nodes' hop", metavar="ARGS"
     )
@@ -214,6 +226,11 @@ class Settings:
             keepalive=self.keepalive_interval,
         )
 
+    def ssh_targets(self) -> list[SshTarget]:
+        """Every head node, in the order they are tried: :attr:`via`, then :attr:`also_via`."""
+        first = self.ssh_target()
+        return [first, *(dataclasses.replace(first, destination=other) for other in self.also_via)]
+
     def require_via(self) -> None:
         """Raise unless the settings name a head node."""
         if not self.via:
@@ -230,6 +247,34 @@ class Settings:
                 "no remote port given",
                 "pass remote_port=N, a free port on the head node such as 10001 (--remote-port)",
             )
+
+
+# Settings that take several values in a list (or a repeated flag): the first stays in the
+# setting, the others go to its companion, as though they had been given there.
+SPREAD = {"via": "also_via", "node_via": "also_node_via"}
+
+
+def spread(found: Mapping[str, Any]) -> dict[str, Any]:
+    """``via = ["a", "b"]`` as ``via = "a"`` and ``also_via = ["b", ...]`` (before any of its own)."""
+    out = dict(found)
+    for name, companion in SPREAD.items():
+        value = out.get(name)
+        if isinstance(value, list | tuple):
+            if not value:
+                out[name] = None
+                continue
+            first, *others = value
+            out[name] = first
+            given = out.get(companion) or ()
+            if isinstance(given, str):
+                given = [given]
+            out[companion] = [*others, *given]
+    return out
+
+
+def _spread_key(key: str) -> str:
+    name = key.replace("-", "_")
+    return name if name in SPREAD else key
 
 
 def setting_fields() -> list[dataclasses.Field[Any]]:
@@ -251,6 +296,13 @@ def _validate(s: Settings) -> None:
             f"backoff_initial {s.backoff_initial} is longer than backoff_cap {s.backoff_cap}",
             "make the first delay no longer than the longest",
         )
+    if s.also_via and s.remote_port == 0:
+        raise ConfigError(
+            "remote_port 0 (the head picks) cannot work with several head nodes",
+            "give a fixed --remote-port that is free on every head node: the workers use the same one",
+        )
+    if s.also_via and not s.via:
+        raise ConfigError("also_via without via", "name the first head node with --via")
     try:
         s.scaling  # noqa: B018 - validates the limits
     except ValueError as exc:
@@ -388,6 +440,8 @@ def from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     table = data.get("wqsupervisor", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{p}: [wqsupervisor] is not a table", "write the settings under [wqsupervisor]")
+    # node-via and node_via alike, so that a list of either spreads.
+    table = spread({_spread_key(k): v for k, v in table.items()})
     known = {f.name: f for f in setting_fields()}
     found: dict[str, Any] = {}
     for raw_key, value in table.items():
@@ -413,7 +467,7 @@ def resolve(
     if config_file is not None:
         merged.update(from_toml(config_file))
     known = {f.name: f for f in setting_fields()}
-    for key, value in (flags or {}).items():
+    for key, value in spread(flags or {}).items():
         if value is None or (isinstance(value, list | tuple) and not value):
             continue
         if key not in known:
@@ -434,7 +488,7 @@ def settings_from_kwargs(kwargs: Mapping[str, Any], base: Settings | None = None
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}", f"known settings: {', '.join(known)}")
     data: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
-    for key, value in kwargs.items():
+    for key, value in spread(kwargs).items():
         given = tuple(value.items()) if _is_pairs(known[key]) and isinstance(value, Mapping) else value
         data[key] = _coerce(known[key], given, "argument", name_origin=False) if given is not None else None
     return Settings(**data)

@@ -130,6 +130,17 @@ class TunnelRestarting(Event):
 
 @_register
 @dataclass(frozen=True)
+class TunnelMoved(Event):
+    """The tunnel moved from head node ``left`` to head node ``to``, because ``why``."""
+
+    name: ClassVar[str] = "tunnel.moved"
+    left: str = ""
+    to: str = ""
+    why: str = ""
+
+
+@_register
+@dataclass(frozen=True)
 class TunnelFailed(Event):
     """The tunnel gave up: ``error`` says what failed, ``hint`` what to do."""
 

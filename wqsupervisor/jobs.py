@@ -422,7 +422,12 @@ async def build_tracker(
     runner: Runner = (
         LocalRunner()
         if name == "local"
-        else SshRunner(settings.ssh_target(), dict(settings.batch_env), control=control)
+        else SshRunner(
+            settings.ssh_target(),
+            dict(settings.batch_env),
+            control=control,
+            others=settings.ssh_targets()[1:],
+        )
     )
     options = BatchOptions(
         partition=settings.partition,
@@ -443,9 +448,11 @@ async def build_tracker(
         via, port = None, remote_port
     else:
         via, port = settings.node_via or await _head_hostname(runner), remote_port
+    also = () if via is None else settings.also_node_via or await _other_hostnames(settings)
     launcher = NodeLauncher(
         remote_port=port,
         via=via,
+        also_via=also,
         ssh_args=tuple(shlex.split(settings.node_ssh_args or "")),
         worker=settings.worker_program,
         cores=settings.worker_cores,
@@ -473,6 +480,17 @@ async def build_tracker(
         source=source,
         clock=clock,
     )
+
+
+async def _other_hostnames(settings: Settings) -> tuple[str, ...]:
+    """What compute nodes call the other head nodes: each one's own name, or the name given for it."""
+    names = []
+    for target in settings.ssh_targets()[1:]:
+        try:
+            names.append(await _head_hostname(SshRunner(target)))
+        except SubmitError:
+            names.append(target.host)  # not reachable now: the name it was given
+    return tuple(names)
 
 
 async def _head_hostname(runner: Runner) -> str:

@@ -49,6 +49,9 @@ for old in "${TMPDIR:-/tmp}"/wqs-node.*; do
     [ -d "$old" ] && [ -O "$old" ] && [ -f "$old/owner.pid" ] || continue
     kill -0 "$(cat "$old/owner.pid" 2>/dev/null)" 2>/dev/null || rm -rf "$old"
 done
+set -f  # no globbing from here on: the head nodes below are words
+HEADS=%(heads)s
+head=${HEADS%%%% *}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/wqs-node.XXXXXX") || { log "cannot create a temporary directory"; exit 1; }
 echo $$ >"$tmp/owner.pid"
 hop_loop_pid=
@@ -72,7 +75,7 @@ hop() {
     # $1: local port. The remote command says when the session runs, then waits on a
     # FIFO that only this script holds open, so it ends with the script.
     %(ssh)s %(hop_options)s \
-        -L "127.0.0.1:$1:127.0.0.1:$REMOTE_PORT" %(ssh_args)s %(via)s %(hop_command)s \
+        -L "127.0.0.1:$1:127.0.0.1:$REMOTE_PORT" %(ssh_args)s "$head" %(hop_command)s \
         <"$tmp/keep" >"$tmp/hop.out" 2>"$tmp/hop.err"
 }
 
@@ -91,6 +94,31 @@ start_hop() {
     return 1
 }
 
+next_head() {
+    # The head node after $head in $HEADS, wrapping around.
+    first=
+    found=
+    for h in $HEADS; do
+        [ -z "$first" ] && first=$h
+        if [ -n "$found" ]; then head=$h; return 0; fi
+        [ "$h" = "$head" ] && found=1
+    done
+    head=$first
+}
+
+some_hop() {
+    # A hop to the current head node, else to each of the others in turn; 0 when one is up.
+    for _ in $HEADS; do
+        start_hop "$1" && return 0
+        [ "$LOCAL_PORT" = 0 ] && grep -q -e 'already in use' -e 'cannot listen' "$tmp/hop.err" && return 1
+        failed=$head
+        next_head
+        [ "$head" = "$failed" ] && continue
+        log "hop to $failed failed: $(tail -n 1 "$tmp/hop.err" 2>/dev/null); trying $head"
+    done
+    return 1
+}
+
 hop_loop() {
     delay=1
     while :; do
@@ -100,10 +128,10 @@ hop_loop() {
         lived=$(( $(date +%%s) - started ))
         [ "$lived" -ge 30 ] && delay=1
         why=$(tail -n 1 "$tmp/hop.err" 2>/dev/null)
-        log "hop to the head node ended after ${lived}s: $why; again in ${delay}s"
+        log "hop to $head ended after ${lived}s: $why; again in ${delay}s"
         sleep "$delay"
         delay=$((delay * 2)); [ "$delay" -gt 30 ] && delay=30
-        start_hop "$port" || log "hop restart failed: $(tail -n 1 "$tmp/hop.err" 2>/dev/null)"
+        some_hop "$port" || log "hop restart failed: $(tail -n 1 "$tmp/hop.err" 2>/dev/null)"
     done
 }
 
@@ -114,7 +142,7 @@ if [ "$HOP" = 1 ]; then
     [ "$port" = 0 ] && port=$(( 20000 + $$ %% 20000 ))
     tries=0
     delay=1
-    until start_hop "$port"; do
+    until some_hop "$port"; do
         tries=$((tries + 1))
         if [ "$LOCAL_PORT" = 0 ] && grep -q -e 'already in use' -e 'cannot listen' "$tmp/hop.err"; then
             port=$((port + 1))
@@ -125,7 +153,7 @@ if [ "$HOP" = 1 ]; then
         fi
         [ $tries -ge 50 ] && { log "giving up on the hop"; exit 75; }
     done
-    log "hop up: 127.0.0.1:$port -> head:127.0.0.1:$REMOTE_PORT"
+    log "hop up: 127.0.0.1:$port -> $head:127.0.0.1:$REMOTE_PORT"
     hop_loop &
     hop_loop_pid=$!
     target_port=$port
@@ -197,6 +225,8 @@ class NodeLauncher:
 
     remote_port: int
     via: str | None = None
+    also_via: Sequence[str] = field(default_factory=tuple)
+    """Other head nodes of the cluster, tried in turn when a hop to the current one fails."""
     ssh_args: Sequence[str] = field(default_factory=tuple)
     ssh_program: str = "ssh"
     local_port: int = 0
@@ -213,8 +243,9 @@ class NodeLauncher:
     def __post_init__(self) -> None:
         if not 0 < self.remote_port < 65536:
             raise ValueError(f"remote_port {self.remote_port} is not a port")
-        if self.via is not None and (not self.via or self.via.startswith("-")):
-            raise ValueError(f"via {self.via!r} is not an ssh destination")
+        for via in (self.via, *self.also_via):
+            if via is not None and (not via or via.startswith("-") or any(c.isspace() for c in via)):
+                raise ValueError(f"via {via!r} is not an ssh destination")
 
     def _worker_args(self) -> list[str]:
         args: list[str] = []
@@ -242,7 +273,7 @@ class NodeLauncher:
             "hop_command": shlex.quote(HOP_COMMAND),
             "hop_up": HOP_UP,
             "ssh_args": " ".join(shlex.quote(a) for a in self.ssh_args),
-            "via": shlex.quote(self.via or "-"),
+            "heads": shlex.quote(" ".join([self.via or "-", *self.also_via])),
             "worker": shlex.quote(self.worker),
             "worker_args": " ".join(shlex.quote(a) for a in self._worker_args()),
             "max_backoff": self.max_backoff,

@@ -77,9 +77,18 @@ def _batch_word(example: str) -> Callable[[str, Any], None]:
     return _optional(lambda name, value: check.batch_word(name, value, example))
 
 
+def _each(rule: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    def checked(name: str, value: Any) -> None:
+        for item in value:
+            rule(name, item)
+
+    return checked
+
+
 # One rule per setting: what its value must be, whichever source gave it.
 RULES: dict[str, Callable[[str, Any], None]] = {
     "via": _optional(check.host),
+    "also_via": _each(check.host),
     "remote_port": _optional(lambda name, value: check.port(name, value, low=0)),
     "ssh_port": _optional(check.port),
     "identity": _optional(lambda name, value: check.text(name, value, "a file path")),
@@ -122,6 +131,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "worker_disk": _optional(_count(1, _MOST_MB)),
     "worker_program": check.program,
     "node_via": _optional(check.host),
+    "also_node_via": _each(check.host),
     "node_ssh_args": _optional(check.shell_words),
     "partition": _batch_word("gpu"),
     "account": _batch_word("proj42"),

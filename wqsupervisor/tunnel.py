@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from .events import (
     TunnelClosed,
     TunnelDown,
     TunnelFailed,
+    TunnelMoved,
     TunnelRestarting,
     TunnelResumed,
     TunnelStalled,
@@ -45,6 +46,7 @@ from .events import (
 )
 from .forward import DirectProbe, ForwardProver
 from .headprobe import head_returns, probe_head
+from .heads import Heads, Move
 from .lifecycle import TunnelState
 from .liveness import GRACE_CAPPED, GRACE_UNCAPPED, Liveness, Timing
 from .logs import get_logger
@@ -128,6 +130,7 @@ class Tunnel:
         rng: random.Random | None = None,
         credentials: Credentials = NO_CREDENTIALS,
         label: str | None = None,
+        fallbacks: Sequence[tuple[SshTarget, SessionFactory]] = (),
     ) -> None:
         if not target.bind_is_loopback:
             get_logger().warning(
@@ -158,6 +161,10 @@ class Tunnel:
         self._port = RemotePort(
             target, sessions, self._prover, options.remote_port, on_reclaimed=self._reclaimed
         )
+        # Every head node it may use, in order (see wqsupervisor.heads); it is on the first.
+        self._heads = [(target, sessions), *fallbacks]
+        self._on = Heads(len(self._heads))
+        self._prepared = {0}
         self.record = TunnelRecord()
         self.failure: TunnelError | None = None
         self.up_event = asyncio.Event()
@@ -285,6 +292,10 @@ class Tunnel:
                 self.record.last_error = attempt.reason
                 if attempt.retry_now:
                     continue
+                self._on, move = self._on.after_attempt(attempt.up_for is not None, attempt.failure)
+                if move is not None:
+                    await self._move(move)
+                    continue
                 self._restart, decision = self._restart.after_attempt(
                     self.options.restart_policy,
                     up_for=attempt.up_for,
@@ -317,6 +328,19 @@ class Tunnel:
                 self._session = None
             if self._closing.is_set() or self._state is not TunnelState.FAILED:
                 self._closed()
+
+    async def _move(self, move: Move) -> None:
+        """Go on to another head node: its transport, its remote port, a fresh restart backoff."""
+        left = self.target.destination
+        self.target, self._sessions = self._heads[move.to]
+        self._port = RemotePort(
+            self.target, self._sessions, self._prover, self.options.remote_port, on_reclaimed=self._reclaimed
+        )
+        self._restart = RestartState(ever_up=self._restart.ever_up)
+        self._emit(TunnelMoved, left=left, to=self.target.destination, why=move.why)
+        if move.to not in self._prepared:
+            await self._sessions.prepare(self._rundir, str(self.master.port))
+            self._prepared.add(move.to)
 
     def _fail(self, exc: TunnelError) -> None:
         self.failure = exc

@@ -139,27 +139,50 @@ class LocalRunner(Runner):
 
 
 class SshRunner(Runner):
-    """Commands on the head node, through ssh to ``target``.
+    """Commands on the head node, through ssh to ``target`` (or, when it cannot be reached, ``others``).
 
     With ``control`` (a socket path in a private directory), commands run over
     one multiplexed connection of our own
     (:class:`~wqsupervisor.batch.control.ControlConnection`), started on first
     use; without it, or while that connection is down, each command opens its
     own. ssh exits with status 255 when it could not reach or log in to the
-    head node; :mod:`wqsupervisor.batch.scheduler` reads that as "unavailable".
+    head node: the command is then tried on each of ``others`` (the cluster's
+    other head nodes, which share its scheduler), and the first that answers is
+    kept. When none can be reached, :mod:`wqsupervisor.batch.scheduler` reads
+    the 255 as "unavailable".
     """
 
     def __init__(
-        self, target: SshTarget, env: Mapping[str, str] | None = None, control: str | None = None
+        self,
+        target: SshTarget,
+        env: Mapping[str, str] | None = None,
+        control: str | None = None,
+        others: Sequence[SshTarget] = (),
     ) -> None:
         from .control import ControlConnection
 
+        self.heads = [target, *others]
         self.target = target
         self.env = dict(env or {})
-        self.control = ControlConnection(target, control) if control else None
+        self._controls = [
+            ControlConnection(head, f"{control}.{i}" if i else control) if control else None
+            for i, head in enumerate(self.heads)
+        ]
+        self.control = self._controls[0]
 
     async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
         """Run ``argv`` on the head node (a login shell is not needed, nor started)."""
+        done = await self._run_here(argv, input, timeout)
+        at = self.heads.index(self.target)
+        for step in range(1, len(self.heads)):
+            if done.returncode != SSH_FAILED:
+                break
+            index = (at + step) % len(self.heads)
+            self.target, self.control = self.heads[index], self._controls[index]
+            done = await self._run_here(argv, input, timeout)
+        return done
+
+    async def _run_here(self, argv: Sequence[str], input: str | None, timeout: float) -> Completed:
         control = self.control
         if control is None or not await control.ready():
             return await _communicate(self.argv(argv), input, timeout)
@@ -183,9 +206,10 @@ class SshRunner(Runner):
         return ssh
 
     async def close(self) -> None:
-        """End the control connection, if there is one."""
-        if self.control is not None:
-            await self.control.close()
+        """End the control connections."""
+        for control in self._controls:
+            if control is not None:
+                await control.close()
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,11 @@ from .sandbox import HeadNode
 from .slurm import Slurm
 
 CAMPUS, ROUTER, HEAD, NODE = "campus", "router", "head", "node"
+# A second login node of the same cluster (Lab(heads=2)): its own links to the router and node.
+HEAD2 = "head2"
+HEAD2_ALIAS = "headnode2"
+ROUTER_HEAD2_IP, HEAD2_CAMPUS_IP = "10.250.4.1", "10.250.4.2"
+HEAD2_NODE_IP, NODE_HEAD2_IP = "10.250.3.1", "10.250.3.2"
 CAMPUS_IP, ROUTER_CAMPUS_IP = "10.250.0.1", "10.250.0.2"
 ROUTER_HEAD_IP, HEAD_CAMPUS_IP = "10.250.2.1", "10.250.2.2"
 HEAD_NODE_IP, NODE_IP = "10.250.1.1", "10.250.1.2"
@@ -89,14 +94,17 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
 class Lab:
     """campus -- head -- node, with a real sshd on head and faults on demand."""
 
-    def __init__(self, workdir: str | None = None) -> None:
+    def __init__(self, workdir: str | None = None, heads: int = 1) -> None:
         if os.geteuid() != 0:
             raise WQSupervisorError("the firewall lab needs root", "run the lab tests as root (CI does)")
         for tool in ("ip", "iptables"):
             if shutil.which(tool) is None:
                 raise WQSupervisorError(f"{tool} is not installed", "apt-get install iproute2 iptables")
         self.tag = secrets.token_hex(3)
-        self.ns = {h: f"wqs-{self.tag}-{h}" for h in (CAMPUS, ROUTER, HEAD, NODE)}
+        if heads not in (1, 2):
+            raise WQSupervisorError(f"a lab has 1 or 2 head nodes, not {heads}", "use heads=1 or heads=2")
+        hosts = (CAMPUS, ROUTER, HEAD, NODE, HEAD2)[: 4 + (heads - 1)]
+        self.ns = {h: f"wqs-{self.tag}-{h}" for h in hosts}
         # veth names are limited to 15 characters.
         self.veth = {
             (CAMPUS, ROUTER): f"c{self.tag}r",
@@ -105,12 +113,17 @@ class Lab:
             (HEAD, ROUTER): f"h{self.tag}r",
             (HEAD, NODE): f"h{self.tag}n",
             (NODE, HEAD): f"n{self.tag}h",
+            (ROUTER, HEAD2): f"r{self.tag}g",
+            (HEAD2, ROUTER): f"g{self.tag}r",
+            (HEAD2, NODE): f"g{self.tag}n",
+            (NODE, HEAD2): f"n{self.tag}g",
         }
         self.user = f"wqs{self.tag}"
         # Another user of the same head node, created on demand (see add_other_user).
         self.other_user = f"wqo{self.tag}"
         self.root = Path(workdir or tempfile.mkdtemp(prefix="wqs-lab-"))
         self.head: HeadNode | None = None
+        self.head2: HeadNode | None = None
         self.campus_ssh_config = self.root / "ssh_config.campus"
         self.node_ssh_config = self.root / "ssh_config.node"
         self._blackholed: str | None = None
@@ -142,11 +155,17 @@ class Lab:
         for ns in self.ns.values():
             run(["ip", "netns", "add", ns])
             self.sh(ns, "ip link set lo up")
-        for (a, b), ip_a, ip_b in (
+        links = [
             ((CAMPUS, ROUTER), CAMPUS_IP, ROUTER_CAMPUS_IP),
             ((ROUTER, HEAD), ROUTER_HEAD_IP, HEAD_CAMPUS_IP),
             ((HEAD, NODE), HEAD_NODE_IP, NODE_IP),
-        ):
+        ]
+        if HEAD2 in self.ns:
+            links += [
+                ((ROUTER, HEAD2), ROUTER_HEAD2_IP, HEAD2_CAMPUS_IP),
+                ((HEAD2, NODE), HEAD2_NODE_IP, NODE_HEAD2_IP),
+            ]
+        for (a, b), ip_a, ip_b in links:
             va, vb = self.veth[(a, b)], self.veth[(b, a)]
             run(
                 [
@@ -178,6 +197,16 @@ class Lab:
         self.sh(self.ns[CAMPUS], f"ip route add {HEAD_CAMPUS_IP}/32 via {ROUTER_CAMPUS_IP}")
         self.sh(self.ns[HEAD], f"ip route add {CAMPUS_IP}/32 via {ROUTER_HEAD_IP}")
         self.sh(self.ns[CAMPUS], f"iptables -A INPUT -i {self.veth[(CAMPUS, ROUTER)]} -p tcp --syn -j DROP")
+        if HEAD2 in self.ns:
+            rg = self.veth[(ROUTER, HEAD2)]
+            self.sh(self.ns[HEAD2], "echo 0 > /proc/sys/net/ipv4/ip_forward && iptables -P FORWARD DROP")
+            self.sh(
+                self.ns[ROUTER],
+                f"iptables -A FORWARD -i {rc} -o {rg} -j ACCEPT"
+                f" && iptables -A FORWARD -i {rg} -o {rc} -j ACCEPT",
+            )
+            self.sh(self.ns[CAMPUS], f"ip route add {HEAD2_CAMPUS_IP}/32 via {ROUTER_CAMPUS_IP}")
+            self.sh(self.ns[HEAD2], f"ip route add {CAMPUS_IP}/32 via {ROUTER_HEAD2_IP}")
         home = self.root / "home"
         # "*" and not the locked "!": sshd refuses locked accounts when it runs without PAM.
         run(
@@ -206,8 +235,21 @@ class Lab:
         )
         self.head.client_config(HEAD_CAMPUS_IP, self.campus_ssh_config)
         self.head.client_config(HEAD_NODE_IP, self.node_ssh_config)
+        if HEAD2 in self.ns:
+            self.head2 = HeadNode(
+                str(self.root / "head2"),
+                port=22,
+                user=self.user,
+                host="0.0.0.0",  # noqa: S104 - the head listens on both of its links
+                netns=self.ns[HEAD2],
+                addresses=[HEAD2_CAMPUS_IP, HEAD2_NODE_IP],
+            )
+            self.head2.client_config(HEAD2_CAMPUS_IP, self.campus_ssh_config, HEAD2_ALIAS, append=True)
+            self.head2.client_config(HEAD2_NODE_IP, self.node_ssh_config, HEAD2_ALIAS, append=True)
         self._user_ssh(home)
         self.head.start()
+        if self.head2 is not None:
+            self.head2.start()
 
     def add_other_user(self) -> str:
         """A second unprivileged user on the head node: someone else who shares the machine."""
@@ -267,9 +309,10 @@ class Lab:
                 if pipe is not None:
                     with contextlib.suppress(OSError):
                         pipe.close()
-        if self.head is not None:
-            with contextlib.suppress(Exception):
-                self.head.stop()
+        for head in (self.head, self.head2):
+            if head is not None:
+                with contextlib.suppress(Exception):
+                    head.stop()
         remove_remains(self.ns.values(), (self.user, self.other_user), self.root)
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)

@@ -264,13 +264,15 @@ def start_node_workers(
     idle_timeout: int = 600,
     cores: int = 1,
     extra: Sequence[str] = (),
+    also_via: Sequence[str] = (),
 ) -> list[subprocess.Popen[Any]]:
-    """n node launchers on ``node``, each an ssh -L hop to the head and a worker through it."""
+    """n node launchers on ``node``, each an ssh -L hop to the head (or to ``also_via``) and a worker."""
     from ..launcher import NodeLauncher
 
     launcher = NodeLauncher(
         remote_port=remote_port,
         via="headnode",
+        also_via=tuple(also_via),
         ssh_args=["-F", str(lab.node_ssh_config)],
         idle_timeout=idle_timeout,
         cores=cores,

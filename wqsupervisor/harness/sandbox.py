@@ -130,10 +130,12 @@ class HeadNode:
         self.client_config(self.addresses[0], self.ssh_config)
         os.chmod(self.identity, 0o600)
 
-    def client_config(self, address: str, path: Path) -> Path:
-        """Write an ssh client config that names this head node ``headnode`` at ``address``."""
+    def client_config(self, address: str, path: Path, alias: str = ALIAS, append: bool = False) -> Path:
+        """Write an ssh client config that names this head node ``alias`` at ``address``
+        (``append``: add it to the file, beside the hosts already there)."""
+        before = path.read_text() if append and path.exists() else ""
         path.write_text(
-            f"Host {ALIAS}\n"
+            before + f"Host {alias}\n"
             f"    HostName {address}\n"
             f"    Port {self.port}\n"
             f"    User {self.user}\n"
