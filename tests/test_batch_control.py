@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from wqsupervisor.batch.pbs import Pbs
 from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.process import pid_alive
 
-from support import wait_for
+from support import free_port, wait_for
 
 CONNECTION = ["sh", "-c", 'echo "$SSH_CONNECTION"']
 
@@ -213,5 +214,24 @@ def test_control_connection_carries_a_batched_submission_to_the_head(head, tmp_p
             await system.close()
         wait_for(lambda: not os.path.exists(tmp_path / "batch.sock"), 5, "the control socket to go")
         assert not (tmp_path / "work").exists()
+
+    asyncio.run(scenario())
+
+
+def test_a_head_that_cannot_be_reached_hands_the_commands_to_the_next_and_they_stay_there(head, tmp_path):
+    """The first head refuses ssh: the command answers from the second, and so do the ones after it."""
+
+    async def scenario() -> None:
+        good = head.settings().ssh_target()
+        gone = replace(good, port=free_port())  # nothing listens there
+        runner = SshRunner(gone, control=str(tmp_path / "batch.sock"), others=[good])
+        try:
+            done = await runner.run(["echo", "answered"])
+            assert (done.returncode, done.stdout.strip()) == (0, "answered"), done
+            assert runner.target == good
+            assert await _connection(runner) == await _connection(runner), "one connection to the second head"
+        finally:
+            await runner.close()
+        assert not list(tmp_path.glob("batch.sock*")), "a control socket was left"
 
     asyncio.run(scenario())
