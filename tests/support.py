@@ -208,3 +208,16 @@ def describe_fd(pid: int, fd: str, target: str) -> str:
                 if fields[9] == inode:
                     return f"tcp {fields[1]} {fields[2]} state {fields[3]} (fd {fd})"
     return f"socket (fd {fd})"
+
+
+@contextlib.contextmanager
+def root_lab(**options: Any) -> Iterator[Any]:
+    """A firewall lab (``Lab(**options)``), removed afterwards whatever happens; root only, as in CI."""
+    import pytest
+
+    from wqsupervisor.harness.lab import Lab
+
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (network namespaces, iptables, a lab user); CI runs as root")
+    with Lab(**options) as lab:
+        yield lab

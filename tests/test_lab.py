@@ -25,7 +25,7 @@ from wqsupervisor.harness.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, ROUTER, Lab,
 from wqsupervisor.harness.labapps import CampusApp, start_node_workers
 from wqsupervisor.protocol import TunnelSnapshot
 
-from support import persistent_fds
+from support import persistent_fds, root_lab
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
@@ -36,9 +36,7 @@ WORKERS = 2
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     """A fresh campus/head/node lab, removed afterwards whatever happens."""
-    if os.geteuid() != 0:
-        pytest.fail("the lab tests need root (network namespaces, iptables, a lab user); CI runs as root")
-    with Lab() as built:
+    with root_lab() as built:
         yield built
 
 

@@ -9,7 +9,6 @@ the supervised tunnel.
 from __future__ import annotations
 
 import asyncio
-import os
 import shlex
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from wqsupervisor.protocol import SupervisorSnapshot
 from wqsupervisor.status import format_text
 from wqsupervisor.target import SshTarget
 
-from support import persistent_fds, wait_for
+from support import persistent_fds, root_lab, wait_for
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
@@ -41,9 +40,7 @@ REMOTE_PORT = 10001
 @pytest.fixture
 def slurm_lab() -> Iterator[Lab]:
     """The lab with a single-node Slurm on ``node``; everything removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.fail("the lab tests need root; CI runs as root")
-    with Lab() as lab:
+    with root_lab() as lab:
         lab.start_slurm(cpus=4)
         yield lab
 
@@ -113,9 +110,7 @@ def _all_running(app: CampusApp) -> SupervisorSnapshot | None:
 @pytest.fixture
 def wide_slurm_lab() -> Iterator[Lab]:
     """The lab with a Slurm whose one node takes 64 one-core worker jobs at once (CPUs overcommitted)."""
-    if os.geteuid() != 0:
-        pytest.fail("the lab tests need root; CI runs as root")
-    with Lab() as lab:
+    with root_lab() as lab:
         lab.start_slurm(cpus=WIDE)
         yield lab
 

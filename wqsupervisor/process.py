@@ -7,6 +7,7 @@ included. Elsewhere the children rely on the pipes their parent holds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -43,6 +44,18 @@ def terminate(proc: subprocess.Popen[bytes], grace: float = 3.0) -> int | None:
                 proc.kill()
             proc.wait()
     return proc.returncode
+
+
+async def reap(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """Wait up to ``grace`` for ``proc`` (asked to stop already) to exit, then SIGKILL it; reaped."""
+    if proc.returncode is not None:
+        return
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 def pid_alive(pid: int) -> bool:

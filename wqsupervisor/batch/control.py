@@ -31,7 +31,7 @@ import signal
 
 from ..logs import get_logger
 from ..openssh import base_argv
-from ..process import owned_argv
+from ..process import owned_argv, reap
 from ..target import SshTarget
 
 _POLL = 0.01
@@ -125,12 +125,7 @@ class ControlConnection:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 3)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await reap(proc, 3)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

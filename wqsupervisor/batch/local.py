@@ -12,7 +12,7 @@ import contextlib
 import signal
 from collections.abc import Sequence
 
-from ..process import owned_argv
+from ..process import owned_argv, reap
 from .base import BatchSystem, JobState
 
 
@@ -61,13 +61,8 @@ class Processes(BatchSystem):
                 proc.send_signal(signal.SIGTERM)
         for job in ids:
             proc = self._procs.get(job)
-            if proc is not None and proc.returncode is None:
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
+            if proc is not None:
+                await reap(proc, 10)
 
     async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
         """Running while the process lives; done or failed by its exit status."""

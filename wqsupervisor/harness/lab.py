@@ -49,7 +49,7 @@ from typing import Any
 from ..errors import WQSupervisorError
 from ..process import owned_argv, terminate
 from .common import run
-from .sandbox import HeadNode
+from .sandbox import ALIAS, HeadNode
 from .slurm import Slurm
 
 CAMPUS, ROUTER, HEAD, NODE = "campus", "router", "head", "node"
@@ -225,31 +225,28 @@ class Lab:
         )
         home.mkdir(mode=0o700)
         os.chown(home, pwd.getpwnam(self.user).pw_uid, -1)
-        self.head = HeadNode(
-            str(self.root / "head"),
-            port=22,
-            user=self.user,
-            host="0.0.0.0",  # noqa: S104 - the head listens on both of its links
-            netns=self.ns[HEAD],
-            addresses=[HEAD_CAMPUS_IP, HEAD_NODE_IP],
-        )
-        self.head.client_config(HEAD_CAMPUS_IP, self.campus_ssh_config)
-        self.head.client_config(HEAD_NODE_IP, self.node_ssh_config)
+        self.head = self._head_node(HEAD, HEAD_CAMPUS_IP, HEAD_NODE_IP, ALIAS)
         if HEAD2 in self.ns:
-            self.head2 = HeadNode(
-                str(self.root / "head2"),
-                port=22,
-                user=self.user,
-                host="0.0.0.0",  # noqa: S104 - the head listens on both of its links
-                netns=self.ns[HEAD2],
-                addresses=[HEAD2_CAMPUS_IP, HEAD2_NODE_IP],
-            )
-            self.head2.client_config(HEAD2_CAMPUS_IP, self.campus_ssh_config, HEAD2_ALIAS, append=True)
-            self.head2.client_config(HEAD2_NODE_IP, self.node_ssh_config, HEAD2_ALIAS, append=True)
+            self.head2 = self._head_node(HEAD2, HEAD2_CAMPUS_IP, HEAD2_NODE_IP, HEAD2_ALIAS)
         self._user_ssh(home)
         self.head.start()
         if self.head2 is not None:
             self.head2.start()
+
+    def _head_node(self, host: str, campus_ip: str, node_ip: str, alias: str) -> HeadNode:
+        """A head node's sshd (not started) for the lab user, and its name in the campus and node configs."""
+        head = HeadNode(
+            str(self.root / host),
+            port=22,
+            user=self.user,
+            host="0.0.0.0",  # noqa: S104 - the head listens on both of its links
+            netns=self.ns[host],
+            addresses=[campus_ip, node_ip],
+        )
+        append = host != HEAD
+        head.client_config(campus_ip, self.campus_ssh_config, alias, append=append)
+        head.client_config(node_ip, self.node_ssh_config, alias, append=append)
+        return head
 
     def add_other_user(self) -> str:
         """A second unprivileged user on the head node: someone else who shares the machine."""

@@ -59,6 +59,34 @@ def wait_listening(
         time.sleep(0.02)
 
 
+def start_node_hop(
+    argv: Sequence[str], port: int, what: str, keep_input: bool = False
+) -> subprocess.Popen[bytes]:
+    """A compute node's ssh hop (``argv``), running once 127.0.0.1:``port`` accepts connections."""
+    proc = subprocess.Popen(
+        owned_argv(argv),
+        stdin=subprocess.PIPE if keep_input else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port, proc, what=what)
+    except BaseException:
+        stop_node_hop(proc)
+        raise
+    return proc
+
+
+def stop_node_hop(proc: subprocess.Popen[bytes] | None) -> None:
+    """End a hop started by :func:`start_node_hop` (its input first, as its session ends on a node)."""
+    if proc is None:
+        return
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    terminate(proc, grace=2)
+
+
 class TwoHop:
     """The HOWTO's chain: ``ssh -N -R`` from the campus side, then the node's ``ssh -N -L`` to it.
 
@@ -70,36 +98,18 @@ class TwoHop:
     def __init__(self, head: HeadNode, master_port: int, options: Sequence[str] = ()) -> None:
         self.campus = PlainSsh(head, master_port, options=options)
         self.remote_port = free_port()
+        self.node: subprocess.Popen[bytes] | None = None
         try:
-            self.node = subprocess.Popen(
-                owned_argv(
-                    [
-                        "ssh",
-                        "-F",
-                        str(head.ssh_config),
-                        *options,
-                        "-o",
-                        "ExitOnForwardFailure=yes",
-                        "-N",
-                        "-L",
-                        f"127.0.0.1:{self.remote_port}:127.0.0.1:{self.campus.remote_port}",
-                        ALIAS,
-                    ]
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            wait_listening(self.remote_port, self.node, what="the node's ssh -N -L")
+            argv = ["ssh", "-F", str(head.ssh_config), *options, "-o", "ExitOnForwardFailure=yes", "-N"]
+            argv += ["-L", f"127.0.0.1:{self.remote_port}:127.0.0.1:{self.campus.remote_port}", ALIAS]
+            self.node = start_node_hop(argv, self.remote_port, "the node's ssh -N -L")
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         """Stop both hops."""
-        node: subprocess.Popen[bytes] | None = getattr(self, "node", None)
-        if node is not None:
-            terminate(node, grace=2)
+        stop_node_hop(self.node)
         self.campus.close()
         _close_stdin(self.campus)
 
@@ -116,25 +126,18 @@ class SupervisedTwoHop:
     def __init__(self, head: HeadNode, master_port: int, **options: Any) -> None:
         self.tunnel = Supervised(head, master_port, **options)
         self.remote_port = free_port()
+        self.node: subprocess.Popen[bytes] | None = None
         try:
             argv = hop_argv(ALIAS, self.remote_port, self.tunnel.remote_port, ("-F", str(head.ssh_config)))
             # The hop's remote command waits on its input, as on a node: a pipe kept open until close().
-            self.node = subprocess.Popen(
-                owned_argv(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            wait_listening(self.remote_port, self.node, what="the node launcher's hop")
+            self.node = start_node_hop(argv, self.remote_port, "the node launcher's hop", keep_input=True)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         """Stop the hop, then the tunnel."""
-        node: subprocess.Popen[bytes] | None = getattr(self, "node", None)
-        if node is not None:
-            if node.stdin is not None:
-                with contextlib.suppress(OSError):
-                    node.stdin.close()
-            terminate(node, grace=2)
+        stop_node_hop(self.node)
         self.tunnel.close()
 
 
