@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {row['workers']} | {row['inputs']} | {d['median']:.0f} | {w['median']:.0f} | "
             f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f}) | "
-            f"{100 * c.get('agent_cpu', 0):.0f}% | {c.get('agent_rss_mib', 0):.0f} MiB | "
-            f"{100 * c.get('ssh_cpu', 0):.0f}% | {c.get('ssh_rss_mib', 0):.0f} MiB |"
+            f"{100 * c.get('agent_cpu', 0):.1f}% | {c.get('agent_rss_mib', 0):.0f} MiB | "
+            f"{100 * c.get('ssh_cpu', 0):.1f}% | {c.get('ssh_rss_mib', 0):.0f} MiB |"
         )
     return 0
