@@ -210,7 +210,8 @@ def _tasks_markdown(tasks: Mapping[str, Any]) -> list[str]:
                     fmt_summary(entry["steady"]["figure"], 1),
                     fmt_summary(entry["whole"]["figure"], 1),
                     fmt_ratio(ratios.get("direct")) if kind != "direct" else "-",
-                    fmt_ratio(ratios.get("ssh -N -R")) if "ssh -N -R" in ratios else "-",
+                    "; ".join(f"{fmt_ratio(r)} vs {name}" for name, r in ratios.items() if name != "direct")
+                    or "-",
                     fmt_ratio(entry["whole"]["ratios"].get("direct")) if kind != "direct" else "-",
                 ]
             )
@@ -221,7 +222,7 @@ def _tasks_markdown(tasks: Mapping[str, Any]) -> list[str]:
             "steady tasks/s",
             "whole-run tasks/s",
             "steady / direct",
-            "steady / ssh -N -R",
+            "steady / its comparator",
             "whole / direct",
         ],
         rows,
