@@ -52,6 +52,20 @@ def test_where_the_tunnel_goes_after_each_attempt(heads, attempts, moves, curren
     assert heads.current == current
 
 
+def test_each_other_head_is_tried_at_once_then_moves_wait_their_turn():
+    """Every head out of reach (the campus side is down): one round at once, then paced by the backoff."""
+    heads = Heads(3)
+    paced = []
+    for _ in range(7):
+        heads, move = heads.after_attempt(False, UNREACHABLE)
+        assert move is not None
+        paced.append(move.at_once)
+    assert paced == [True, True, False, False, False, False, False]
+    heads, move = heads.after_attempt(True, None)  # up again somewhere: the next trouble starts afresh
+    heads, move = heads.after_attempt(False, REFUSED)
+    assert move is not None and move.at_once
+
+
 def test_a_move_says_why():
     """The reason names the failure, or how many attempts did not come up."""
     _, move = Heads(2).after_attempt(False, REFUSED)

@@ -42,7 +42,16 @@ from wqsupervisor.process import pid_alive
 from wqsupervisor.session import Session, SessionEnded
 from wqsupervisor.wqserver import Task, WorkQueueServer
 
-from support import assert_exactly_once, drive, listening, processes_matching, python_env, run_tasks, wait_for
+from support import (
+    assert_exactly_once,
+    drive,
+    free_port,
+    listening,
+    processes_matching,
+    python_env,
+    run_tasks,
+    wait_for,
+)
 
 # Transports that run their session inside the agent process, without an ssh client.
 IN_PROCESS = {"paramiko"}
@@ -507,3 +516,37 @@ def test_a_revoked_host_key_is_refused_even_when_also_known(head, remote_port, r
     failed = _assert_fails(settings, recorder)
     assert "marked @revoked in known_hosts" in failed.error, failed.error
     assert len(recorder.of(TunnelStarting)) == 1, "a revoked key is final, not retried"
+
+
+def test_with_every_head_out_of_reach_the_moves_are_paced_and_the_tunnel_gives_up(
+    head, remote_port, recorder
+):
+    """Two heads, nothing accepts ssh on either: one move at once, then a restart delay before every move."""
+    dead_port = remote_port  # free: nothing listens there
+    settings = direct_settings(head, dead_port).replace(
+        via=f"{head.user}@127.0.0.1",
+        also_via=(f"{head.user}@127.0.0.2",),
+        remote_port=free_port(),
+        ssh_port=dead_port,
+        start_attempts=4,
+        backoff_initial=0.1,
+    )
+    failed = _assert_fails(settings, recorder)
+    assert "nothing accepts ssh connections" in failed.error
+    names = [
+        e.name for e in recorder.events if e.name in ("tunnel.starting", "tunnel.moved", "tunnel.restarting")
+    ]
+    assert names == [
+        "tunnel.starting",
+        "tunnel.moved",  # to the second head at once
+        "tunnel.starting",
+        "tunnel.moved",  # back to the first: every head was tried, so this one waits its turn
+        "tunnel.restarting",
+        "tunnel.starting",
+        "tunnel.moved",
+        "tunnel.restarting",
+        "tunnel.starting",
+        "tunnel.moved",
+        "tunnel.restarting",
+        "tunnel.starting",
+    ], names

@@ -9,7 +9,9 @@ out, unknown name: the head is down or being rebooted), after
 other reason (the port held there, a session that dies at once), and after a
 failure that will not change by waiting (authentication, host key), as long
 as some other head has not failed that way too. The heads are tried in the
-order given, wrapping around.
+order given, wrapping around: each other head at once, then (every head out
+of reach, as when the trouble is on the campus side) one move per restart,
+paced by the restart backoff.
 
 The choice is pure (:meth:`Heads.after_attempt`) and tested as a table.
 """
@@ -27,10 +29,11 @@ UNREACHABLE = frozenset({FailureKind.NETWORK, FailureKind.REFUSED, FailureKind.R
 
 @dataclass(frozen=True)
 class Move:
-    """Go to head ``to`` (an index), because ``why``."""
+    """Go to head ``to`` (an index), because ``why``; ``at_once`` unless it is only another round."""
 
     to: int
     why: str
+    at_once: bool = True
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,13 @@ class Heads:
     current: int = 0
     misses: int = 0
     refused_for_good: frozenset[int] = field(default_factory=frozenset)
+    moves: int = 0
+    """Moves since the tunnel was last up: once every head was tried, the next move waits its turn."""
 
     def after_attempt(self, came_up: bool, failure: SessionFailure | None) -> tuple[Heads, Move | None]:
         """The state after one attempt on the current head, and the move to make (None: stay)."""
         if came_up:
-            return replace(self, misses=0), None
+            return replace(self, misses=0, moves=0), None
         if self.count < 2:
             return self, None
         misses = self.misses + 1
@@ -64,7 +69,11 @@ class Heads:
         to = state.next_head()
         if to is None:
             return state, None
-        return replace(state, current=to, misses=0), Move(to, why)
+        # The first visit to each other head is at once; after a whole round (the trouble is
+        # likely on our side of the network, where every head is out of reach) the restart
+        # backoff paces the moves, so an outage is not a tight loop between heads.
+        at_once = self.moves < self.count - 1
+        return replace(state, current=to, misses=0, moves=self.moves + 1), Move(to, why, at_once)
 
     def next_head(self) -> int | None:
         """The next head in order that has not refused for good, or None when none is left."""

@@ -293,13 +293,14 @@ class Tunnel:
                 if attempt.retry_now:
                     continue
                 self._on, move = self._on.after_attempt(attempt.up_for is not None, attempt.failure)
-                if move is not None:
+                if move is not None and move.at_once:
                     await self._move(move)
                     continue
                 self._restart, decision = self._restart.after_attempt(
                     self.options.restart_policy,
                     up_for=attempt.up_for,
-                    permanent=attempt.reason if attempt.permanent else None,
+                    # A failure for good on the head it left is not one on the head it went to.
+                    permanent=attempt.reason if attempt.permanent and move is None else None,
                     rand=self._rng.random(),
                 )
                 if isinstance(decision, GiveUp):
@@ -307,6 +308,8 @@ class Tunnel:
                     message = attempt.reason if attempt.permanent else f"{attempt.reason} ({decision.reason})"
                     self._fail(TunnelError(message, hint))
                     return
+                if move is not None:
+                    await self._move(move)  # after a whole round of heads: its turn, after the delay below
                 self.record.restarts += 1
                 self._emit(
                     TunnelRestarting,
@@ -336,7 +339,6 @@ class Tunnel:
         self._port = RemotePort(
             self.target, self._sessions, self._prover, self.options.remote_port, on_reclaimed=self._reclaimed
         )
-        self._restart = RestartState(ever_up=self._restart.ever_up)
         self._emit(TunnelMoved, left=left, to=self.target.destination, why=move.why)
         if move.to not in self._prepared:
             await self._sessions.prepare(self._rundir, str(self.master.port))
