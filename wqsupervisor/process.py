@@ -7,7 +7,6 @@ included. Elsewhere the children rely on the pipes their parent holds.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -16,6 +15,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
 
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
@@ -48,6 +51,8 @@ def terminate(proc: subprocess.Popen[bytes], grace: float = 3.0) -> int | None:
 
 async def reap(proc: asyncio.subprocess.Process, grace: float) -> None:
     """Wait up to ``grace`` for ``proc`` (asked to stop already) to exit, then SIGKILL it; reaped."""
+    import asyncio  # here: importing the package must not load asyncio (the drop-in's script)
+
     if proc.returncode is not None:
         return
     try:
