@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from wqsupervisor.cli import build_parser
 from wqsupervisor.config import Settings, parse_ssh_option, resolve, settings_from_kwargs
 from wqsupervisor.errors import ConfigError
 
@@ -107,3 +108,24 @@ def test_settings_survive_the_trip_to_the_engine():
     """to_dict output read back by settings_from_kwargs is the same settings."""
     s = Settings(via="a@b", remote_port=5, ssh_options=(("K", "v=w"),), allow_no_password=True)
     assert settings_from_kwargs(s.to_dict()) == s
+
+
+def test_several_head_nodes_from_each_source(tmp_path):
+    """A list of heads (TOML, repeated flag, keyword argument): the first in via, the others in also_via."""
+    toml = tmp_path / "heads.toml"
+    toml.write_text('via = ["login1", "login2", "login3"]\nnode-via = ["n1", "n2"]\nremote_port = 10001\n')
+    from_file = resolve(config_file=toml, environ={})
+    assert (from_file.via, from_file.also_via) == ("login1", ("login2", "login3"))
+    assert (from_file.node_via, from_file.also_node_via) == ("n1", ("n2",))
+    flags = build_parser().parse_args(["run", "--via", "a", "--via", "b", "--remote-port", "1", "app.py"])
+    from_flags = resolve({"via": flags.via, "remote_port": flags.remote_port}, environ={})
+    assert (from_flags.via, from_flags.also_via) == ("a", ("b",))
+    kwargs = settings_from_kwargs({"via": ["x", "y"], "remote_port": 10001})
+    assert [t.destination for t in kwargs.ssh_targets()] == ["x", "y"]
+    assert settings_from_kwargs({"via": "x", "remote_port": 10001}).also_via == ()
+
+
+def test_several_head_nodes_need_a_fixed_remote_port():
+    """The head picking the port (0) cannot work when the workers may reach any of several heads."""
+    with pytest.raises(ConfigError, match="cannot work with several head nodes"):
+        settings_from_kwargs({"via": ["x", "y"], "remote_port": 0})
