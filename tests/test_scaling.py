@@ -102,9 +102,11 @@ WIDE = 64
 
 
 def _all_running(app: CampusApp) -> SupervisorSnapshot | None:
+    """The engine's snapshot once it has seen all 64 jobs running and all 64 workers (its samples lag)."""
     snap = app.snapshot()
-    jobs = snap.masters[0].jobs
-    return snap if jobs is not None and jobs.count("running") == WIDE else None
+    entry = snap.masters[0]
+    running = entry.jobs is not None and entry.jobs.count("running") == WIDE
+    return snap if running and entry.workers.connected == WIDE else None
 
 
 @pytest.fixture
@@ -130,7 +132,9 @@ def test_64_slurm_workers_through_one_tunnel_run_2000_tasks_once_and_leave_nothi
         app.adapt(WIDE, WIDE)
         app.wait_workers(WIDE, 300)
         # status stays a screenful with 64 jobs: counts, not lists.
-        text = format_text([app.wait_for(lambda: _all_running(app), 60, "64 jobs seen running")])
+        text = format_text(
+            [app.wait_for(lambda: _all_running(app), 60, "64 jobs and workers in the snapshot")]
+        )
         assert "workers connected 64" in text and "running 64" in text, text
         assert len(text.splitlines()) <= 25 and max(map(len, text.splitlines())) <= 120, text
         assert max(len(e["ids"]) for e in app.named("jobs.submitted")) > 1, "jobs went one command each"
