@@ -53,17 +53,41 @@ def test_where_the_tunnel_goes_after_each_attempt(heads, attempts, moves, curren
 
 
 def test_each_other_head_is_tried_at_once_then_moves_wait_their_turn():
-    """Every head out of reach (the campus side is down): one round at once, then paced by the backoff."""
+    """Every head refuses (sshd down everywhere): one round at once, then paced by the backoff."""
     heads = Heads(3)
     paced = []
     for _ in range(7):
-        heads, move = heads.after_attempt(False, UNREACHABLE)
+        heads, move = heads.after_attempt(False, REFUSED)
         assert move is not None
         paced.append(move.at_once)
     assert paced == [True, True, False, False, False, False, False]
     heads, move = heads.after_attempt(True, None)  # up again somewhere: the next trouble starts afresh
     heads, move = heads.after_attempt(False, REFUSED)
     assert move is not None and move.at_once
+
+
+@pytest.mark.parametrize(
+    ("last_up", "moves", "stays_on"),
+    [
+        # Up on the first head, then no head can be reached over the network: the others are
+        # tried at once, then it goes back to the first (after the restart delay) and waits there.
+        (0, [(1, True), (2, True), (0, False), None, None], 0),
+        # Up on the second: back to the second, where the compute nodes' hops still are.
+        (1, [(2, True), (0, True), (1, False), None, None], 1),
+    ],
+)
+def test_with_every_head_out_of_reach_it_waits_on_the_head_it_was_last_up_on(last_up, moves, stays_on):
+    """Timeouts and no route on every head (the campus side cut off): no endless round between heads."""
+    heads, _ = Heads(3, current=last_up).after_attempt(True, None)
+    made = []
+    for _ in moves:
+        heads, move = heads.after_attempt(False, UNREACHABLE)
+        made.append((move.to, move.at_once) if move else None)
+    assert made == moves
+    assert heads.current == stays_on
+    # A head that refuses (reachable, its sshd down) still sends the tunnel on (after the delay now).
+    heads, move = heads.after_attempt(False, REFUSED)
+    assert move is not None and move.to != stays_on and not move.at_once
 
 
 def test_a_move_says_why():

@@ -9,9 +9,11 @@ out, unknown name: the head is down or being rebooted), after
 other reason (the port held there, a session that dies at once), and after a
 failure that will not change by waiting (authentication, host key), as long
 as some other head has not failed that way too. The heads are tried in the
-order given, wrapping around: each other head at once, then (every head out
-of reach, as when the trouble is on the campus side) one move per restart,
-paced by the restart backoff.
+order given, wrapping around: each other head at once, then one move per
+restart, paced by the restart backoff. When no head can be reached over the
+network at all (timeouts, no route: the campus side is cut off, most likely),
+the tunnel goes back to the head it was last up on and waits there, where the
+compute nodes' hops still are.
 
 The choice is pure (:meth:`Heads.after_attempt`) and tested as a table.
 """
@@ -46,11 +48,15 @@ class Heads:
     refused_for_good: frozenset[int] = field(default_factory=frozenset)
     moves: int = 0
     """Moves since the tunnel was last up: once every head was tried, the next move waits its turn."""
+    last_up: int = 0
+    """The head the tunnel was last up on: where the compute nodes' hops are."""
+    out_of_reach: frozenset[int] = field(default_factory=frozenset)
+    """Heads whose network could not be crossed (timeout, no route) since the tunnel was last up."""
 
     def after_attempt(self, came_up: bool, failure: SessionFailure | None) -> tuple[Heads, Move | None]:
         """The state after one attempt on the current head, and the move to make (None: stay)."""
         if came_up:
-            return replace(self, misses=0, moves=0), None
+            return replace(self, misses=0, moves=0, last_up=self.current, out_of_reach=frozenset()), None
         if self.count < 2:
             return self, None
         misses = self.misses + 1
@@ -58,6 +64,8 @@ class Heads:
         if failure is not None and failure.permanent:
             refused = refused | {self.current}
         state = replace(self, misses=misses, refused_for_good=refused)
+        if failure is not None and failure.kind is FailureKind.NETWORK:
+            return state._network_failed(failure)
         if failure is not None and failure.permanent:
             why = f"{failure.message} (it will not change by waiting)"
         elif failure is not None and failure.kind in UNREACHABLE:
@@ -69,11 +77,36 @@ class Heads:
         to = state.next_head()
         if to is None:
             return state, None
-        # The first visit to each other head is at once; after a whole round (the trouble is
-        # likely on our side of the network, where every head is out of reach) the restart
-        # backoff paces the moves, so an outage is not a tight loop between heads.
-        at_once = self.moves < self.count - 1
-        return replace(state, current=to, misses=0, moves=self.moves + 1), Move(to, why, at_once)
+        return state._go(to, why)
+
+    def _go(self, to: int, why: str, at_once: bool | None = None) -> tuple[Heads, Move]:
+        # The first visit to each other head is at once; after a whole round the restart
+        # backoff paces the moves, so trouble that follows the tunnel everywhere is not a
+        # tight loop between heads.
+        if at_once is None:
+            at_once = self.moves < self.count - 1
+        return replace(self, current=to, misses=0, moves=self.moves + 1), Move(to, why, at_once)
+
+    def _network_failed(self, failure: SessionFailure) -> tuple[Heads, Move | None]:
+        """No route, or no answer in time: this head, or our own side of the network?
+
+        Another head that has not failed so yet is tried at once. When every head
+        has (the campus side is cut off, most likely), the tunnel goes back to the
+        head it was last up on and waits there: the compute nodes' hops are still
+        on that head, and a tunnel that came back on another would leave them
+        knocking at a port nobody forwards.
+        """
+        state = replace(self, out_of_reach=self.out_of_reach | {self.current})
+        for step in range(1, self.count):
+            index = (self.current + step) % self.count
+            if index not in state.refused_for_good and index not in state.out_of_reach:
+                return state._go(index, failure.message, at_once=True)
+        home = self.last_up
+        if home == self.current or home in state.refused_for_good:
+            return state, None
+        return state._go(
+            home, f"{failure.message}; every head is out of reach: back to {home}", at_once=False
+        )
 
     def next_head(self) -> int | None:
         """The next head in order that has not refused for good, or None when none is left."""
