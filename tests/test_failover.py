@@ -9,6 +9,9 @@ session on it are stopped while tasks run.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -36,6 +39,33 @@ def test_the_first_head_stopping_moves_the_tunnel_and_the_workers_to_the_second(
         seen = stop_first_head(lab, app, workers_within=15)
         assert (seen["moved"]["left"], seen["moved"]["to"]) == ("headnode", HEAD2_ALIAS), seen
         assert app.snapshot().masters[0].tunnel.via == HEAD2_ALIAS
+        app.wait_done(TASKS, 300)
+        assert sorted(app.results, key=int) == [str(i) for i in range(TASKS)]
+        for tag, outputs in app.results.items():
+            assert outputs == [f"out-{tag}"], (tag, outputs)
+
+
+def test_with_the_campus_side_cut_off_the_tunnel_comes_back_on_the_head_its_workers_use(two_heads):
+    """Campus link down and the tunnel's ssh killed: both heads out of reach; after the heal the tunnel is
+    up on headnode again, where the node hops still are, and every task comes back once."""
+    lab = two_heads
+    with two_head_run(lab, TASKS) as app:
+        pid = app.snapshot().masters[0].tunnel.ssh_pid
+        assert pid is not None
+        cut = time.time()
+        lab.link_down()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            # The other head is tried at once, then it goes back to the head it was up on...
+            app.wait_for(lambda: len(app.named("tunnel.moved", cut)) >= 2, 60, "two moves")
+            time.sleep(10)  # ...and waits there, however long the cut lasts
+        finally:
+            lab.link_up()
+        moves = app.named("tunnel.moved", cut)
+        assert [m["to"] for m in moves] == [HEAD2_ALIAS, "headnode"], moves
+        assert "every head is out of reach" in moves[1]["why"], moves
+        app.wait_event("tunnel.up", 60, after=cut)
+        assert app.snapshot().masters[0].tunnel.via == "headnode"
         app.wait_done(TASKS, 300)
         assert sorted(app.results, key=int) == [str(i) for i in range(TASKS)]
         for tag, outputs in app.results.items():
