@@ -97,21 +97,19 @@ class Heads:
         knocking at a port nobody forwards.
         """
         state = replace(self, out_of_reach=self.out_of_reach | {self.current})
-        for step in range(1, self.count):
-            index = (self.current + step) % self.count
-            if index not in state.refused_for_good and index not in state.out_of_reach:
-                return state._go(index, failure.message, at_once=True)
+        other = state.next_head(skipping=state.out_of_reach)
+        if other is not None:
+            return state._go(other, failure.message, at_once=True)
         home = self.last_up
         if home == self.current or home in state.refused_for_good:
             return state, None
-        return state._go(
-            home, f"{failure.message}; every head is out of reach: back to {home}", at_once=False
-        )
+        why = f"{failure.message}; every head is out of reach: back to the head it was last up on"
+        return state._go(home, why, at_once=False)
 
-    def next_head(self) -> int | None:
-        """The next head in order that has not refused for good, or None when none is left."""
+    def next_head(self, skipping: frozenset[int] = frozenset()) -> int | None:
+        """The next head in order that has not refused for good (nor is in ``skipping``), or None."""
         for step in range(1, self.count):
             index = (self.current + step) % self.count
-            if index not in self.refused_for_good:
+            if index not in self.refused_for_good and index not in skipping:
                 return index
         return None

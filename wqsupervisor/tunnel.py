@@ -158,9 +158,7 @@ class Tunnel:
         self._quick_retries = 0
         self._told_off = False
         self._prover = ForwardProver(master, direct_probe, credentials)
-        self._port = RemotePort(
-            target, sessions, self._prover, options.remote_port, on_reclaimed=self._reclaimed
-        )
+        self._port = self._remote_port()
         # Every head node it may use, in order (see wqsupervisor.heads); it is on the first.
         self._heads = [(target, sessions), *fallbacks]
         self._on = Heads(len(self._heads))
@@ -332,13 +330,17 @@ class Tunnel:
             if self._closing.is_set() or self._state is not TunnelState.FAILED:
                 self._closed()
 
-    async def _move(self, move: Move) -> None:
-        """Go on to another head node: its transport, its remote port, a fresh restart backoff."""
-        left = self.target.destination
-        self.target, self._sessions = self._heads[move.to]
-        self._port = RemotePort(
+    def _remote_port(self) -> RemotePort:
+        """The remote port's keeper on the head node the tunnel is on."""
+        return RemotePort(
             self.target, self._sessions, self._prover, self.options.remote_port, on_reclaimed=self._reclaimed
         )
+
+    async def _move(self, move: Move) -> None:
+        """Go on to another head node: its transport and its remote port (the restart backoff carries on)."""
+        left = self.target.destination
+        self.target, self._sessions = self._heads[move.to]
+        self._port = self._remote_port()
         self._emit(TunnelMoved, left=left, to=self.target.destination, why=move.why)
         if move.to not in self._prepared:
             await self._sessions.prepare(self._rundir, str(self.master.port))

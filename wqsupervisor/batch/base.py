@@ -29,6 +29,7 @@ from ..errors import WQSupervisorError
 from ..launcher import NodeLauncher
 from ..openssh import remote_argv
 from ..target import SshTarget
+from .control import ControlConnection
 
 
 class JobState(enum.Enum):
@@ -159,26 +160,31 @@ class SshRunner(Runner):
         control: str | None = None,
         others: Sequence[SshTarget] = (),
     ) -> None:
-        from .control import ControlConnection
-
         self.heads = [target, *others]
-        self.target = target
         self.env = dict(env or {})
         self._controls = [
             ControlConnection(head, f"{control}.{i}" if i else control) if control else None
             for i, head in enumerate(self.heads)
         ]
-        self.control = self._controls[0]
+        self._at = 0
+
+    @property
+    def target(self) -> SshTarget:
+        """The head node the commands go to now."""
+        return self.heads[self._at]
+
+    @property
+    def control(self) -> ControlConnection | None:
+        """That head node's control connection, if commands share one."""
+        return self._controls[self._at]
 
     async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
         """Run ``argv`` on the head node (a login shell is not needed, nor started)."""
         done = await self._run_here(argv, input, timeout)
-        at = self.heads.index(self.target)
-        for step in range(1, len(self.heads)):
+        for _ in range(1, len(self.heads)):
             if done.returncode != SSH_FAILED:
                 break
-            index = (at + step) % len(self.heads)
-            self.target, self.control = self.heads[index], self._controls[index]
+            self._at = (self._at + 1) % len(self.heads)
             done = await self._run_here(argv, input, timeout)
         return done
 

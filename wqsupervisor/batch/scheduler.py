@@ -84,6 +84,13 @@ def unreachable(done: Completed, program: str) -> str | None:
     return None
 
 
+def never_reached(done: Completed, program: str) -> None:
+    """Raise :class:`Unavailable` when a submission never reached the scheduler (see :func:`unreachable`)."""
+    reason = unreachable(done, program)
+    if reason is not None:
+        raise Unavailable(f"cannot submit: {reason}", UNAVAILABLE_HINT)
+
+
 def read_submissions(stdout: str) -> tuple[bool, list[str]]:
     """Read a batched submission's output: was the script written, and each accepted submission's output."""
     lines = stdout.splitlines()
@@ -196,9 +203,7 @@ class Scheduler(BatchSystem):
         """Run a submission: :class:`Unavailable` if it never reached the scheduler,
         :class:`SubmitError` with the scheduler's words (after ``refused``) if it refused."""
         done = await self.runner.run(argv)
-        reason = unreachable(done, argv[0])
-        if reason is not None:
-            raise Unavailable(f"cannot submit: {reason}", UNAVAILABLE_HINT)
+        never_reached(done, argv[0])
         if done.returncode != 0:
             raise SubmitError(f"{refused}: {done.error_text}", hint)
         return done
@@ -243,9 +248,7 @@ class Scheduler(BatchSystem):
         """The ids of what the batched submission accepted, or why it accepted nothing."""
         written, outputs = read_submissions(done.stdout)
         if not written:
-            reason = unreachable(done, program)
-            if reason is not None:
-                raise Unavailable(f"cannot submit: {reason}", UNAVAILABLE_HINT)
+            never_reached(done, program)
             raise SubmitError(f"cannot write the job script: {done.error_text}")
         ids: list[str] = []
         for output in outputs:
@@ -254,9 +257,7 @@ class Scheduler(BatchSystem):
             except ValueError as exc:
                 raise SubmitError(str(exc)) from None
         if done.returncode != 0 and not ids:
-            reason = unreachable(done, program)
-            if reason is not None:
-                raise Unavailable(f"cannot submit: {reason}", UNAVAILABLE_HINT)
+            never_reached(done, program)
             raise SubmitError(f"{program} refused the worker job: {done.error_text}", hint)
         if done.returncode != 0:
             get_logger().info(
