@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import stat
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from wqsupervisor import jobs
 from wqsupervisor.batch.base import BatchOptions, LocalRunner, SshRunner, SubmitError
 from wqsupervisor.batch.pbs import Pbs
+from wqsupervisor.config import settings_from_kwargs
 from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.process import pid_alive
 
@@ -235,3 +238,21 @@ def test_a_head_that_cannot_be_reached_hands_the_commands_to_the_next_and_they_s
         assert not list(tmp_path.glob("batch.sock*")), "a control socket was left"
 
     asyncio.run(scenario())
+
+
+def test_each_head_is_asked_its_own_name_for_the_compute_nodes(head, tmp_path):
+    """The first head down: its name stays the one it was given, and the second answers with its own.
+
+    (Asked through the runner, which moves on when a head cannot be reached, the first would
+    have answered with the second's name, and the node hops would never try the first again.)
+    """
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host deadhead\\n    HostName 127.0.0.1\\n    Port {free_port()}\\n\\n" + head.ssh_config.read_text()
+    )
+    settings = settings_from_kwargs(
+        {"via": ["deadhead", "headnode"]}, base=head.settings(remote_port=free_port())
+    ).replace(ssh_config=str(config))
+    assert asyncio.run(jobs._node_names(settings)) == ["deadhead", socket.gethostname()]
+    given = settings.replace(node_via="login1.internal")
+    assert asyncio.run(jobs._node_names(given)) == ["login1.internal", socket.gethostname()]

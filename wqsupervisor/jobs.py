@@ -440,15 +440,18 @@ async def build_tracker(
         env=dict(settings.batch_env),
     )
     system = system_class(name)(runner, options)
+    also: tuple[str, ...] = ()
     if name == "local":
         # Workers on this machine need no tunnel: they go to the master's own port.
         via, port = None, master_port
     elif name == "ssh" or (name == "factory" and settings.factory_type == "local"):
         # Workers on the head node itself reach the remote port on its loopback.
         via, port = None, remote_port
+    elif settings.also_via:
+        (via, *others), port = await _node_names(settings), remote_port
+        also = tuple(others)
     else:
         via, port = settings.node_via or await _head_hostname(runner), remote_port
-    also = () if via is None else settings.also_node_via or await _other_hostnames(settings)
     launcher = NodeLauncher(
         remote_port=port,
         via=via,
@@ -482,15 +485,24 @@ async def build_tracker(
     )
 
 
-async def _other_hostnames(settings: Settings) -> tuple[str, ...]:
-    """What compute nodes call the other head nodes: each one's own name, or the name given for it."""
+async def _node_names(settings: Settings) -> list[str]:
+    """What compute nodes call each head node, in order: the name given for it (``node_via``,
+    ``also_node_via``), else its own hostname, else (it cannot be asked now) the name we reach it by.
+
+    Each head is asked on its own: through the runner, which moves on to the next head when one
+    cannot be reached, a first head that is down would answer with the second's name.
+    """
+    given = [settings.node_via, *settings.also_node_via]
     names = []
-    for target in settings.ssh_targets()[1:]:
-        try:
-            names.append(await _head_hostname(SshRunner(target)))
-        except SubmitError:
-            names.append(target.host)  # not reachable now: the name it was given
-    return tuple(names)
+    for i, target in enumerate(settings.ssh_targets()):
+        name = given[i] if i < len(given) else None
+        if not name:
+            try:
+                name = await _head_hostname(SshRunner(target))
+            except SubmitError:
+                name = target.host
+        names.append(name)
+    return names
 
 
 async def _head_hostname(runner: Runner) -> str:
