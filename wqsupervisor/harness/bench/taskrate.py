@@ -175,7 +175,7 @@ def run(
     return out
 
 
-def _input_files(folder: str, sizes: Sequence[tuple[str, int, int]]) -> dict[str, str | None]:
+def input_files(folder: str, sizes: Sequence[tuple[str, int, int]]) -> dict[str, str | None]:
     """One file per input size (sparse: the bytes the master sends are real, the disk reads are not)."""
     files: dict[str, str | None] = {}
     for label, nbytes, _ in sizes:
@@ -210,7 +210,7 @@ def run_sizes(
         label: {p: [] for p in paths} for label, _, _ in sizes
     }
     with tempfile.TemporaryDirectory(prefix="wqs-bench-inputs-") as folder, HeadNode() as head:
-        files = _input_files(folder, sizes)
+        files = input_files(folder, sizes)
         for r in range(rounds):
             for kind in interleaved(paths, r):
                 with _connected(kind, head, n_workers, binding, pythonpath, worker_program) as master:

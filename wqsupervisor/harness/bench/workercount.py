@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from ..sandbox import ALIAS, HeadNode, workers
 from .master import MasterProcess
 from .netpaths import wait_listening
 from .report import compare, interleaved
-from .taskrate import MB, rates
+from .taskrate import MB, input_files, rates
 
 COUNTS = (2, 8, 32, 64)
 SIZES = (("empty", 0, 400), ("1 MB", MB, 100))
@@ -130,13 +131,7 @@ def run(
         n: {label: [] for label, _, _ in sizes} for n in counts
     }
     with tempfile.TemporaryDirectory(prefix="wqs-bench-inputs-") as folder, HeadNode() as head:
-        inputs: dict[str, str | None] = {}
-        for label, nbytes, _ in sizes:
-            inputs[label] = None
-            if nbytes:
-                path = inputs[label] = os.path.join(folder, f"input-{nbytes}")
-                with open(path, "wb") as fh:
-                    fh.truncate(nbytes)
+        inputs = input_files(folder, sizes)
         for n in counts:
             for r in range(rounds):
                 for kind in interleaved(PATHS, r):
@@ -169,8 +164,7 @@ def run(
             row: dict[str, Any] = {"workers": n, "inputs": label, "tasks": tasks, "paths": compared}
             if cost[n][label]:
                 row["cost"] = {
-                    key: sorted(c[key] for c in cost[n][label])[len(cost[n][label]) // 2]
-                    for key in cost[n][label][0]
+                    key: statistics.median_high(c[key] for c in cost[n][label]) for key in cost[n][label][0]
                 }
             out["table"].append(row)
     return out
