@@ -29,6 +29,8 @@ from .common import PACKAGE_ROOT, queue_status
 from .lab import CAMPUS, HEAD, NODE, Lab
 from .sandbox import debian_work_queue_path
 
+NODE_LOG_PREFIX = "node-launcher-"
+
 
 def _python_env() -> dict[str, str]:
     path = os.pathsep.join(
@@ -130,7 +132,11 @@ class CampusApp:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.proc.poll() is not None:
                     tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
-                    raise TimeoutError(f"waited {timeout} s for {what}; the application's stderr:\n{tail}")
+                    events = "\n".join(json.dumps(e, default=str) for e in self.events[-8:])
+                    raise TimeoutError(
+                        f"waited {timeout} s for {what}; the application's stderr:\n{tail}\n"
+                        f"its last events:\n{events}\n{node_logs(self.lab)}"
+                    )
                 self._cond.wait(min(left, 0.5))
             return value
 
@@ -264,14 +270,15 @@ def start_node_workers(
     idle_timeout: int = 600,
     cores: int = 1,
     extra: Sequence[str] = (),
+    via: str = "headnode",
     also_via: Sequence[str] = (),
 ) -> list[subprocess.Popen[Any]]:
-    """n node launchers on ``node``, each an ssh -L hop to the head (or to ``also_via``) and a worker."""
+    """n node launchers on ``node``, each an ssh -L hop to ``via`` (or to ``also_via``) and a worker."""
     from ..launcher import NodeLauncher
 
     launcher = NodeLauncher(
         remote_port=remote_port,
-        via="headnode",
+        via=via,
         also_via=tuple(also_via),
         ssh_args=["-F", str(lab.node_ssh_config)],
         idle_timeout=idle_timeout,
@@ -281,16 +288,22 @@ def start_node_workers(
         worker_args=tuple(extra),
     )
     script = launcher.write(lab.root / f"launch-{remote_port}.sh")
-    return [
-        lab.popen(
-            NODE,
-            ["sh", str(script)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(n)
-    ]
+    procs = []
+    for i in range(n):
+        # Each launcher's own log (its hops, their failures), quoted when a wait times out.
+        with open(lab.root / f"{NODE_LOG_PREFIX}{remote_port}-{i}.log", "ab") as log:
+            proc = lab.popen(NODE, ["sh", str(script)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        procs.append(proc)
+    return procs
+
+
+def node_logs(lab: Lab, chars: int = 600) -> str:
+    """The end of every node launcher's log in the lab, for a failure's message."""
+    parts = []
+    for path in sorted(lab.root.glob(f"{NODE_LOG_PREFIX}*.log")):
+        text = path.read_text(errors="replace")[-chars:]
+        parts.append(f"--- {path.name}:\n{text}")
+    return "\n".join(parts)
 
 
 # -- the campus-side application and a prober, run inside namespaces -----------------------
