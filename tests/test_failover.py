@@ -13,11 +13,13 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from wqsupervisor.harness.bench.failover import stop_first_head, two_head_run
-from wqsupervisor.harness.lab import HEAD2_ALIAS, Lab
+from wqsupervisor.harness.bench.failover import REMOTE_PORT, stop_first_head, two_head_run
+from wqsupervisor.harness.lab import HEAD2_ALIAS, NODE, Lab
+from wqsupervisor.harness.labapps import CampusApp, node_logs, start_node_workers
 
 from support import root_lab
 
@@ -70,3 +72,32 @@ def test_with_the_campus_side_cut_off_the_tunnel_comes_back_on_the_head_its_work
         assert sorted(app.results, key=int) == [str(i) for i in range(TASKS)]
         for tag, outputs in app.results.items():
             assert outputs == [f"out-{tag}"], (tag, outputs)
+
+
+def test_a_hop_to_a_head_without_the_tunnel_moves_to_the_head_with_it(two_heads):
+    """The tunnel is on headnode only; a launcher that tries headnode2 first gets a hop there (its sshd
+    answers) but the master's port behind it refuses the worker: the hop moves on, every task done."""
+    lab = two_heads
+    app = CampusApp(lab, REMOTE_PORT, {"via": "headnode"})
+    launchers = []
+    try:
+        app.wait_event("tunnel.up", 60)
+        launchers = start_node_workers(lab, REMOTE_PORT, via=HEAD2_ALIAS, also_via=("headnode",))
+        app.submit(20, "echo out-{i}")
+        app.wait_done(20, 120)
+        assert sorted(app.results, key=int) == [str(i) for i in range(20)]
+        log = node_logs(lab, chars=100_000)
+        assert f"-> {HEAD2_ALIAS}:127.0.0.1:{REMOTE_PORT}" in log, log
+        assert f"hop to {HEAD2_ALIAS}: the master's port there refused the worker" in log, log
+    finally:
+        app.close()
+        for proc in launchers:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+    deadline = time.monotonic() + 10
+    while lab.pids(NODE) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = lab.pids(NODE)
+    assert not left, (
+        f"something outlived the node launcher: {[Path(f'/proc/{p}/cmdline').read_bytes() for p in left]}"
+    )

@@ -41,6 +41,8 @@ REMOTE_PORT=%(remote_port)d
 LOCAL_PORT=%(local_port)d
 HOP=%(hop)d
 IDLE=%(idle)d
+MAX_BACKOFF=%(max_backoff)d
+REFUSED_MOVE=%(refused_move)d
 
 log() { printf '%%s wqs-node[%%s]: %%s\n' "$(date '+%%H:%%M:%%S')" "$$" "$*" >&2; }
 
@@ -52,6 +54,8 @@ done
 set -f  # no globbing from here on: the head nodes below are words
 HEADS=%(heads)s
 head=${HEADS%%%% *}
+MANY_HEADS=0
+[ "$head" != "$HEADS" ] && MANY_HEADS=1
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/wqs-node.XXXXXX") || { log "cannot create a temporary directory"; exit 1; }
 echo $$ >"$tmp/owner.pid"
 hop_loop_pid=
@@ -73,8 +77,9 @@ trap 'exit 129' HUP
 
 hop() {
     # $1: local port. The remote command says when the session runs, then waits on a
-    # FIFO that only this script holds open, so it ends with the script.
-    %(ssh)s %(hop_options)s \
+    # FIFO that only this script holds open, so it ends with the script. exec: the
+    # background job's pid is ssh's own, so killing it ends the hop.
+    exec %(ssh)s %(hop_options)s \
         -L "127.0.0.1:$1:127.0.0.1:$REMOTE_PORT" %(ssh_args)s "$head" %(hop_command)s \
         <"$tmp/keep" >"$tmp/hop.out" 2>"$tmp/hop.err"
 }
@@ -91,7 +96,16 @@ start_hop() {
         sleep 0.02
         i=$((i + 1))
     done
+    stop_hop
     return 1
+}
+
+stop_hop() {
+    # End the current hop and wait (at most 5 s) until its local port is free again.
+    pid=$(cat "$tmp/hop.pid" 2>/dev/null) || return 0
+    kill "$pid" 2>/dev/null || return 0
+    i=0
+    while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
 }
 
 next_head() {
@@ -119,12 +133,43 @@ some_hop() {
     return 1
 }
 
+refused_too_long() {
+    # With other heads to go to: 0 once the master's port behind this hop has refused the
+    # worker (ssh's "open failed") for REFUSED_MOVE s on end: the tunnel is no longer on this
+    # head, though its sshd still answers. A pause of a few s in the refusals means the
+    # worker got through, and the count starts again. Called once a second.
+    [ "$MANY_HEADS" = 1 ] || return 1
+    now=$(date +%%s)
+    n=$(grep -c 'open failed' "$tmp/hop.err" 2>/dev/null) || n=0
+    if [ "$n" -gt "$refused" ]; then
+        refused=$n
+        last_refused=$now
+        [ -z "$refused_since" ] && refused_since=$now
+    elif [ -n "$last_refused" ] && [ $((now - last_refused)) -gt $((MAX_BACKOFF + 3)) ]; then
+        refused_since=
+        last_refused=
+    fi
+    [ -n "$refused_since" ] && [ $((now - refused_since)) -ge $REFUSED_MOVE ]
+}
+
 hop_loop() {
     delay=1
     while :; do
         wait_pid=$(cat "$tmp/hop.pid")
         started=$(date +%%s)
-        while kill -0 "$wait_pid" 2>/dev/null; do sleep 1; done
+        refused=0
+        refused_since=
+        last_refused=
+        while kill -0 "$wait_pid" 2>/dev/null; do
+            sleep 1
+            refused_too_long || continue
+            log "hop to $head: the master's port there refused the worker" \
+                "for $((now - refused_since))s; moving on"
+            stop_hop
+            next_head
+            some_hop "$port" || log "hop restart failed: $(tail -n 1 "$tmp/hop.err" 2>/dev/null)"
+            continue 2
+        done
         lived=$(( $(date +%%s) - started ))
         [ "$lived" -ge 30 ] && delay=1
         why=$(tail -n 1 "$tmp/hop.err" 2>/dev/null)
@@ -172,7 +217,7 @@ if [ %(measure_disk)d = 1 ]; then
         *) [ "$free" -ge 2 ] && disk_arg="--disk=$((free / 2))" ;;
     esac
 fi
-%(worker)s --parent-death --min-backoff 1 --max-backoff %(max_backoff)d -t "$IDLE" $disk_arg %(worker_args)s \
+%(worker)s --parent-death --min-backoff 1 --max-backoff "$MAX_BACKOFF" -t "$IDLE" $disk_arg %(worker_args)s \
     127.0.0.1 "$target_port" &
 worker_pid=$!
 wait "$worker_pid"
@@ -185,10 +230,15 @@ exit $status
 
 # The hop's ssh: a session (for TCP_NODELAY), a broken hop that exits instead of hanging, never
 # someone else's master connection. The remote command says when the session runs, then waits.
+# LogLevel INFO whatever the user's config says: a forward the head refuses ("channel N: open
+# failed") is logged at that level, and the launcher counts those lines to leave a head the
+# tunnel is no longer on.
 HOP_OPTIONS = (
     "-T",
     "-o",
     "BatchMode=yes",
+    "-o",
+    "LogLevel=INFO",
     "-o",
     "ExitOnForwardFailure=yes",
     "-o",
@@ -237,6 +287,9 @@ class NodeLauncher:
     disk_mb: int | None = None
     idle_timeout: int = 900
     max_backoff: int = 2
+    refused_move: int = 10
+    """With other head nodes: seconds of refusals from the master's port behind the hop before
+    the hop moves to the next head (the tunnel left this head while its sshd still answers)."""
     ssl: bool = False
     worker_args: Sequence[str] = field(default_factory=tuple)
 
@@ -277,6 +330,7 @@ class NodeLauncher:
             "worker": shlex.quote(self.worker),
             "worker_args": " ".join(shlex.quote(a) for a in self._worker_args()),
             "max_backoff": self.max_backoff,
+            "refused_move": self.refused_move,
             "measure_disk": 1 if self.disk_mb is None else 0,
         }
 
