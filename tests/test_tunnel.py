@@ -420,7 +420,8 @@ def test_direct_session_forwards_pings_probes_and_leaves_nothing(head, master, r
                     assert any(t.name.startswith("wqs-paramiko") for t in threading.enumerate())
             finally:
                 code = await session.close()
-            assert code is not None and code != 0
+            # A resumable session asks its head relay to end, and ssh ends with it (0); the others are stopped.
+            assert code == 0 if backend == "resumable" else code is not None and code != 0, code
             assert not session.running
             assert not [t for t in threading.enumerate() if t.name.startswith("wqs-paramiko")]
 

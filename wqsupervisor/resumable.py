@@ -18,6 +18,7 @@ why resumption is off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import socket
@@ -167,7 +168,11 @@ class ResumableSession(OpenSSHSession):
 
     async def _close(self, grace: float) -> int | None:
         if self.running and self._current:
-            await self.peer.shutdown()
+            if await self.peer.shutdown():
+                # The relay said goodbye and exits: ssh follows with its status 0, unless it
+                # is signalled first (the exit code would depend on who won).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.exited(), grace)
         else:
             await self.peer.close()
         try:
