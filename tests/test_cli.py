@@ -15,7 +15,16 @@ import pytest
 
 from wqsupervisor.process import pid_alive
 
-from support import REPO, free_port, head_argv, listening, processes_matching, python_env, wait_for
+from support import (
+    REPO,
+    debian_work_queue_path,
+    free_port,
+    head_argv,
+    listening,
+    processes_matching,
+    python_env,
+    wait_for,
+)
 
 SQUARES = str(REPO / "examples" / "squares.py")
 
@@ -349,3 +358,32 @@ def test_run_names_a_master_port_in_a_child_it_cannot_wrap(head, remote_port, tm
     assert "work_queue_serv (pid " in said[0] and f"on port {port}" in said[0], said[0]
     assert "python -m wqsupervisor attach --master-port" in said[0], said[0]
     assert "no master was created" in res.stderr.strip().splitlines()[-1]
+
+
+_IMPORTS_WORK_QUEUE = """\
+import work_queue
+q = work_queue.WorkQueue(0)
+for i in range(6):
+    q.submit(work_queue.Task(f"echo wq-{i}"))
+out = []
+while not q.empty():
+    t = q.wait(5)
+    if t:
+        out.append(t.output.strip())
+print(",".join(sorted(out)))
+"""
+
+
+def test_run_supervises_a_script_that_imports_the_binding_itself(head, remote_port, tmp_path):
+    """A script whose first import is the Work Queue binding (Debian's work_queue): the import hook
+    patches it once (two hooks used to call each other without end), local workers run every task."""
+    script = tmp_path / "imports.py"
+    script.write_text(_IMPORTS_WORK_QUEUE)
+    argv = _run_args(head, remote_port, "--workers", "local", "--max-workers", "2", str(script))
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env=python_env(debian_work_queue_path()), timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == ",".join(sorted(f"wq-{i}" for i in range(6)))
+    assert "RecursionError" not in done.stderr
+    assert f"tunnel headnode:{remote_port} closed" in done.stderr, done.stderr

@@ -32,6 +32,8 @@ from .errors import WQSupervisorError
 from .supervisor import ENGINE_ENV, Supervisor
 
 SETTINGS_ENV = "WQSUPERVISOR_RUN_SETTINGS"
+BOOTSTRAP = "import sys; from wqsupervisor._bootstrap import main; main(sys.argv[1:])"
+"""The script process's ``python -c`` program: :func:`main` of this very module."""
 _TARGETS = {
     "ndcctools.work_queue": "WorkQueue",
     "work_queue": "WorkQueue",
@@ -75,6 +77,8 @@ class _Loader(importlib.abc.Loader):
 class _Finder(importlib.abc.MetaPathFinder):
     """Wraps the loader of the master modules so they are patched once loaded."""
 
+    wqsupervisor_hook = True
+
     def __init__(self, engine: str, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
@@ -85,7 +89,8 @@ class _Finder(importlib.abc.MetaPathFinder):
         if fullname not in _TARGETS:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            # Never another hook of ours (from another copy of this module): each would ask the other.
+            if getattr(finder, "wqsupervisor_hook", False) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
@@ -99,7 +104,7 @@ def install(engine: str, settings: Settings) -> None:
     for name in _TARGETS:
         if name in sys.modules:
             _patch(sys.modules[name], engine, settings)
-    if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
+    if not any(getattr(finder, "wqsupervisor_hook", False) for finder in sys.meta_path):
         sys.meta_path.insert(0, _Finder(engine, settings))
 
 

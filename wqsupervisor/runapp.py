@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._bootstrap import SETTINGS_ENV, follow_directory
+from ._bootstrap import BOOTSTRAP, SETTINGS_ENV, follow_directory
 from .children import listening_descendants
 from .config import Settings
 from .engine import Engine
@@ -189,8 +189,11 @@ def run_script(
         package_root = str(Path(__file__).resolve().parent.parent)
         follow = follow_directory(str(Path(host.socket_path).parent))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (follow, package_root, env.get("PYTHONPATH")) if p)
-        # The script dies with this process, SIGKILL included, as if `run` had exec'd it.
-        argv = owned_argv([sys.executable, "-m", "wqsupervisor._bootstrap", str(path), *args], "KILL")
+        # The script dies with this process, SIGKILL included, as if `run` had exec'd it. Not
+        # `-m wqsupervisor._bootstrap`: that runs a second copy of the module as __main__ beside
+        # the one the children's sitecustomize imports here too, and two import hooks then
+        # called each other without end on the script's first `import work_queue`.
+        argv = owned_argv([sys.executable, "-c", BOOTSTRAP, str(path), *args], "KILL")
         if live is None:
             child = subprocess.Popen(argv, env=env)
         else:
