@@ -2,7 +2,8 @@
 
 Before the script starts, an import hook wraps ``WorkQueue.__init__`` of
 ``ndcctools.work_queue``, Debian's ``work_queue`` and
-:class:`wqsupervisor.wqserver.WorkQueueServer`, so that every master the script
+:class:`wqsupervisor.wqserver.WorkQueueServer`, and ``Manager.__init__`` of
+``ndcctools.taskvine``, so that every master the script
 creates gets a supervisor from the parent's engine. Nothing else of the
 master changes.
 
@@ -38,6 +39,8 @@ _TARGETS = {
     "ndcctools.work_queue": "WorkQueue",
     "work_queue": "WorkQueue",
     "wqsupervisor.wqserver": "WorkQueueServer",
+    # TaskVine's Manager, where it is defined (ndcctools.taskvine re-exports the same class).
+    "ndcctools.taskvine.manager": "Manager",
 }
 _supervisors: list[Supervisor] = []
 

@@ -3,7 +3,7 @@
 Whatever started the master (Makeflow's ``-T wq``, Parsl, a C program, a
 script in another process), the supervisor needs only its port: the tunnel
 runs exactly as for ``run``, the master is watched through its own status
-protocol (worker counts and backlog from its ``queue_status`` answers), and
+protocol (worker counts and backlog from its status answers), and
 workers are scaled from those counts. What it cannot do without the master
 object: set the master's ``short-timeout`` (see :data:`HELP`).
 """
@@ -21,6 +21,7 @@ from typing import Any
 from .config import Settings
 from .engine import credentials_for
 from .errors import AuthenticationFailed, ConfigError, ProtocolError
+from .kinds import ANY_LABEL, WORK_QUEUE, kind_of_status
 from .master import MasterInfo
 from .passwords import AUTO
 from .runapp import EngineThread, StartWatch, summary_line
@@ -31,8 +32,10 @@ from .wqproto import request_status
 GONE_AFTER = 10.0
 
 HELP = (
-    "Supervise a Work Queue master that is already listening on --master-port, whatever started it "
-    "(Makeflow -T wq, Parsl, a C master, a script in another process): the tunnel, the workers and "
+    "Supervise a Work Queue master or a TaskVine manager that is already listening on --master-port, "
+    "whatever started it (Makeflow -T wq, Parsl, a C master, a script in another process; which kind "
+    "it is, its status answer says, and the workers follow: work_queue_worker or vine_worker): the "
+    "tunnel, the workers and "
     "their jobs, as 'run' does, until Ctrl-C or SIGTERM (or, with --until-master-exits, until the "
     "master has stopped listening for 10 s). What differs from 'run': the supervisor holds no master "
     "object, so it cannot raise the master's short-timeout (5 s of its own), and a worker whose answer "
@@ -71,13 +74,17 @@ def identify(port: int, settings: Settings, timeout: float = 5.0) -> MasterInfo:
         ) from None
     except ProtocolError as exc:
         raise ConfigError(
-            f"port {port} is not a Work Queue master: {exc}", "give the master's port with --master-port"
+            f"port {port} is not a {ANY_LABEL}: {exc}", "give the master's port with --master-port"
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot reach port {port}: {exc}", "check --master-port") from None
     entry = next((e for e in reply if isinstance(e, dict)), {})
     name = entry.get("project") or entry.get("name")
-    return MasterInfo(port=port, name=str(name) if name else None, password_file=settings.password_file)
+    # A status without a type we know: an older Work Queue master, most likely.
+    kind = kind_of_status(entry) or WORK_QUEUE
+    return MasterInfo(
+        port=port, name=str(name) if name else None, password_file=settings.password_file, kind=kind.name
+    )
 
 
 def _listening(port: int) -> bool:

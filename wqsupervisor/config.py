@@ -144,7 +144,12 @@ class Settings:
     worker_cores: int = _setting(1, "cores each worker offers and each job asks for", metavar="N")
     worker_memory: int | None = _setting(None, "memory per worker in MB", metavar="MB")
     worker_disk: int | None = _setting(None, "disk per worker in MB", metavar="MB")
-    worker_program: str = _setting("work_queue_worker", "the worker program on the nodes", metavar="PATH")
+    worker_program: str | None = _setting(
+        None,
+        "the worker program on the nodes (default: the master's own kind of worker: work_queue_worker, "
+        "or vine_worker for a TaskVine manager)",
+        metavar="PATH",
+    )
     node_via: str | None = _setting(
         None,
         "how compute nodes reach the head node for their hop (default: its own hostname)",

@@ -5,7 +5,7 @@ so nothing that must react in time can live in the application's process.
 The engine runs in its own process (the agent, for the drop-in wrapper) or in
 the ``python -m wqsupervisor run`` parent, on one asyncio loop. For every
 attached master it runs a :class:`~wqsupervisor.tunnel.Tunnel` and a stats
-sampler that asks the master's own port for ``queue_status``.
+sampler that asks the master's own port for its status (``resources_status``).
 
 Handles talk to it over a unix socket in the control protocol of
 :mod:`wqsupervisor.protocol`; the engine answers each request and pushes
@@ -32,6 +32,7 @@ from .config import Settings
 from .errors import WQSupervisorError
 from .events import Event, JobSubmitFailed, MasterUnreachable, TunnelDown
 from .jobs import FactoryTracker, JobTracker, build_tracker
+from .kinds import kind_named
 from .lifecycle import TunnelState
 from .master import MasterInfo, MasterStats
 from .passwords import read_password
@@ -227,6 +228,7 @@ class Engine:
                 source=f"workers:{sup.settings.workers}",
                 clock=self.clock,
                 rundir=self.rundir,
+                kind=kind_named(sup.master.kind),
             )
         except WQSupervisorError as exc:
             emit(

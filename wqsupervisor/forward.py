@@ -64,7 +64,7 @@ class ForwardProver:
             pause = min(pause * 2, 0.25)
 
     async def check(self, session: Session, timeout: float = 2.0) -> ForwardCheck:
-        """Send ``queue_status`` into the head's remote port, and to the master directly.
+        """Ask for the master's status through the head's remote port, and on the master's own port.
 
         No answer through the head while the master answers here means the
         forward is lost; no answer from either means the application is

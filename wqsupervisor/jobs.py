@@ -39,6 +39,7 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import WQSupervisorError
 from .events import Event, JobsCancelled, JobsSubmitted, JobStateChanged, JobSubmitFailed
+from .kinds import WORK_QUEUE, MasterKind
 from .launcher import NodeLauncher
 from .logs import get_logger
 from .master import MasterStats
@@ -407,11 +408,13 @@ async def build_tracker(
     source: str,
     clock: Clock,
     rundir: str | None = None,
+    kind: MasterKind = WORK_QUEUE,
 ) -> JobTracker | FactoryTracker:
     """The tracker for ``settings.workers``, with its runner and the launcher its jobs run.
 
     With ``rundir`` (private), the scheduler's commands share one ssh
-    connection of their own, its socket there.
+    connection of their own, its socket there. ``kind`` (the master's) names
+    the worker program unless the settings do, and the factory.
     """
     from .batch import system_class
     from .batch.factory import Factory
@@ -457,7 +460,7 @@ async def build_tracker(
         via=via,
         also_via=also,
         ssh_args=tuple(shlex.split(settings.node_ssh_args or "")),
-        worker=settings.worker_program,
+        worker=settings.worker_program or kind.worker,
         cores=settings.worker_cores,
         memory_mb=settings.worker_memory,
         disk_mb=settings.worker_disk,
@@ -466,6 +469,7 @@ async def build_tracker(
     )
     password = read_password(settings.password_file) if settings.password_file else None
     if isinstance(system, Factory):
+        system.program = kind.factory
         system.batch_type = settings.factory_type
         system.min_workers, system.max_workers = settings.min_workers, settings.max_workers
         system.idle_timeout = launcher.idle_timeout

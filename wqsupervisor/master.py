@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import MasterError
+from .kinds import WORK_QUEUE, kind_named, kind_of_object
 
 
 @runtime_checkable
@@ -94,7 +95,7 @@ class MasterIdentity:
 
     @classmethod
     def from_status(cls, entry: Mapping[str, Any]) -> MasterIdentity:
-        """Read the identity from a ``queue_status`` reply entry."""
+        """Read the identity from a status reply entry."""
         started = entry.get("time_when_started", entry.get("starttime"))
         return cls(
             port=int(entry.get("port", 0)),
@@ -124,6 +125,8 @@ class MasterInfo:
     password_file: str | None = None
     pid: int | None = None
     reply_timeout: int | None = None
+    kind: str = WORK_QUEUE.name
+    """Which kind of master (:mod:`wqsupervisor.kinds`): its workers' program and factory follow."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
@@ -138,6 +141,7 @@ class MasterInfo:
             password_file=data.get("password_file"),
             pid=data.get("pid"),
             reply_timeout=data.get("reply_timeout"),
+            kind=kind_named(data.get("kind", WORK_QUEUE.name)).name,
         )
 
 
@@ -148,7 +152,8 @@ def describe(master: Any) -> MasterInfo:
     except AttributeError:
         raise MasterError(
             f"{type(master).__name__} has no 'port' attribute",
-            "pass a Work Queue master (ndcctools.work_queue.WorkQueue or WorkQueueServer)",
+            "pass a Work Queue master (ndcctools.work_queue.WorkQueue or WorkQueueServer) "
+            "or a TaskVine manager (ndcctools.taskvine.Manager)",
         ) from None
     if callable(port):
         port = port()
@@ -160,7 +165,9 @@ def describe(master: Any) -> MasterInfo:
     name = getattr(master, "name", None)
     if callable(name):
         name = name()
-    return MasterInfo(port=port, name=name if isinstance(name, str) and name else None)
+    return MasterInfo(
+        port=port, name=name if isinstance(name, str) and name else None, kind=kind_of_object(master).name
+    )
 
 
 def read_stats(master: Any) -> MasterStats:

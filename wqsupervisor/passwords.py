@@ -121,7 +121,8 @@ def prepare(settings: Any, master: Any) -> Any:
     """Make sure the master has a password (or the user opted out); returns the settings to use.
 
     Creates the file when asked to, checks it, and sets it on the master with
-    ``specify_password_file``. Raises :class:`ConfigError` with what to do.
+    ``specify_password_file`` (``set_password_file`` on a TaskVine manager).
+    Raises :class:`ConfigError` with what to do.
     """
     path = settings.password_file
     if path is None:
@@ -141,12 +142,14 @@ def prepare(settings: Any, master: Any) -> Any:
     read_password(path)
     if master is None:
         return settings
-    if not hasattr(master, "specify_password_file"):
+    # Work Queue's name for it, then TaskVine's.
+    setter = getattr(master, "specify_password_file", None) or getattr(master, "set_password_file", None)
+    if not callable(setter):
         raise ConfigError(
             f"{type(master).__name__} cannot take a password",
-            "use a master that can (ndcctools' WorkQueue), or allow_no_password=True",
+            "use a master that can (ndcctools' WorkQueue or TaskVine Manager), or allow_no_password=True",
         )
-    accepted = master.specify_password_file(str(path))
+    accepted = setter(str(path))
     if accepted is not None and not accepted:
         raise ConfigError(f"the master refused password file {path}", "check that the file is readable")
     return settings.replace(password_file=str(Path(path).resolve()))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import privatedir
 from .errors import WQSupervisorError
+from .kinds import kind_named
 from .protocol import JOB_STATES, EngineClient, SupervisorSnapshot
 
 
@@ -80,6 +81,14 @@ def _ago(at: float | None, now: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def _kind_label(name: str) -> str:
+    """'Work Queue master' for work_queue; a kind this version does not know keeps its name."""
+    try:
+        return kind_named(name).label
+    except ValueError:
+        return name
+
+
 def format_text(snapshots: list[SupervisorSnapshot], now: float | None = None) -> str:
     """A human-readable report of the snapshots."""
     now = time.time() if now is None else now
@@ -94,7 +103,7 @@ def format_text(snapshots: list[SupervisorSnapshot], now: float | None = None) -
             t, w, k, master = entry.tunnel, entry.workers, entry.tasks, entry.master
             waits = master.reply_timeout
             lines.append(
-                f"  master port {master.port}"
+                f"  {_kind_label(master.kind)} port {master.port}"
                 + (f" ({master.name})" if master.name else "")
                 + (f", waits {waits} s for a worker's reply" if waits else "")
             )

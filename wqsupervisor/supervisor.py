@@ -78,6 +78,7 @@ class Supervisor:
             password_file=self.settings.password_file,
             pid=os.getpid(),
             reply_timeout=set_reply_timeout(master, self.settings.master_timeout),
+            kind=self.info.kind,
         )
         try:
             self._master: Callable[[], Any] = weakref.ref(master)

@@ -3,10 +3,13 @@
 * The password handshake of cctools' ``link_auth_password``: both sides send
   ``auth password sha1``, then a 64-character random cookie, then the hex SHA1
   of ``password + " " + peer's cookie``, then ``ok`` or ``failure``.
-* Status requests: ``queue_status``, ``worker_status`` or ``task_status`` on the
-  master's worker port, answered with a JSON array and end of file. This is
-  what ``work_queue_status HOST PORT`` does; the master serves it from inside
-  ``wait()``, so a master whose application is busy elsewhere does not answer.
+* Status requests on the master's worker port, answered with a JSON array
+  and end of file, as ``work_queue_status HOST PORT`` and ``vine_status`` ask.
+  The supervisor sends ``resources_status``, which a Work Queue master and a
+  TaskVine manager both answer with their own status (``queue_status`` and
+  ``manager_status`` are each known to one kind only; see
+  :mod:`wqsupervisor.kinds`). The master serves them from inside ``wait()``,
+  so a master whose application is busy elsewhere does not answer.
 
 The password is the password file's bytes as they are, trailing newline
 included, because that is what ``specify_password_file`` and the worker's
@@ -29,7 +32,9 @@ from .errors import AuthenticationFailed, ProtocolError
 
 AUTH_IDENT = b"auth password sha1"
 COOKIE_LENGTH = 64
-STATUS_REQUESTS = ("queue_status", "worker_status", "task_status")
+MASTER_STATUS = "resources_status"
+"""The master's own status, from a Work Queue master and a TaskVine manager alike."""
+STATUS_REQUESTS = (MASTER_STATUS, "queue_status", "manager_status", "worker_status", "task_status")
 _MAX_REPLY = 64 * 1024 * 1024
 _COOKIE_ALPHABET = string.ascii_letters + string.digits
 
@@ -114,7 +119,7 @@ NO_CREDENTIALS = Credentials()
 
 async def request_status(
     connect: Connector,
-    request: str = "queue_status",
+    request: str = MASTER_STATUS,
     *,
     credentials: Credentials = NO_CREDENTIALS,
     timeout: float = 3.0,

@@ -1,4 +1,5 @@
-"""cctools' ``work_queue_factory``, run on the head node and pointed at the forwarded port.
+"""cctools' ``work_queue_factory`` (``vine_factory`` for a TaskVine manager), run on the head node
+and pointed at the forwarded port.
 
 For people who already use the factory: it keeps its own worker count (its
 ``--min-workers``/``--max-workers``), asks the master for its backlog through
@@ -25,7 +26,7 @@ from .local import Processes
 
 _WRAPPER = """\
 #!/bin/sh
-# wqsupervisor: run work_queue_factory for as long as this ssh session lasts; its log beside this script.
+# wqsupervisor: run the factory for as long as this ssh session lasts; its log beside this script.
 exec 3<&0
 %(factory)s </dev/null >"$(dirname "$0")/factory.log" 2>&1 &
 factory=$!
@@ -38,6 +39,8 @@ class Factory(Processes):
     """One ``work_queue_factory`` on the head node (its "job" is the factory itself)."""
 
     name = "factory"
+    program = "work_queue_factory"
+    """vine_factory for a TaskVine manager (its flags used here are the same)."""
     batch_type = "local"
     min_workers = 0
     max_workers = 4
@@ -47,7 +50,7 @@ class Factory(Processes):
         """The factory's command line on the head node."""
         assert self.workdir is not None
         argv = [
-            "work_queue_factory",
+            self.program,
             "-T",
             self.batch_type,
             "--min-workers",

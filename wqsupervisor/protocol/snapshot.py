@@ -227,11 +227,15 @@ class MasterSummary:
     name: str | None = None
     pid: int | None = None
     reply_timeout: int | None = None
+    kind: str = "work_queue"
+    """``work_queue`` or ``taskvine`` (:mod:`wqsupervisor.kinds`)."""
 
     @classmethod
     def of(cls, info: MasterInfo) -> MasterSummary:
         """The summary of what a handle said (its password file stays out of status output)."""
-        return cls(port=info.port, name=info.name, pid=info.pid, reply_timeout=info.reply_timeout)
+        return cls(
+            port=info.port, name=info.name, pid=info.pid, reply_timeout=info.reply_timeout, kind=info.kind
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping."""

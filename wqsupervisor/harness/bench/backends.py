@@ -98,7 +98,7 @@ _SINK = textwrap.dedent(
                         return
                     left -= len(chunk)
                 conn.sendall(b"ok\\n")
-            elif words and words[0] == b"queue_status":
+            elif words and words[0] in (b"queue_status", b"resources_status"):
                 conn.sendall(STATUS)
             elif words:
                 conn.sendall(b"[]")

@@ -1,7 +1,7 @@
 """The two processes at the ends of every network path: a server posing as a master, and the load.
 
 :class:`Server` is a sink that counts bytes, an echo for round trips, and a
-``queue_status`` answer so that the supervisor accepts it as a master.
+status answer (``queue_status``, ``resources_status``) so that the supervisor accepts it as a master.
 :class:`Client` pushes bulk bytes and times round trips. Each runs in a process
 of its own, so that neither shares a GIL with the paramiko threads or the engine
 of the benchmark's process; ``python -m wqsupervisor.harness.bench.traffic
@@ -70,7 +70,7 @@ def _handle(conn: socket.socket, status: bytes) -> None:
             msg = memoryview(bytearray(int(words[1])))
             while _recv_exact(conn, msg):
                 conn.sendall(msg)
-        elif words[0] == b"queue_status":
+        elif words[0] in (b"queue_status", b"resources_status"):
             conn.sendall(status)
         else:
             conn.sendall(b"[]")

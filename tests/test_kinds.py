@@ -1,0 +1,117 @@
+"""Which kind of master: by its status reply's type, by its object's module; the programs that follow."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wqsupervisor.clock import SystemClock
+from wqsupervisor.config import Settings
+from wqsupervisor.jobs import build_tracker
+from wqsupervisor.kinds import TASKVINE, WORK_QUEUE, kind_named, kind_of_object, kind_of_status
+from wqsupervisor.master import MasterInfo
+from wqsupervisor.protocol import MasterSummary
+
+
+@pytest.mark.parametrize(
+    ("entry", "kind"),
+    [
+        ({"type": "wq_master", "port": 9123}, WORK_QUEUE),
+        ({"type": "vine_manager", "port": 9123}, TASKVINE),
+        ({"type": "wq_worker"}, None),
+        ({"port": 9123}, None),
+        ({}, None),
+    ],
+)
+def test_the_status_type_tells_the_kind(entry, kind):
+    assert kind_of_status(entry) is kind
+
+
+def _object_from(module: str) -> object:
+    cls = type("Master", (), {})
+    cls.__module__ = module
+    return cls()
+
+
+@pytest.mark.parametrize(
+    ("module", "kind"),
+    [
+        ("ndcctools.work_queue", WORK_QUEUE),
+        ("work_queue", WORK_QUEUE),
+        ("wqsupervisor.wqserver", WORK_QUEUE),
+        ("ndcctools.taskvine.manager", TASKVINE),
+        ("ndcctools.taskvine", TASKVINE),
+        ("ndcctools.taskvinex", WORK_QUEUE),  # a prefix that is not the package
+        ("mylab.masters", WORK_QUEUE),
+    ],
+)
+def test_an_objects_module_tells_the_kind(module, kind):
+    assert kind_of_object(_object_from(module)) is kind
+
+
+def test_a_subclass_of_a_taskvine_manager_is_a_taskvine_manager():
+    base = type("Manager", (), {})
+    base.__module__ = "ndcctools.taskvine.manager"
+    sub = type("MyManager", (base,), {})
+    sub.__module__ = "mylab.app"
+    assert kind_of_object(sub()) is TASKVINE
+
+
+def test_kinds_travel_by_name_and_an_unknown_name_is_refused():
+    info = MasterInfo(port=9123, kind=TASKVINE.name)
+    assert MasterInfo.from_dict(info.to_dict()) == info
+    assert MasterInfo.from_dict({"port": 9123}).kind == "work_queue"  # from a handle of an older version
+    assert MasterSummary.of(info).kind == "taskvine"
+    with pytest.raises(ValueError, match="unknown master kind 'condor'"):
+        kind_named("condor")
+
+
+@pytest.mark.parametrize(
+    ("kind", "program", "expected"),
+    [
+        (WORK_QUEUE, None, "work_queue_worker"),
+        (TASKVINE, None, "vine_worker"),
+        (TASKVINE, "/opt/cctools/bin/vine_worker", "/opt/cctools/bin/vine_worker"),
+    ],
+)
+def test_the_workers_program_follows_the_kind_unless_given(kind, program, expected):
+    settings = Settings(workers="local", worker_program=program, allow_no_password=True)
+    tracker = asyncio.run(
+        build_tracker(
+            settings,
+            9123,
+            10001,
+            emit=lambda event: None,
+            stats=lambda: None,
+            tunnel_up=lambda: True,
+            source="workers:local",
+            clock=SystemClock(),
+            kind=kind,
+        )
+    )
+    assert tracker.launcher.worker == expected
+    assert f"{expected} --parent-death" in tracker.launcher.script().replace("'", "")
+
+
+def test_the_factory_follows_the_kind(tmp_path):
+    from wqsupervisor.batch.factory import Factory
+
+    settings = Settings(via="headnode", workers="factory", allow_no_password=True)
+    for kind in (WORK_QUEUE, TASKVINE):
+        tracker = asyncio.run(
+            build_tracker(
+                settings.replace(node_via="headnode"),
+                9123,
+                10001,
+                emit=lambda event: None,
+                stats=lambda: None,
+                tunnel_up=lambda: True,
+                source="workers:factory",
+                clock=SystemClock(),
+                kind=kind,
+            )
+        )
+        assert isinstance(tracker.system, Factory)
+        tracker.system.workdir = str(tmp_path)
+        assert tracker.system.factory_argv(10001)[0] == kind.factory

@@ -1,0 +1,237 @@
+"""TaskVine managers end to end: ``supervise(m)``, ``run app.py`` and ``attach``, with real vine_workers.
+
+TaskVine is not in Debian bookworm, so this runs only where ndcctools is
+importable (``WQS_NDCCTOOLS_PYTHONPATH``, see the README); ``vine_worker`` is
+taken from the same build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wqsupervisor.harness.sandbox import start_worker
+from wqsupervisor.process import terminate
+
+from support import free_port, head_argv, listening, python_env, wait_for
+
+pytestmark = pytest.mark.ndcctools
+NDCCTOOLS = os.environ.get("WQS_NDCCTOOLS_PYTHONPATH", "")
+TASKS = 30
+
+# The manager: tasks of 0.3 s; prints "ready SSH_PID", a "done OUTPUT" line per task, then a summary.
+_MANAGER = textwrap.dedent(
+    """
+    import json, sys
+    import ndcctools.taskvine as vine
+    from wqsupervisor import Settings, supervise
+    cfg, port, pw, n, ssl = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+    m = vine.Manager(port=0, name="vine-test", ssl=tuple(ssl) or None)
+    sup = supervise(m, Settings(via="headnode", ssh_config=cfg, remote_port=port, password_file=pw),
+                    log_events=False)
+    assert sup.wait_until_up(30), sup.failure
+    for i in range(n):
+        m.submit(vine.Task(f"sleep 0.3; echo vine-{i}"))
+    print("ready", sup.snapshot().masters[0].tunnel.ssh_pid, flush=True)
+    done = 0
+    while done < n:
+        t = m.wait(5)
+        if t:
+            done += 1
+            print("done", t.output.strip(), flush=True)
+    snap = sup.snapshot().masters[0]
+    print(json.dumps({"master": snap.master.to_dict(), "tunnel": snap.tunnel.to_dict()}), flush=True)
+    sup.close()
+    """
+)
+
+
+def _env() -> dict[str, str]:
+    env = python_env(NDCCTOOLS)
+    env["PATH"] = f"{_bin()}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def _bin() -> Path:
+    return Path(NDCCTOOLS).parents[2] / "bin"
+
+
+@pytest.fixture(autouse=True)
+def _taskvine() -> None:
+    if not NDCCTOOLS or (
+        subprocess.run(
+            [sys.executable, "-c", "import ndcctools.taskvine"], env=_env(), capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
+        pytest.skip("ndcctools.taskvine is not importable (set WQS_NDCCTOOLS_PYTHONPATH to a cctools build)")
+
+
+def _key_pair(tmp_path: Path) -> list[str]:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=vine"]
+    subprocess.run([*argv, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return [str(key), str(cert)]
+
+
+@pytest.mark.parametrize("ssl", [False, True], ids=["plain", "ssl"])
+def test_a_supervised_manager_keeps_its_vine_workers_through_an_ssh_kill(head, remote_port, tmp_path, ssl):
+    """supervise(m) on a TaskVine Manager with a password (and SSL): the forward is proved by the manager's
+    own status answer; vine_workers given only the head's remote port run every task; ssh SIGKILLed while
+    the manager sits in m.wait(5) comes back, and every task's output arrives exactly once."""
+    pw = tmp_path / "pw"
+    pw.write_text("vine-secret\n")
+    pw.chmod(0o600)
+    extra = _key_pair(tmp_path) if ssl else []
+    argv = [
+        sys.executable,
+        "-c",
+        _MANAGER,
+        str(head.ssh_config),
+        str(remote_port),
+        str(pw),
+        str(TASKS),
+        *extra,
+    ]
+    # (cwd: a TaskVine manager writes its vine-run-info directory where it runs.)
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path) as app:
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            assert app.stdout is not None
+            ready = wait_for(app.stdout.readline, 60, "the manager").split()
+            assert ready[0] == "ready", ready
+            workers = [
+                start_worker(
+                    remote_port,
+                    program=str(_bin() / "vine_worker"),
+                    password_file=str(pw),
+                    extra=["--ssl"] if ssl else [],
+                )
+                for _ in range(2)
+            ]
+            outputs: list[str] = []
+            summary: dict[str, Any] = {}
+            while not summary:
+                line = wait_for(app.stdout.readline, 120, "the tasks")
+                if line.startswith("done "):
+                    outputs.append(line.split(maxsplit=1)[1].strip())
+                    if len(outputs) == 5:
+                        os.kill(int(ready[1]), signal.SIGKILL)
+                else:
+                    summary = json.loads(line)
+        finally:
+            for w in workers:
+                terminate(w, grace=2)
+            app.kill()
+            app.wait()
+    assert sorted(outputs) == sorted(f"vine-{i}" for i in range(TASKS))
+    assert summary["master"]["kind"] == "taskvine", summary
+    assert summary["tunnel"]["verified_by"] == "status", summary
+    assert summary["tunnel"]["restarts"] >= 1, summary
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import ndcctools.taskvine as vine
+    m = vine.Manager(port=0, name="vine-run")
+    for i in range(12):
+        m.submit(vine.Task(f"echo run-{i}"))
+    out = []
+    while not m.empty():
+        t = m.wait(5)
+        if t:
+            out.append(t.output.strip())
+    print(",".join(sorted(out)), flush=True)
+    """
+)
+
+
+def test_run_supervises_the_manager_a_script_creates_and_starts_vine_workers(head, remote_port, tmp_path):
+    """python -m wqsupervisor run app.py, the script unchanged: its Manager gets a tunnel, and the local
+    workers the supervisor starts are vine_workers (the manager's kind's), which run every task."""
+    script = tmp_path / "app.py"
+    script.write_text(_SCRIPT)
+    argv = head_argv("run", head, remote_port, "--allow-no-password", "--workers", "local", str(script))
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == ",".join(sorted(f"run-{i}" for i in range(12))), (
+        done.stdout
+    )
+    assert f"tunnel headnode:{remote_port}" in done.stderr, done.stderr
+
+
+_ATTACHED = textwrap.dedent(
+    """
+    import sys
+    import ndcctools.taskvine as vine
+    m = vine.Manager(port=int(sys.argv[1]), name="vine-attached")
+    m.set_password_file(sys.argv[2])
+    for i in range(20):
+        m.submit(vine.Task(f"echo attached-{i}"))
+    print("ready", flush=True)
+    out = []
+    while not m.empty():
+        t = m.wait(5)
+        if t:
+            out.append(t.output.strip())
+    print(",".join(sorted(out)), flush=True)
+    """
+)
+
+
+def test_attach_tells_a_taskvine_manager_by_its_status_and_serves_it(head, remote_port, tmp_path):
+    """A manager in its own process, attached by port with its password: status says TaskVine manager,
+    vine_workers through the head's port run every task, SIGTERM ends attach with 0."""
+    pw = tmp_path / "pw"
+    pw.write_text("attached-secret\n")
+    pw.chmod(0o600)
+    port = free_port()
+    manager = subprocess.Popen(
+        [sys.executable, "-c", _ATTACHED, str(port), str(pw)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+    )
+    attach = None
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        assert manager.stdout is not None
+        assert wait_for(manager.stdout.readline, 60, "the manager").startswith("ready")
+        argv = head_argv("attach", head, remote_port, "--master-port", str(port), "--password-file", str(pw))
+        attach = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=_env())
+        wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
+        status = subprocess.run(
+            [sys.executable, "-m", "wqsupervisor", "status", "--pid", str(attach.pid)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+        assert f"TaskVine manager port {port} (vine-attached)" in status.stdout, status.stdout + status.stderr
+        workers = [
+            start_worker(remote_port, program=str(_bin() / "vine_worker"), password_file=str(pw))
+            for _ in range(2)
+        ]
+        line = wait_for(manager.stdout.readline, 120, "the tasks")
+        assert line.strip() == ",".join(sorted(f"attached-{i}" for i in range(20)))
+        attach.send_signal(signal.SIGTERM)
+        _, err = attach.communicate(timeout=60)
+        assert attach.returncode == 0, err
+    finally:
+        for w in workers:
+            terminate(w, grace=2)
+        if attach is not None:
+            attach.kill()
+            attach.communicate()
+        manager.kill()
+        manager.communicate()
+    assert not listening(remote_port)
