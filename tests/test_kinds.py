@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from wqsupervisor.clock import SystemClock
 from wqsupervisor.config import Settings
 from wqsupervisor.jobs import build_tracker
-from wqsupervisor.kinds import TASKVINE, WORK_QUEUE, kind_named, kind_of_object, kind_of_status
+from wqsupervisor.kinds import TASKVINE, WORK_QUEUE, MasterKind, kind_named, kind_of_object, kind_of_status
 from wqsupervisor.master import MasterInfo
 from wqsupervisor.protocol import MasterSummary
 
@@ -67,6 +68,22 @@ def test_kinds_travel_by_name_and_an_unknown_name_is_refused():
         kind_named("condor")
 
 
+def _tracker(settings: Settings, kind: MasterKind) -> Any:
+    return asyncio.run(
+        build_tracker(
+            settings,
+            9123,
+            10001,
+            emit=lambda event: None,
+            stats=lambda: None,
+            tunnel_up=lambda: True,
+            source=f"workers:{settings.workers}",
+            clock=SystemClock(),
+            kind=kind,
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("kind", "program", "expected"),
     [
@@ -77,19 +94,7 @@ def test_kinds_travel_by_name_and_an_unknown_name_is_refused():
 )
 def test_the_workers_program_follows_the_kind_unless_given(kind, program, expected):
     settings = Settings(workers="local", worker_program=program, allow_no_password=True)
-    tracker = asyncio.run(
-        build_tracker(
-            settings,
-            9123,
-            10001,
-            emit=lambda event: None,
-            stats=lambda: None,
-            tunnel_up=lambda: True,
-            source="workers:local",
-            clock=SystemClock(),
-            kind=kind,
-        )
-    )
+    tracker = _tracker(settings, kind)
     assert tracker.launcher.worker == expected
     assert f"{expected} --parent-death" in tracker.launcher.script().replace("'", "")
 
@@ -99,19 +104,7 @@ def test_the_factory_follows_the_kind(tmp_path):
 
     settings = Settings(via="headnode", workers="factory", allow_no_password=True)
     for kind in (WORK_QUEUE, TASKVINE):
-        tracker = asyncio.run(
-            build_tracker(
-                settings.replace(node_via="headnode"),
-                9123,
-                10001,
-                emit=lambda event: None,
-                stats=lambda: None,
-                tunnel_up=lambda: True,
-                source="workers:factory",
-                clock=SystemClock(),
-                kind=kind,
-            )
-        )
+        tracker = _tracker(settings.replace(node_via="headnode"), kind)
         assert isinstance(tracker.system, Factory)
         tracker.system.workdir = str(tmp_path)
         assert tracker.system.factory_argv(10001)[0] == kind.factory

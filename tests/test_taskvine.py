@@ -138,52 +138,51 @@ def test_a_supervised_manager_keeps_its_vine_workers_through_an_ssh_kill(head, r
     assert summary["tunnel"]["restarts"] >= 1, summary
 
 
-_SCRIPT = textwrap.dedent(
-    """
-    import ndcctools.taskvine as vine
-    m = vine.Manager(port=0, name="vine-run")
-    for i in range(12):
-        m.submit(vine.Task(f"echo run-{i}"))
-    out = []
-    while not m.empty():
-        t = m.wait(5)
-        if t:
-            out.append(t.output.strip())
-    print(",".join(sorted(out)), flush=True)
-    """
-)
+def _script(setup: str, n: int, tag: str) -> str:
+    """A manager script: ``setup`` makes ``m``; n echo tasks; prints "ready", then every output, sorted."""
+    return (
+        textwrap.dedent(
+            """
+        import sys
+        import ndcctools.taskvine as vine
+        @SETUP@
+        for i in range(@N@):
+            m.submit(vine.Task(f"echo @TAG@-{i}"))
+        print("ready", flush=True)
+        out = []
+        while not m.empty():
+            t = m.wait(5)
+            if t:
+                out.append(t.output.strip())
+        print(",".join(sorted(out)), flush=True)
+        """
+        )
+        .replace("@SETUP@", setup)
+        .replace("@N@", str(n))
+        .replace("@TAG@", tag)
+    )
+
+
+def _outputs(n: int, tag: str) -> str:
+    return ",".join(sorted(f"{tag}-{i}" for i in range(n)))
 
 
 def test_run_supervises_the_manager_a_script_creates_and_starts_vine_workers(head, remote_port, tmp_path):
     """python -m wqsupervisor run app.py, the script unchanged: its Manager gets a tunnel, and the local
     workers the supervisor starts are vine_workers (the manager's kind's), which run every task."""
     script = tmp_path / "app.py"
-    script.write_text(_SCRIPT)
+    script.write_text(_script('m = vine.Manager(port=0, name="vine-run")', 12, "run"))
     argv = head_argv("run", head, remote_port, "--allow-no-password", "--workers", "local", str(script))
     done = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == ",".join(sorted(f"run-{i}" for i in range(12))), (
-        done.stdout
-    )
+    assert done.stdout.strip().splitlines()[-1] == _outputs(12, "run"), done.stdout
     assert f"tunnel headnode:{remote_port}" in done.stderr, done.stderr
 
 
-_ATTACHED = textwrap.dedent(
-    """
-    import sys
-    import ndcctools.taskvine as vine
-    m = vine.Manager(port=int(sys.argv[1]), name="vine-attached")
-    m.set_password_file(sys.argv[2])
-    for i in range(20):
-        m.submit(vine.Task(f"echo attached-{i}"))
-    print("ready", flush=True)
-    out = []
-    while not m.empty():
-        t = m.wait(5)
-        if t:
-            out.append(t.output.strip())
-    print(",".join(sorted(out)), flush=True)
-    """
+_ATTACHED = _script(
+    'm = vine.Manager(port=int(sys.argv[1]), name="vine-attached")\nm.set_password_file(sys.argv[2])',
+    20,
+    "attached",
 )
 
 
@@ -222,7 +221,7 @@ def test_attach_tells_a_taskvine_manager_by_its_status_and_serves_it(head, remot
             for _ in range(2)
         ]
         line = wait_for(manager.stdout.readline, 120, "the tasks")
-        assert line.strip() == ",".join(sorted(f"attached-{i}" for i in range(20)))
+        assert line.strip() == _outputs(20, "attached")
         attach.send_signal(signal.SIGTERM)
         _, err = attach.communicate(timeout=60)
         assert attach.returncode == 0, err
