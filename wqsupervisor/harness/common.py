@@ -30,11 +30,15 @@ def run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[
 
 
 def queue_status(port: int, timeout: float = 0.5) -> dict[str, Any] | None:
-    """Whatever answers ``queue_status`` on 127.0.0.1:port, or None."""
+    """The status of whatever master answers on 127.0.0.1:port, or None.
+
+    Asked with ``resources_status``, which Work Queue masters and TaskVine
+    managers both answer (see :mod:`wqsupervisor.kinds`).
+    """
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(b"queue_status\n")
+            s.sendall(b"resources_status\n")
             data = b""
             while chunk := s.recv(65536):
                 data += chunk

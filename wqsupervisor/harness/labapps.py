@@ -470,7 +470,7 @@ def _app(argv: list[str]) -> int:
 
 
 def _probe(argv: list[str]) -> int:
-    """Print a line each time ``queue_status`` on 127.0.0.1:PORT starts or stops answering."""
+    """Print a line each time the master on 127.0.0.1:PORT starts or stops answering its status."""
     port, interval = int(argv[0]), float(argv[1]) if len(argv) > 1 else 0.05
     answering: bool | None = None
     while True:

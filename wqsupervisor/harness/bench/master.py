@@ -13,8 +13,9 @@
 
 :class:`MasterProcess` starts it and drives it from the benchmark.
 
-BINDING is ``debian`` (Debian's SWIG ``work_queue``), ``ndcctools``, or
-``server`` (:class:`wqsupervisor.wqserver.WorkQueueServer`). Answers start with
+BINDING is ``debian`` (Debian's SWIG ``work_queue``), ``ndcctools``,
+``taskvine`` (a TaskVine manager, ``ndcctools.taskvine``), or ``server``
+(:class:`wqsupervisor.wqserver.WorkQueueServer`). Answers start with
 ``wqs-bench: ``; anything else on stdout is the bindings' own chatter.
 """
 
@@ -41,6 +42,14 @@ def _open(binding: str) -> tuple[Any, Any]:
         from wqsupervisor.wqserver import Task, WorkQueueServer
 
         return WorkQueueServer(name="wqs-bench"), Task
+    if binding == "taskvine":
+        import tempfile
+
+        import ndcctools.taskvine as vine
+
+        # (its run-info directory would otherwise go where the benchmark runs)
+        info = tempfile.mkdtemp(prefix="wqs-bench-vine-")
+        return vine.Manager(port=0, name="wqs-bench", run_info_path=info), vine.Task
     module = importlib.import_module("ndcctools.work_queue" if binding == "ndcctools" else "work_queue")
     return module.WorkQueue(port=0, name="wqs-bench"), module.Task
 
@@ -49,11 +58,21 @@ def _task(task_type: Any, command: str, input_path: str | None) -> Any:
     """One task; with ``input_path``, the file goes to the worker for every task (no cache)."""
     if input_path is None:
         return task_type(command)
+    if task_type.__module__.startswith("ndcctools.taskvine"):
+        raise ValueError("--input is not supported with the taskvine binding (its files need the manager)")
     if hasattr(task_type, "specify_input_file"):
         task = task_type(command)
         task.specify_input_file(input_path, "input.dat", cache=False)
         return task
     return task_type(command, input_files=[(input_path, "input.dat")])
+
+
+def _failed(task: Any) -> bool:
+    """A task that came back without success (a task whose input did not arrive comes back, failed)."""
+    successful = getattr(task, "successful", None)
+    if callable(successful):  # TaskVine's: its result is a word ("success"), not a number
+        return not successful()
+    return bool(getattr(task, "result", 0) or getattr(task, "return_status", 0))
 
 
 def split_run(words: list[str]) -> tuple[int, str, str | None]:
@@ -103,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 task = q.wait(5)
                 if task is not None:
                     done.append(time.monotonic())
-                    # A task whose input did not arrive comes back, but failed.
-                    failed += bool(getattr(task, "result", 0) or getattr(task, "return_status", 0))
+                    failed += _failed(task)
             _say(json.dumps({"submitted": submitted, "done": done, "failed": failed}))
     if hasattr(q, "close"):
         q.close()

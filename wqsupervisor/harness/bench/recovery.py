@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--binding", default="debian", choices=("debian", "ndcctools", "server"))
+    parser.add_argument("--binding", default="debian", choices=("debian", "ndcctools", "taskvine", "server"))
     parser.add_argument("--pythonpath", help="where ndcctools lives, for --binding ndcctools")
     parser.add_argument("--worker", help="work_queue_worker to use (e.g. /opt/cctools/bin/work_queue_worker)")
     parser.add_argument("--out", default="bench-out")
