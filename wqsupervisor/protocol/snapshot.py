@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..events import Event, event_from_dict
+from ..kinds import WORK_QUEUE
 from ..lifecycle import TunnelState
 from ..logs import redact
 from ..master import MasterInfo
@@ -227,7 +228,7 @@ class MasterSummary:
     name: str | None = None
     pid: int | None = None
     reply_timeout: int | None = None
-    kind: str = "work_queue"
+    kind: str = WORK_QUEUE.name
     """``work_queue`` or ``taskvine`` (:mod:`wqsupervisor.kinds`)."""
 
     @classmethod

@@ -26,6 +26,7 @@ from ..common import machine, save, summary
 from ..sandbox import HeadNode, workers
 from .master import MasterProcess
 from .recovery import _fmt, _measure, _wait_all_connected
+from .report import interleaved
 from .taskrate import _one
 from .tunnels import Supervised
 
@@ -57,12 +58,11 @@ def run(
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     with HeadNode() as head:
         for r in range(rounds):
-            order = list(KINDS) if r % 2 == 0 else list(reversed(KINDS))
-            for kind in order:
+            for kind in interleaved(list(KINDS), r):
                 binding, program = KINDS[kind]
                 worker = os.path.join(cctools_bin, program)
                 rate: dict[str, Any] = {}
-                for path in ("direct", "wqsupervisor") if r % 2 == 0 else ("wqsupervisor", "direct"):
+                for path in interleaved(("direct", "wqsupervisor"), r):
                     rate[path] = _one(path, head, tasks, n_workers, "true", binding, pythonpath, worker)
                 back = _recovery(head, binding, pythonpath, worker, n_workers)
                 row = {
