@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,31 +113,94 @@ def test_a_port_that_is_no_master_is_refused(head):
     assert "is not a Work Queue master" in done.stderr
 
 
-def test_makeflow_runs_every_rule_on_workers_behind_the_tunnel(head, remote_port, workers, tmp_path):
-    """Debian's makeflow -T wq: attach gives it a tunnel; workers that know only the remote port run each rule."""
-    rules = [f"out.{i}: \n\techo rule-{i} > out.{i}\n" for i in range(4)]
-    (tmp_path / "Makeflow").write_text(
-        "all.txt: out.0 out.1 out.2 out.3\n\tcat out.0 out.1 out.2 out.3 > all.txt\n\n" + "\n".join(rules)
-    )
-    port = free_port()
+class _Cuts(threading.Thread):
+    """Kills the attached tunnel's ssh client, then, once it is back, the head's session, as rules run.
+
+    ``done()`` counts finished work; the ssh kill comes at ``first``, the session kill at ``second``
+    (each only once the tunnel is up again). ``cuts`` lists what was killed; ``join()`` re-raises.
+    """
+
+    def __init__(self, attach_pid: int, done: Callable[[], int], first: int, second: int) -> None:
+        super().__init__(daemon=True)
+        self.attach_pid, self.done, self.first, self.second = attach_pid, done, first, second
+        self.cuts: list[str] = []
+        self.error: BaseException | None = None
+
+    def tunnel(self) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "wqsupervisor", "status", "--json", "--pid", str(self.attach_pid)]
+        out = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=30).stdout
+        snaps = json.loads(out or "[]")
+        return snaps[0]["masters"][0]["tunnel"] if snaps else {}
+
+    def up_again(self, before: dict[str, Any]) -> dict[str, Any]:
+        def back() -> dict[str, Any] | None:
+            now = self.tunnel()
+            new = now.get("state") == "up" and now.get("remote_pid") not in (None, before["remote_pid"])
+            return now if new else None
+
+        return wait_for(back, 60, "the tunnel back after a cut", interval=0.2)
+
+    def run(self) -> None:
+        try:
+            wait_for(lambda: self.done() >= self.first, 120, f"{self.first} done before the ssh kill")
+            tunnel = self.tunnel()
+            os.kill(tunnel["ssh_pid"], signal.SIGKILL)
+            self.cuts.append("ssh")
+            tunnel = self.up_again(tunnel)
+            wait_for(lambda: self.done() >= self.second, 120, f"{self.second} done before the session kill")
+            os.kill(tunnel["remote_pid"], signal.SIGKILL)
+            self.cuts.append("session")
+            tunnel = self.up_again(tunnel)
+            assert tunnel["restarts"] >= 2, tunnel
+        except BaseException as exc:  # re-raised by join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        assert not self.is_alive(), "the cuts did not end"
+        if self.error is not None:
+            raise self.error
+
+
+def _makeflow(tmp_path: Path, port: int, rules: int, *extra: str) -> subprocess.Popen[str]:
+    """Debian's makeflow -T wq on ``rules`` rules of 0.4 s, each writing rule-I to out.I, and one joining them."""
+    outs = " ".join(f"out.{i}" for i in range(rules))
+    text = f"all.txt: {outs}\n\tcat {outs} > all.txt\n\n"
+    text += "\n".join(f"out.{i}:\n\tsleep 0.4; echo rule-{i} > out.{i}\n" for i in range(rules))
+    (tmp_path / "Makeflow").write_text(text)
     # Debian's makeflow is linked with Open MPI, whose MPI_Init wants orted (openmpi-bin)
     # unless a lone process is allowed to start by itself.
     env = {**os.environ, "OMPI_MCA_ess_singleton_isolated": "1"}
+    argv = ["makeflow", "-T", "wq", "-p", str(port), *extra, "Makeflow"]
     flow = subprocess.Popen(
-        ["makeflow", "-T", "wq", "-p", str(port), "Makeflow"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    proc = None
     try:
         wait_for(lambda: listening(port), 30, "makeflow's master port")
+    except BaseException:
+        flow.kill()
+        flow.communicate()
+        raise
+    return flow
+
+
+def test_makeflow_runs_every_rule_through_an_ssh_kill_and_a_session_kill(
+    head, remote_port, workers, tmp_path
+):
+    """Debian's makeflow -T wq, 36 rules: attach gives it a tunnel; workers that know only the remote port
+    run the rules; the ssh client and then the head's session are killed while rules run; makeflow exits 0,
+    every output is right, attach ends with the master, and nothing is left."""
+    rules, port = 36, free_port()
+    flow = _makeflow(tmp_path, port, rules)
+    proc = None
+    try:
         proc = _start(_attach(head, port, remote_port, "--allow-no-password", "--until-master-exits"))
         wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
         workers(remote_port, n=2)
-        out, _ = flow.communicate(timeout=120)
+        cuts = _Cuts(proc.pid, lambda: len(list(tmp_path.glob("out.*"))), first=6, second=14)
+        cuts.start()
+        out, _ = flow.communicate(timeout=240)
+        cuts.join(60)
         assert flow.returncode == 0, out
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
@@ -138,5 +208,60 @@ def test_makeflow_runs_every_rule_on_workers_behind_the_tunnel(head, remote_port
         for p in (flow, proc):
             if p is not None:
                 p.kill()
-                p.wait()
-    assert (tmp_path / "all.txt").read_text().split() == [f"rule-{i}" for i in range(4)]
+                p.communicate()
+    assert cuts.cuts == ["ssh", "session"]
+    assert (tmp_path / "all.txt").read_text().split() == [f"rule-{i}" for i in range(rules)]
+    assert not listening(remote_port)
+
+
+def test_a_c_master_keeps_every_task_through_an_ssh_kill_and_a_session_kill(head, remote_port, workers):
+    """Debian's work_queue_server attached by port: the same two cuts while 40 tasks of 0.3 s run; every
+    task comes back exactly once with its output."""
+    n = 40
+    with WorkQueueServer(name="wqs-cut") as master:
+        proc = _start(_attach(head, master.port, remote_port, "--allow-no-password"))
+        try:
+            wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
+            workers(remote_port, n=2)
+            for i in range(n):
+                master.submit(Task(f"sleep 0.3; echo out-{i}", tag=str(i)))
+            results: dict[str, list[str]] = {}
+            cuts = _Cuts(proc.pid, lambda: len(results), first=6, second=16)
+            cuts.start()
+            deadline = time.monotonic() + 240
+            while not master.empty():
+                assert time.monotonic() < deadline, f"{len(results)} of {n} tasks back"
+                r = master.wait(1)
+                if r is not None:
+                    assert r.ok, r
+                    results.setdefault(r.tag, []).append(r.output.strip())
+            cuts.join(60)
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.communicate()
+    assert cuts.cuts == ["ssh", "session"]
+    assert results == {str(i): [f"out-{i}"] for i in range(n)}
+    assert proc.returncode == 0
+
+
+def test_a_master_with_another_password_is_refused(head, tmp_path):
+    """makeflow with a password, attach given another: one line naming the refusal, exit 2, no tunnel."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for path, secret in ((ours, "makeflow-secret\n"), (theirs, "another-secret\n")):
+        path.write_text(secret)
+        path.chmod(0o600)
+    port, remote = free_port(), free_port()
+    (tmp_path / "flow").mkdir()
+    flow = _makeflow(tmp_path / "flow", port, 1, "--password", str(ours))
+    try:
+        argv = _attach(head, port, remote, "--password-file", str(theirs))
+        done = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=60)
+    finally:
+        flow.kill()
+        flow.communicate()
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused the password" in lines[0] and "hint:" in lines[0], lines
+    assert not listening(remote)
