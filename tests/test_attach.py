@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from wqsupervisor.children import port_listening
 from wqsupervisor.wqserver import Task, WorkQueueServer
 
 from support import assert_exactly_once, free_port, head_argv, listening, python_env, run_tasks, wait_for
@@ -176,7 +177,8 @@ def _makeflow(tmp_path: Path, port: int, rules: int, *extra: str) -> subprocess.
         argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        wait_for(lambda: listening(port), 30, "makeflow's master port")
+        # (Read from /proc: a connection would be one more peer for makeflow to authenticate.)
+        wait_for(lambda: port_listening(port), 30, "makeflow's master port")
     except BaseException:
         flow.kill()
         flow.communicate()
@@ -187,16 +189,19 @@ def _makeflow(tmp_path: Path, port: int, rules: int, *extra: str) -> subprocess.
 def test_makeflow_runs_every_rule_through_an_ssh_kill_and_a_session_kill(
     head, remote_port, workers, tmp_path
 ):
-    """Debian's makeflow -T wq, 36 rules: attach gives it a tunnel; workers that know only the remote port
-    run the rules; the ssh client and then the head's session are killed while rules run; makeflow exits 0,
-    every output is right, attach ends with the master, and nothing is left."""
-    rules, port = 36, free_port()
-    flow = _makeflow(tmp_path, port, rules)
+    """Debian's makeflow -T wq with a password, 36 rules: attach gives it a tunnel; workers that know only
+    the remote port run the rules; the ssh client and then the head's session are killed while rules run;
+    makeflow exits 0, every output is right, attach ends with the master, and nothing is left. Nothing of
+    ours ever reached makeflow without the password (its debug log has no "wrong password")."""
+    rules, port, pw = 36, free_port(), tmp_path / "pw"
+    pw.write_text("makeflow-secret\n")
+    pw.chmod(0o600)
+    flow = _makeflow(tmp_path, port, rules, "--password", str(pw), "-d", "wq", "-o", str(tmp_path / "debug"))
     proc = None
     try:
-        proc = _start(_attach(head, port, remote_port, "--allow-no-password", "--until-master-exits"))
-        wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
-        workers(remote_port, n=2)
+        proc = _start(_attach(head, port, remote_port, "--password-file", str(pw), "--until-master-exits"))
+        wait_for(lambda: port_listening(remote_port), 30, "the tunnel's remote port")
+        workers(remote_port, n=2, password_file=str(pw))
         cuts = _Cuts(proc.pid, lambda: len(list(tmp_path.glob("out.*"))), first=6, second=14)
         cuts.start()
         out, _ = flow.communicate(timeout=240)
@@ -211,6 +216,8 @@ def test_makeflow_runs_every_rule_through_an_ssh_kill_and_a_session_kill(
                 p.communicate()
     assert cuts.cuts == ["ssh", "session"]
     assert (tmp_path / "all.txt").read_text().split() == [f"rule-{i}" for i in range(rules)]
+    debug = (tmp_path / "debug").read_text()
+    assert "authenticating" in debug and "wrong password" not in debug
     assert not listening(remote_port)
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import threading
 import time
 from typing import Any
 
+from .children import port_listening
 from .config import Settings
 from .engine import credentials_for
 from .errors import AuthenticationFailed, ConfigError, ProtocolError
@@ -87,14 +87,6 @@ def identify(port: int, settings: Settings, timeout: float = 5.0) -> MasterInfo:
     )
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def attach_master(settings: Settings, port: int, *, until_master_exits: bool = False) -> int:
     """Supervise the master on ``port`` until a signal (or its end); returns the exit status."""
     if not 0 < port < 65536:
@@ -141,7 +133,7 @@ def attach_master(settings: Settings, port: int, *, until_master_exits: bool = F
         while not stop.wait(1.0):
             if not until_master_exits:
                 continue
-            if _listening(port):
+            if port_listening(port):
                 gone_since = None
             elif gone_since is None:
                 gone_since = time.monotonic()

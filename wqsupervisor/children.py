@@ -59,6 +59,16 @@ def _listening_inodes() -> dict[str, int]:
     return inodes
 
 
+def port_listening(port: int) -> bool:
+    """Whether a TCP socket of this machine (this network namespace) listens on ``port``.
+
+    Read from ``/proc``, without connecting: a connection would be one more peer for
+    the master to authenticate, and a master with a password logs every one that
+    leaves without a word ("presented the wrong password").
+    """
+    return port in _listening_inodes().values()
+
+
 def listening_descendants(pid: int) -> list[Listener]:
     """The TCP ports that processes below ``pid`` listen on, each once."""
     inodes = _listening_inodes()
