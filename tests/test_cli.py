@@ -325,6 +325,8 @@ def test_run_follows_a_master_created_in_a_spawned_child(head, remote_port, work
     assert out.split() == sorted(f"child-{i}" for i in range(12))
     summary = err.strip().splitlines()[-1]
     assert f"tunnel headnode:{remote_port}" in summary and "tasks done 12" in summary, summary
+    # The children's sitecustomize, with no user's sitecustomize after it, leaves site content.
+    assert "Error in sitecustomize" not in err, err
 
 
 _C_MASTER = """

@@ -123,11 +123,12 @@ if os.environ.get("@ENGINE@") and os.environ.get("@SETTINGS@"):
         print("wqsupervisor: a child process is not supervised:", exc, file=sys.stderr)
 _here = os.path.dirname(os.path.abspath(__file__))
 _path, sys.path[:] = sys.path[:], [p for p in sys.path if os.path.abspath(p or ".") != _here]
-del sys.modules["sitecustomize"]
+_self = sys.modules.pop("sitecustomize", None)
 try:
     importlib.import_module("sitecustomize")
-except ImportError:
-    pass
+except ImportError:  # none of the user's: this module stays the one site imported
+    if _self is not None:
+        sys.modules["sitecustomize"] = _self
 finally:
     sys.path[:] = _path
 """.replace("@ENGINE@", ENGINE_ENV).replace("@SETTINGS@", SETTINGS_ENV)
