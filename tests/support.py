@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,12 +16,16 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from wqsupervisor.harness.sandbox import debian_work_queue_path  # noqa: F401 - re-exported for the tests
 from wqsupervisor.process import pid_alive
 from wqsupervisor.wqserver import Task
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
+# A cctools build's Python directory (ndcctools is not on PyPI, nor in CI; see the README).
+NDCCTOOLS = os.environ.get("WQS_NDCCTOOLS_PYTHONPATH", "")
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
@@ -221,3 +227,81 @@ def root_lab(**options: Any) -> Iterator[Any]:
         pytest.fail("the lab tests need root (network namespaces, iptables, a lab user); CI runs as root")
     with Lab(**options) as lab:
         yield lab
+
+
+def ndcctools_bin() -> Path:
+    """The ``bin`` directory of the cctools build that ``NDCCTOOLS`` belongs to."""
+    return Path(NDCCTOOLS).parents[2] / "bin"
+
+
+def ndcctools_env() -> dict[str, str]:
+    """A child's environment with ndcctools importable, and the build's programs and this Python first."""
+    env = python_env(NDCCTOOLS)
+    env["PATH"] = os.pathsep.join([str(ndcctools_bin()), str(Path(sys.executable).parent), env["PATH"]])
+    return env
+
+
+def need_ndcctools(module: str) -> None:
+    """Skip the test unless ``module`` of ndcctools imports (the only reason a test may skip)."""
+    probe = [sys.executable, "-c", f"import {module}"]
+    if (
+        not NDCCTOOLS
+        or subprocess.run(probe, env=ndcctools_env(), capture_output=True, check=False).returncode
+    ):
+        pytest.skip(f"{module} is not importable (set WQS_NDCCTOOLS_PYTHONPATH to a cctools build)")
+
+
+class TunnelCuts(threading.Thread):
+    """Kills a supervisor's ssh client, then, once it is back, the head's session, as work is done.
+
+    ``done()`` counts finished work; the ssh kill comes at ``first``, the session kill at ``second``
+    (without ``second``, none); each waits for the tunnel to be up again, asked of ``status --pid``
+    (the supervisor's process: ``attach``, ``run`` or the drop-in's agent). ``cuts`` lists what
+    was killed; ``join()`` re-raises what went wrong.
+    """
+
+    def __init__(
+        self, attach_pid: int, done: Callable[[], int], first: int, second: int | None = None
+    ) -> None:
+        super().__init__(daemon=True)
+        self.attach_pid, self.done, self.first, self.second = attach_pid, done, first, second
+        self.cuts: list[str] = []
+        self.error: BaseException | None = None
+
+    def tunnel(self) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "wqsupervisor", "status", "--json", "--pid", str(self.attach_pid)]
+        out = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=30).stdout
+        snaps = json.loads(out or "[]")
+        return snaps[0]["masters"][0]["tunnel"] if snaps else {}
+
+    def up_again(self, before: dict[str, Any]) -> dict[str, Any]:
+        def back() -> dict[str, Any] | None:
+            now = self.tunnel()
+            new = now.get("state") == "up" and now.get("remote_pid") not in (None, before["remote_pid"])
+            return now if new else None
+
+        return wait_for(back, 60, "the tunnel back after a cut", interval=0.2)
+
+    def run(self) -> None:
+        second = self.second
+        try:
+            wait_for(lambda: self.done() >= self.first, 120, f"{self.first} done before the ssh kill")
+            tunnel = self.tunnel()
+            os.kill(tunnel["ssh_pid"], signal.SIGKILL)
+            self.cuts.append("ssh")
+            tunnel = self.up_again(tunnel)
+            if second is None:
+                return
+            wait_for(lambda: self.done() >= second, 120, f"{second} done before the session kill")
+            os.kill(tunnel["remote_pid"], signal.SIGKILL)
+            self.cuts.append("session")
+            tunnel = self.up_again(tunnel)
+            assert tunnel["restarts"] >= 2, tunnel
+        except BaseException as exc:  # re-raised by join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        assert not self.is_alive(), "the cuts did not end"
+        if self.error is not None:
+            raise self.error

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from wqsupervisor.children import port_listening
 from wqsupervisor.wqserver import Task, WorkQueueServer
 
-from support import assert_exactly_once, free_port, head_argv, listening, python_env, run_tasks, wait_for
+from support import (
+    TunnelCuts,
+    assert_exactly_once,
+    free_port,
+    head_argv,
+    listening,
+    python_env,
+    run_tasks,
+    wait_for,
+)
 
 
 def _attach(head, master_port: int, remote_port: int, *extra: str) -> list[str]:
@@ -93,7 +98,6 @@ def test_bad_attach_input_is_one_line_and_exit_2(head, extra, says):
 def test_a_port_that_is_no_master_is_refused(head):
     """Something else answers on the port: attach says it is not a Work Queue master."""
     import socket
-    import threading
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
@@ -112,55 +116,6 @@ def test_a_port_that_is_no_master_is_refused(head):
         server.close()
     assert done.returncode == 2, done.stderr
     assert "is not a Work Queue master" in done.stderr
-
-
-class _Cuts(threading.Thread):
-    """Kills the attached tunnel's ssh client, then, once it is back, the head's session, as rules run.
-
-    ``done()`` counts finished work; the ssh kill comes at ``first``, the session kill at ``second``
-    (each only once the tunnel is up again). ``cuts`` lists what was killed; ``join()`` re-raises.
-    """
-
-    def __init__(self, attach_pid: int, done: Callable[[], int], first: int, second: int) -> None:
-        super().__init__(daemon=True)
-        self.attach_pid, self.done, self.first, self.second = attach_pid, done, first, second
-        self.cuts: list[str] = []
-        self.error: BaseException | None = None
-
-    def tunnel(self) -> dict[str, Any]:
-        argv = [sys.executable, "-m", "wqsupervisor", "status", "--json", "--pid", str(self.attach_pid)]
-        out = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=30).stdout
-        snaps = json.loads(out or "[]")
-        return snaps[0]["masters"][0]["tunnel"] if snaps else {}
-
-    def up_again(self, before: dict[str, Any]) -> dict[str, Any]:
-        def back() -> dict[str, Any] | None:
-            now = self.tunnel()
-            new = now.get("state") == "up" and now.get("remote_pid") not in (None, before["remote_pid"])
-            return now if new else None
-
-        return wait_for(back, 60, "the tunnel back after a cut", interval=0.2)
-
-    def run(self) -> None:
-        try:
-            wait_for(lambda: self.done() >= self.first, 120, f"{self.first} done before the ssh kill")
-            tunnel = self.tunnel()
-            os.kill(tunnel["ssh_pid"], signal.SIGKILL)
-            self.cuts.append("ssh")
-            tunnel = self.up_again(tunnel)
-            wait_for(lambda: self.done() >= self.second, 120, f"{self.second} done before the session kill")
-            os.kill(tunnel["remote_pid"], signal.SIGKILL)
-            self.cuts.append("session")
-            tunnel = self.up_again(tunnel)
-            assert tunnel["restarts"] >= 2, tunnel
-        except BaseException as exc:  # re-raised by join()
-            self.error = exc
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        assert not self.is_alive(), "the cuts did not end"
-        if self.error is not None:
-            raise self.error
 
 
 def _makeflow(tmp_path: Path, port: int, rules: int, *extra: str) -> subprocess.Popen[str]:
@@ -202,7 +157,7 @@ def test_makeflow_runs_every_rule_through_an_ssh_kill_and_a_session_kill(
         proc = _start(_attach(head, port, remote_port, "--password-file", str(pw), "--until-master-exits"))
         wait_for(lambda: port_listening(remote_port), 30, "the tunnel's remote port")
         workers(remote_port, n=2, password_file=str(pw))
-        cuts = _Cuts(proc.pid, lambda: len(list(tmp_path.glob("out.*"))), first=6, second=14)
+        cuts = TunnelCuts(proc.pid, lambda: len(list(tmp_path.glob("out.*"))), first=6, second=14)
         cuts.start()
         out, _ = flow.communicate(timeout=240)
         cuts.join(60)
@@ -233,7 +188,7 @@ def test_a_c_master_keeps_every_task_through_an_ssh_kill_and_a_session_kill(head
             for i in range(n):
                 master.submit(Task(f"sleep 0.3; echo out-{i}", tag=str(i)))
             results: dict[str, list[str]] = {}
-            cuts = _Cuts(proc.pid, lambda: len(results), first=6, second=16)
+            cuts = TunnelCuts(proc.pid, lambda: len(results), first=6, second=16)
             cuts.start()
             deadline = time.monotonic() + 240
             while not master.empty():

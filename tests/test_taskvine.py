@@ -21,10 +21,9 @@ import pytest
 from wqsupervisor.harness.sandbox import start_worker
 from wqsupervisor.process import terminate
 
-from support import free_port, head_argv, listening, python_env, wait_for
+from support import free_port, head_argv, listening, ndcctools_bin, ndcctools_env, need_ndcctools, wait_for
 
 pytestmark = pytest.mark.ndcctools
-NDCCTOOLS = os.environ.get("WQS_NDCCTOOLS_PYTHONPATH", "")
 TASKS = 30
 
 # The manager: tasks of 0.3 s; prints "ready SSH_PID", a "done OUTPUT" line per task, then a summary.
@@ -54,25 +53,9 @@ _MANAGER = textwrap.dedent(
 )
 
 
-def _env() -> dict[str, str]:
-    env = python_env(NDCCTOOLS)
-    env["PATH"] = f"{_bin()}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def _bin() -> Path:
-    return Path(NDCCTOOLS).parents[2] / "bin"
-
-
 @pytest.fixture(autouse=True)
 def _taskvine() -> None:
-    if not NDCCTOOLS or (
-        subprocess.run(
-            [sys.executable, "-c", "import ndcctools.taskvine"], env=_env(), capture_output=True, check=False
-        ).returncode
-        != 0
-    ):
-        pytest.skip("ndcctools.taskvine is not importable (set WQS_NDCCTOOLS_PYTHONPATH to a cctools build)")
+    need_ndcctools("ndcctools.taskvine")
 
 
 def _key_pair(tmp_path: Path) -> list[str]:
@@ -102,7 +85,7 @@ def test_a_supervised_manager_keeps_its_vine_workers_through_an_ssh_kill(head, r
         *extra,
     ]
     # (cwd: a TaskVine manager writes its vine-run-info directory where it runs.)
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path) as app:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=ndcctools_env(), cwd=tmp_path) as app:
         workers: list[subprocess.Popen[bytes]] = []
         try:
             assert app.stdout is not None
@@ -111,7 +94,7 @@ def test_a_supervised_manager_keeps_its_vine_workers_through_an_ssh_kill(head, r
             workers = [
                 start_worker(
                     remote_port,
-                    program=str(_bin() / "vine_worker"),
+                    program=str(ndcctools_bin() / "vine_worker"),
                     password_file=str(pw),
                     extra=["--ssl"] if ssl else [],
                 )
@@ -173,7 +156,9 @@ def test_run_supervises_the_manager_a_script_creates_and_starts_vine_workers(hea
     script = tmp_path / "app.py"
     script.write_text(_script('m = vine.Manager(port=0, name="vine-run")', 12, "run"))
     argv = head_argv("run", head, remote_port, "--allow-no-password", "--workers", "local", str(script))
-    done = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=180, cwd=tmp_path)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env=ndcctools_env(), timeout=180, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == _outputs(12, "run"), done.stdout
     assert f"tunnel headnode:{remote_port}" in done.stderr, done.stderr
@@ -197,7 +182,7 @@ def test_attach_tells_a_taskvine_manager_by_its_status_and_serves_it(head, remot
         [sys.executable, "-c", _ATTACHED, str(port), str(pw)],
         stdout=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=ndcctools_env(),
         cwd=tmp_path,
     )
     attach = None
@@ -206,18 +191,18 @@ def test_attach_tells_a_taskvine_manager_by_its_status_and_serves_it(head, remot
         assert manager.stdout is not None
         assert wait_for(manager.stdout.readline, 60, "the manager").startswith("ready")
         argv = head_argv("attach", head, remote_port, "--master-port", str(port), "--password-file", str(pw))
-        attach = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=_env())
+        attach = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=ndcctools_env())
         wait_for(lambda: listening(remote_port), 30, "the tunnel's remote port")
         status = subprocess.run(
             [sys.executable, "-m", "wqsupervisor", "status", "--pid", str(attach.pid)],
             capture_output=True,
             text=True,
-            env=_env(),
+            env=ndcctools_env(),
             timeout=30,
         )
         assert f"TaskVine manager port {port} (vine-attached)" in status.stdout, status.stdout + status.stderr
         workers = [
-            start_worker(remote_port, program=str(_bin() / "vine_worker"), password_file=str(pw))
+            start_worker(remote_port, program=str(ndcctools_bin() / "vine_worker"), password_file=str(pw))
             for _ in range(2)
         ]
         line = wait_for(manager.stdout.readline, 120, "the tasks")
