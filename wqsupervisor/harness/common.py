@@ -55,16 +55,17 @@ def summary(values: Sequence[float]) -> dict[str, float | int | None]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def version(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """The first line a program prints for its version (``argv``), or "missing"."""
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False, env=env)
+    except OSError:
+        return "missing"
+    return (res.stdout + res.stderr).strip().splitlines()[0] if (res.stdout + res.stderr).strip() else ""
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-
-    def version(argv: list[str]) -> str:
-        try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        except OSError:
-            return "missing"
-        return (res.stdout + res.stderr).strip().splitlines()[0] if (res.stdout + res.stderr).strip() else ""
-
     return {
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,

@@ -21,7 +21,9 @@ from .master import MasterProcess
 from .tunnels import PlainSsh, Supervised
 
 
-class _Tool(Protocol):
+class Tool(Protocol):
+    """A tunnel whose ssh a benchmark kills."""
+
     name: str
     remote_port: int
 
@@ -30,12 +32,12 @@ class _Tool(Protocol):
     def close(self) -> None: ...
 
 
-def _measure(
-    tool: _Tool, master: MasterProcess, n_workers: int, limit: float = 120.0
+def measure_kill(
+    tool: Tool, master_port: int, n_workers: int, limit: float = 120.0
 ) -> dict[str, float | None]:
     """Kill the tool's ssh once; seconds to forward restored and to all workers back (None: not
-    within ``limit``)."""
-    before = queue_status(master.port) or {}
+    within ``limit``). The master on ``master_port`` must be answering status requests."""
+    before = queue_status(master_port) or {}
     joined_before = int(before.get("workers_joined", 0))
     pid = tool.ssh_pid()
     killed = time.monotonic()
@@ -46,10 +48,10 @@ def _measure(
         now = time.monotonic()
         if restored is None:
             through = queue_status(tool.remote_port, timeout=0.3)
-            if through is not None and through.get("port") == master.port:
+            if through is not None and through.get("port") == master_port:
                 restored = now - killed
         if workers_back is None:
-            here = queue_status(master.port, timeout=0.3) or {}
+            here = queue_status(master_port, timeout=0.3) or {}
             if (
                 int(here.get("workers_joined", 0)) >= joined_before + n_workers
                 and int(here.get("workers_connected", 0)) >= n_workers
@@ -72,11 +74,11 @@ def run(
     results: dict[str, list[dict[str, float | None]]] = {"wqsupervisor": [], "autossh": []}
     with contextlib.ExitStack() as stack:
         head = stack.enter_context(HeadNode())
-        tools: list[tuple[_Tool, MasterProcess]] = []
+        tools: list[tuple[Tool, MasterProcess]] = []
         for kind in ("wqsupervisor", "autossh"):
             master = MasterProcess(binding, pythonpath)
             stack.callback(master.close)
-            tool: _Tool = (
+            tool: Tool = (
                 Supervised(head, master.port)
                 if kind == "wqsupervisor"
                 else PlainSsh(head, master.port, session=True, autossh=True)
@@ -86,18 +88,19 @@ def run(
             master.start("serve 100000")  # sit in wait() so status requests are answered
             tools.append((tool, master))
         for _, master in tools:
-            _wait_all_connected(master, n_workers)
+            wait_all_connected(master.port, n_workers)
         time.sleep(settle)
         for k in range(kills):
             for tool, master in tools:
-                figures = _measure(tool, master, n_workers)
+                figures = measure_kill(tool, master.port, n_workers)
                 results[tool.name].append(figures)
                 progress(
-                    f"kill {k + 1}/{kills} {tool.name}: forward restored in {_fmt(figures['restored'])}, "
-                    f"workers back in {_fmt(figures['workers'])}"
+                    f"kill {k + 1}/{kills} {tool.name}: "
+                    f"forward restored in {fmt_seconds(figures['restored'])}, "
+                    f"workers back in {fmt_seconds(figures['workers'])}"
                 )
                 if figures["workers"] is None:
-                    _wait_all_connected(master, n_workers, limit=300)
+                    wait_all_connected(master.port, n_workers, limit=300)
                 time.sleep(settle)
     out: dict[str, Any] = {"machine": machine(), "kills": kills, "workers": n_workers, "tools": {}}
     for name, rows in results.items():
@@ -113,14 +116,16 @@ def run(
     return out
 
 
-def _fmt(seconds: float | None) -> str:
+def fmt_seconds(seconds: float | None) -> str:
+    """Seconds to three places, or that they did not come within the 120 s limit."""
     return "not within 120 s" if seconds is None else f"{seconds:.3f} s"
 
 
-def _wait_all_connected(master: MasterProcess, n: int, limit: float = 60.0) -> None:
+def wait_all_connected(master_port: int, n: int, limit: float = 60.0) -> None:
+    """Until the master on ``master_port`` has ``n`` workers connected (RuntimeError after ``limit``)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        here = queue_status(master.port) or {}
+        here = queue_status(master_port) or {}
         if int(here.get("workers_connected", 0)) >= n:
             return
         time.sleep(0.1)

@@ -57,18 +57,19 @@ MB = 1_000_000
 SIZES = (("empty", 0, 200), ("1 MB", MB, 50), ("100 MB", 100 * MB, 8))
 
 
-def _path(kind: str, head: HeadNode, master: MasterProcess) -> Any:
+def tunnel_path(kind: str, head: HeadNode, master_port: int) -> Any:
+    """The path ``kind`` to the master on ``master_port`` (None for direct), to be closed."""
     if kind == "direct":
         return None
     if kind == "wqsupervisor":
-        return Supervised(head, master.port)
+        return Supervised(head, master_port)
     if kind == RESUMABLE:
-        return Supervised(head, master.port, backend="resumable")
+        return Supervised(head, master_port, backend="resumable")
     if kind == TWO_HOP:
-        return TwoHop(head, master.port)
+        return TwoHop(head, master_port)
     if kind == SUPERVISED_TWO_HOP:
-        return SupervisedTwoHop(head, master.port)
-    return PlainSsh(head, master.port, session=kind == SESSION)
+        return SupervisedTwoHop(head, master_port)
+    return PlainSsh(head, master_port, session=kind == SESSION)
 
 
 @contextlib.contextmanager
@@ -84,7 +85,7 @@ def _connected(
     with contextlib.ExitStack() as stack:
         master = MasterProcess(binding, pythonpath)
         stack.callback(master.close)
-        path = _path(kind, head, master)
+        path = tunnel_path(kind, head, master.port)
         if path is not None:
             stack.callback(path.close)
         port = master.port if path is None else path.remote_port
@@ -107,7 +108,7 @@ def rates(result: dict[str, Any], tasks: int, kind: str = "") -> dict[str, float
     return {"steady": steady, "whole": whole}
 
 
-def _one(
+def steady_run(
     kind: str,
     head: HeadNode,
     tasks: int,
@@ -117,6 +118,7 @@ def _one(
     pythonpath: str | None,
     worker_program: str | None,
 ) -> dict[str, float]:
+    """One master, ``n_workers`` through the path ``kind``, ``tasks`` tasks of ``command``: its rates."""
     with _connected(kind, head, n_workers, binding, pythonpath, worker_program) as master:
         result = master.run(tasks, command)
     return rates(result, tasks, kind)
@@ -139,7 +141,9 @@ def run(
         for r in range(rounds):
             order = list(paths) if r % 2 == 0 else list(reversed(paths))
             for kind in order:
-                figures = _one(kind, head, tasks, n_workers, command, binding, pythonpath, worker_program)
+                figures = steady_run(
+                    kind, head, tasks, n_workers, command, binding, pythonpath, worker_program
+                )
                 rows[kind].append(figures)
                 progress(
                     f"round {r + 1}/{rounds} {kind}: steady {figures['steady']:.1f} tasks/s, "
