@@ -219,3 +219,67 @@ def test_attach_tells_a_taskvine_manager_by_its_status_and_serves_it(head, remot
         manager.kill()
         manager.communicate()
     assert not listening(remote_port)
+
+
+_PEER_MANAGER = textwrap.dedent(
+    """
+    import json, sys, time
+    import ndcctools.taskvine as vine
+    from wqsupervisor import Settings, supervise
+    cfg, port = sys.argv[1], int(sys.argv[2])
+    m = vine.Manager(port=0, name="vine-peers")
+    sup = supervise(m, Settings(via="headnode", ssh_config=cfg, remote_port=port, allow_no_password=True),
+                    log_events=False)
+    assert sup.wait_until_up(60), sup.failure
+    print("ready", flush=True)
+    temp = m.declare_temp()  # lives on workers only: the manager never holds it
+    made = vine.Task("echo made-on-the-node > out")
+    made.add_output(temp, "out")
+    made.add_feature("node")
+    used = vine.Task("cat in")
+    used.add_input(temp, "in")
+    used.add_feature("head")
+    m.submit(made)
+    m.submit(used)
+    out, deadline = {}, time.monotonic() + 90
+    while not m.empty() and time.monotonic() < deadline:
+        t = m.wait(1)
+        if t:
+            out["made" if t is made else "used"] = [t.successful(), (t.output or "").strip()]
+    print(json.dumps(out), flush=True)
+    sup.close()
+    """
+)
+
+
+def test_vine_workers_fetch_each_others_files_across_the_tunnel():
+    """A supervised manager on campus; one vine_worker on a compute node (node launcher, hop) and one on
+    the head node, both through the tunnel, so the manager sees both come from 127.0.0.1. A temporary
+    file made on the node's worker (it exists on workers only) is needed by a task on the head's worker:
+    it is fetched peer to peer, at the node's own address that the launcher gave its worker."""
+    from wqsupervisor.harness.lab import CAMPUS, HEAD, NODE_IP
+    from wqsupervisor.harness.labapps import node_logs, start_node_workers
+
+    from support import root_lab
+
+    remote = 9123
+    with root_lab() as lab:
+        argv = [sys.executable, "-c", _PEER_MANAGER, str(lab.campus_ssh_config), str(remote)]
+        manager = lab.popen(
+            CAMPUS, argv, stdout=subprocess.PIPE, text=True, env=ndcctools_env(), cwd=lab.root
+        )
+        assert manager.stdout is not None
+        assert wait_for(manager.stdout.readline, 90, "the manager").startswith("ready")
+        vine_worker = str(ndcctools_bin() / "vine_worker")
+        start_node_workers(lab, remote, worker=vine_worker, peer_transfers=True, extra=["--feature", "node"])
+        head_worker = [vine_worker, "--feature", "head", "--cores", "1", "--memory", "512", "--disk", "1024"]
+        lab.popen(
+            HEAD,
+            [*head_worker, "127.0.0.1", str(remote)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        line = wait_for(manager.stdout.readline, 150, "the two tasks")
+        result = json.loads(line)
+        assert result == {"made": [True, ""], "used": [True, "made-on-the-node"]}, (result, node_logs(lab))
+        assert f"peer transfers at {NODE_IP}:" in node_logs(lab, chars=100_000)

@@ -466,6 +466,7 @@ async def build_tracker(
         disk_mb=settings.worker_disk,
         idle_timeout=max(1, round(settings.idle_time)),
         ssl=settings.ssl,
+        peer_transfers=kind.peer_transfers,
     )
     password = read_password(settings.password_file) if settings.password_file else None
     if isinstance(system, Factory):

@@ -13,7 +13,10 @@ what a status request is called and in their programs:
   sends to any master;
 * their workers are ``work_queue_worker`` and ``vine_worker``, and their
   factories ``work_queue_factory`` and ``vine_factory``; the flags the node
-  launcher and the factory wrapper use are the same for both.
+  launcher and the factory wrapper use are the same for both;
+* TaskVine's workers also fetch files from each other, at the address the
+  manager saw each come from, which a tunnel hides (the node launcher's
+  ``peer_transfers``).
 
 A new kind is one more :class:`MasterKind` in :data:`KINDS`.
 """
@@ -39,6 +42,8 @@ class MasterKind:
     factory: str
     modules: tuple[str, ...]
     """Python modules whose master objects are of this kind."""
+    peer_transfers: bool = False
+    """Its workers fetch files from each other, at addresses the manager hands out."""
 
 
 WORK_QUEUE = MasterKind(
@@ -56,6 +61,7 @@ TASKVINE = MasterKind(
     worker="vine_worker",
     factory="vine_factory",
     modules=("ndcctools.taskvine",),
+    peer_transfers=True,
 )
 KINDS = (WORK_QUEUE, TASKVINE)
 ANY_LABEL = " or ".join(k.label for k in KINDS)

@@ -19,8 +19,19 @@ The script keeps that hop alive and runs ``work_queue_worker`` through it:
   ends (idle timeout, or the master released it) the script stops the hop,
   removes its files and exits with the worker's status.
 
+* a TaskVine worker (``peer_transfers``) tells the manager where the other
+  workers can fetch its files: the manager takes a worker's transfer address
+  from the connection the worker came in on, which through the tunnel is
+  ``127.0.0.1`` for every worker, so a worker on another node would look for
+  the file on its own loopback. The script picks a free port on the node and
+  gives the worker ``--transfer-port P --contact-hostport ADDR:P``, ADDR being
+  the address the head node sees the hop come from (``$SSH_CONNECTION``: the
+  node's address on the cluster's network, where the other nodes are).
+
 Without a hop (workers on the head node itself) the script runs the worker
-against ``127.0.0.1:REMOTE_PORT`` directly. Everything it writes is 0600/0700.
+against ``127.0.0.1:REMOTE_PORT`` directly (and its transfer address,
+``127.0.0.1``, is right for the other workers there). Everything it writes is
+0600/0700.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ HOP=%(hop)d
 IDLE=%(idle)d
 MAX_BACKOFF=%(max_backoff)d
 REFUSED_MOVE=%(refused_move)d
+PEER=%(peer)d
 
 log() { printf '%%s wqs-node[%%s]: %%s\n' "$(date '+%%H:%%M:%%S')" "$$" "$*" >&2; }
 
@@ -152,6 +164,19 @@ refused_too_long() {
     [ -n "$refused_since" ] && [ $((now - refused_since)) -ge $REFUSED_MOVE ]
 }
 
+free_port() {
+    # The first port from $1 on that no socket of this node listens on (/proc/net/tcp*).
+    p=$1
+    n=0
+    while [ $n -lt 200 ]; do
+        awk -v h=":$(printf '%%04X' "$p")" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
+            END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null || { echo "$p"; return 0; }
+        p=$((p + 1)); [ "$p" -gt 60999 ] && p=30000
+        n=$((n + 1))
+    done
+    return 1
+}
+
 hop_loop() {
     delay=1
     while :; do
@@ -199,11 +224,25 @@ if [ "$HOP" = 1 ]; then
         [ $tries -ge 50 ] && { log "giving up on the hop"; exit 75; }
     done
     log "hop up: 127.0.0.1:$port -> $head:127.0.0.1:$REMOTE_PORT"
+    # The head's sshd prints where the hop comes from: this node's address on the cluster's network.
+    node_addr=$(sed -n 's/^%(hop_up)s \([0-9.]*\) .*/\1/p' "$tmp/hop.out" | head -n 1)
     hop_loop &
     hop_loop_pid=$!
     target_port=$port
 else
     target_port=$REMOTE_PORT
+fi
+
+peer_args=
+if [ "$PEER" = 1 ] && [ "$HOP" = 1 ]; then
+    # Through the tunnel the manager sees every worker come from 127.0.0.1 and would send the
+    # other workers there for this one's files: give it this node's address and a port of ours.
+    if [ -n "$node_addr" ] && transfer_port=$(free_port $((30000 + $$ %% 30000))); then
+        peer_args="--transfer-port $transfer_port --contact-hostport $node_addr:$transfer_port"
+        log "peer transfers at $node_addr:$transfer_port"
+    else
+        log "no address of this node for peer transfers: other workers cannot fetch from this one"
+    fi
 fi
 
 disk_arg=
@@ -217,8 +256,8 @@ if [ %(measure_disk)d = 1 ]; then
         *) [ "$free" -ge 2 ] && disk_arg="--disk=$((free / 2))" ;;
     esac
 fi
-%(worker)s --parent-death --min-backoff 1 --max-backoff "$MAX_BACKOFF" -t "$IDLE" $disk_arg %(worker_args)s \
-    127.0.0.1 "$target_port" &
+%(worker)s --parent-death --min-backoff 1 --max-backoff "$MAX_BACKOFF" -t "$IDLE" \
+    $disk_arg $peer_args %(worker_args)s 127.0.0.1 "$target_port" &
 worker_pid=$!
 wait "$worker_pid"
 status=$?
@@ -251,7 +290,8 @@ HOP_OPTIONS = (
     "ControlPath=none",
 )
 HOP_UP = "wqs-hop-up"
-HOP_COMMAND = f"echo {HOP_UP}; exec cat"
+# $SSH_CONNECTION is expanded on the head: "NODE_ADDR NODE_PORT HEAD_ADDR HEAD_PORT".
+HOP_COMMAND = f"echo {HOP_UP} $SSH_CONNECTION; exec cat"
 
 
 def hop_argv(
@@ -291,6 +331,8 @@ class NodeLauncher:
     """With other head nodes: seconds of refusals from the master's port behind the hop before
     the hop moves to the next head (the tunnel left this head while its sshd still answers)."""
     ssl: bool = False
+    peer_transfers: bool = False
+    """TaskVine's workers fetch files from each other: give each the node's own address for that."""
     worker_args: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -331,6 +373,7 @@ class NodeLauncher:
             "worker_args": " ".join(shlex.quote(a) for a in self._worker_args()),
             "max_backoff": self.max_backoff,
             "refused_move": self.refused_move,
+            "peer": 1 if self.peer_transfers else 0,
             "measure_disk": 1 if self.disk_mb is None else 0,
         }
 

@@ -272,8 +272,11 @@ def start_node_workers(
     extra: Sequence[str] = (),
     via: str = "headnode",
     also_via: Sequence[str] = (),
+    worker: str = "work_queue_worker",
+    peer_transfers: bool = False,
 ) -> list[subprocess.Popen[Any]]:
-    """n node launchers on ``node``, each an ssh -L hop to ``via`` (or to ``also_via``) and a worker."""
+    """n node launchers on ``node``, each an ssh -L hop to ``via`` (or to ``also_via``) and a worker
+    (``worker``; a TaskVine one with ``peer_transfers``, see :class:`~wqsupervisor.launcher.NodeLauncher`)."""
     from ..launcher import NodeLauncher
 
     launcher = NodeLauncher(
@@ -285,6 +288,8 @@ def start_node_workers(
         cores=cores,
         memory_mb=512,
         disk_mb=1024,
+        worker=worker,
+        peer_transfers=peer_transfers,
         worker_args=tuple(extra),
     )
     script = launcher.write(lab.root / f"launch-{remote_port}.sh")
