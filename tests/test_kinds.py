@@ -97,6 +97,9 @@ def test_the_workers_program_follows_the_kind_unless_given(kind, program, expect
     tracker = _tracker(settings, kind)
     assert tracker.launcher.worker == expected
     assert f"{expected} --parent-death" in tracker.launcher.script().replace("'", "")
+    # TaskVine's workers are told the node's own address for their peers (see the launcher).
+    assert tracker.launcher.peer_transfers is (kind is TASKVINE)
+    assert ("PEER=1" in tracker.launcher.script()) is (kind is TASKVINE)
 
 
 def test_the_factory_follows_the_kind(tmp_path):
