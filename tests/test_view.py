@@ -30,7 +30,7 @@ from wqsupervisor.protocol import SupervisorSnapshot
 from wqsupervisor.view import LiveView, render, should_use_live_view
 from wqsupervisor.watch import WorkerWatch
 
-from support import REPO, wait_for
+from support import REPO, head_argv, python_env, wait_for
 
 NOW = 1_700_000_000.0
 
@@ -424,5 +424,39 @@ def test_live_view_in_a_real_terminal(tmp_path):
         stop_path.touch()
         final = wait_for(lambda: shows("view stopped, threads left: none"), 30, "a clean stop")
         assert "done 20/20" in final  # the last frame stays on screen
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
+
+
+def test_attach_shows_the_live_view_in_a_terminal(head, master, remote_port, tmp_path):
+    """`attach` on a terminal (tmux): the live view shows the attached master and its tunnel UP; Ctrl-C
+    ends it, the view stops and the summary line is printed, exit 0."""
+    name = f"wqs-attach-{uuid.uuid4().hex[:8]}"
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+    env = dict(python_env(), TERM=os.environ.get("TERM") or "xterm")
+    argv = head_argv("attach", head, remote_port, "--master-port", str(master.port), "--allow-no-password")
+    command = shlex.join(argv) + f"; echo exit=$? > {shlex.quote(str(tmp_path / 'rc'))}; sleep 120"
+
+    def screen() -> str:
+        res = subprocess.run(
+            [*tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True, check=False
+        )
+        return res.stdout
+
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", name, "-x", "140", "-y", "40", command], env=env, check=True
+    )
+    try:
+        text = wait_for(
+            lambda: next((t for t in [screen()] if "UP for" in t), None), 60, "the view, tunnel UP"
+        )
+        assert f"headnode:{remote_port}" in text and f"{master.port}" in text, text
+        assert "tunnel.up" in text, text
+        subprocess.run([*tmux, "send-keys", "-t", name, "C-c"], check=True)
+        wait_for(lambda: (tmp_path / "rc").exists(), 60, "attach to end after Ctrl-C")
+        assert (tmp_path / "rc").read_text().strip() == "exit=0"
+        final = screen()
+        assert f"wqsupervisor: master on port {master.port}" in final, final
+        assert f"tunnel headnode:{remote_port} closed" in final, final
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)

@@ -87,8 +87,13 @@ def identify(port: int, settings: Settings, timeout: float = 5.0) -> MasterInfo:
     )
 
 
-def attach_master(settings: Settings, port: int, *, until_master_exits: bool = False) -> int:
-    """Supervise the master on ``port`` until a signal (or its end); returns the exit status."""
+def attach_master(
+    settings: Settings, port: int, *, until_master_exits: bool = False, view: bool = True
+) -> int:
+    """Supervise the master on ``port`` until a signal (or its end); returns the exit status.
+
+    With ``view`` and a terminal on stdout, a live view replaces the log lines.
+    """
     if not 0 < port < 65536:
         raise ConfigError(f"--master-port {port} is not a port", "give the master's port, 1 to 65535")
     settings.require_tunnel()
@@ -114,11 +119,19 @@ def attach_master(settings: Settings, port: int, *, until_master_exits: bool = F
         received.append(signum)
         stop.set()
 
-    host = EngineThread()
-    metrics = None
+    from .view import should_use_live_view
+
+    use_live = view and should_use_live_view(sys.stdout)
+    host = EngineThread(log=not use_live)
+    metrics = live = None
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         host.add_sink(watch)
+        if use_live:
+            from .view import LiveView
+
+            live = LiveView(host.snapshot)
+            live.start()
         if settings.metrics_port is not None:
             from .metrics import MetricsServer
 
@@ -145,6 +158,8 @@ def attach_master(settings: Settings, port: int, *, until_master_exits: bool = F
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if live is not None:
+            live.stop()
         if metrics is not None:
             metrics.stop()
         host.stop()

@@ -34,6 +34,12 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _add_no_view(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-view", action="store_true", help="log lines instead of the live view, even on a terminal"
+    )
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "tunnel settings (flags win over --config, which wins over WQSUPERVISOR_*)"
@@ -92,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds the script gets to exit after Ctrl-C/SIGTERM before it is killed (default: 10)",
     )
-    run.add_argument(
-        "--no-view", action="store_true", help="log lines instead of the live view, even on a terminal"
-    )
+    _add_no_view(run)
     run.add_argument("script", help="the master script to run")
     run.add_argument("args", nargs="*", metavar="ARG", help="arguments passed to the script, as they are")
 
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="end once the master has stopped listening for 10 s (tunnel, workers and jobs go; exit 0)",
     )
+    _add_no_view(attach)
 
     sub.add_parser(
         "bench",
@@ -206,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = resolve(_settings_flags(ns), ns.config)
             configure_cli_logging(settings.log_format)
-            return attach_master(settings, ns.master_port, until_master_exits=ns.until_master_exits)
+            return attach_master(
+                settings, ns.master_port, until_master_exits=ns.until_master_exits, view=not ns.no_view
+            )
         if ns.command == "status":
             from .status import main as status_main
 
