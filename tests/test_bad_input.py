@@ -83,6 +83,7 @@ BAD: list[tuple[str, str]] = [
     ("worker_memory", "0"),
     ("worker_disk", "-5"),
     ("worker_program", "-x"),
+    ("factory_program", "-x"),
     ("node_via", "-oProxyCommand=id"),
     ("also_node_via", "-oProxyCommand=id"),
     ("node_ssh_args", "-o 'unbalanced"),

@@ -111,3 +111,7 @@ def test_the_factory_follows_the_kind(tmp_path):
         assert isinstance(tracker.system, Factory)
         tracker.system.workdir = str(tmp_path)
         assert tracker.system.factory_argv(10001)[0] == kind.factory
+    given = settings.replace(node_via="headnode", factory_program="/opt/cctools/bin/vine_factory")
+    tracker = _tracker(given, TASKVINE)
+    tracker.system.workdir = str(tmp_path)
+    assert tracker.system.factory_argv(10001)[0] == "/opt/cctools/bin/vine_factory"

@@ -283,3 +283,22 @@ def test_vine_workers_fetch_each_others_files_across_the_tunnel():
         result = json.loads(line)
         assert result == {"made": [True, ""], "used": [True, "made-on-the-node"]}, (result, node_logs(lab))
         assert f"peer transfers at {NODE_IP}:" in node_logs(lab, chars=100_000)
+
+
+def test_vine_factory_on_the_head_node_feeds_a_manager_through_the_tunnel(head, remote_port, tmp_path):
+    """run --workers factory for a TaskVine manager: vine_factory on the (loopback) head node, given by
+    --factory-program as a head node's login PATH may not have it, starts vine_workers (through the node
+    launcher) against the head's remote port, and they run every task."""
+    script = tmp_path / "app.py"
+    script.write_text(_script('m = vine.Manager(port=0, name="vine-factory")', 16, "factory"))
+    argv = head_argv(
+        "run", head, remote_port, "--allow-no-password", "--workers", "factory", "--max-workers", "2",
+        "--factory-program", str(ndcctools_bin() / "vine_factory"),
+        "--worker-program", str(ndcctools_bin() / "vine_worker"), "--no-view", str(script),
+    )  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env=ndcctools_env(), timeout=180, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == _outputs(16, "factory"), done.stdout
+    assert "system=factory" in done.stderr and "workers.joined" in done.stderr, done.stderr

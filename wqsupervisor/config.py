@@ -141,6 +141,12 @@ class Settings:
         "with --workers factory: the factory's own batch type (local, slurm, condor...)",
         metavar="TYPE",
     )
+    factory_program: str | None = _setting(
+        None,
+        "with --workers factory: the factory program on the head node (default: the master's own kind "
+        "of factory: work_queue_factory, or vine_factory for a TaskVine manager)",
+        metavar="PATH",
+    )
     worker_cores: int = _setting(1, "cores each worker offers and each job asks for", metavar="N")
     worker_memory: int | None = _setting(None, "memory per worker in MB", metavar="MB")
     worker_disk: int | None = _setting(None, "disk per worker in MB", metavar="MB")

@@ -470,7 +470,7 @@ async def build_tracker(
     )
     password = read_password(settings.password_file) if settings.password_file else None
     if isinstance(system, Factory):
-        system.program = kind.factory
+        system.program = settings.factory_program or kind.factory
         system.batch_type = settings.factory_type
         system.min_workers, system.max_workers = settings.min_workers, settings.max_workers
         system.idle_timeout = launcher.idle_timeout

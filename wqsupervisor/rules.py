@@ -130,6 +130,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "worker_memory": _optional(_count(1, _MOST_MB)),
     "worker_disk": _optional(_count(1, _MOST_MB)),
     "worker_program": _optional(check.program),
+    "factory_program": _optional(check.program),
     "node_via": _optional(check.host),
     "also_node_via": _each(check.host),
     "node_ssh_args": _optional(check.shell_words),
