@@ -182,18 +182,19 @@ def _host_config(host: str, options: Any, config_file: str | None) -> HostConfig
 
 
 def _proxy(options: Any) -> tuple[tuple[str, ...], str | None]:
-    """ProxyJump's hops or ProxyCommand's command: whichever ssh obtained first decides, as in ssh."""
-    keys = list(options)
-    order = sorted((keys.index(k), k) for k in ("proxyjump", "proxycommand") if k in keys)
-    if not order:
-        return (), None
-    key = order[0][1]
-    value = options[key]
-    if value is None or str(value).strip().lower() == "none":
-        return (), None
-    if key == "proxycommand":
-        return (), str(value)
-    return tuple(h.strip() for h in str(value).split(",") if h.strip()), None
+    """ProxyJump's hops or ProxyCommand's command, whichever ssh obtained first.
+
+    As ssh 9 does: ``ProxyCommand none`` rules out both, ``ProxyJump none``
+    only itself (a later ProxyCommand still counts).
+    """
+    for key in [k for k in options if k in ("proxyjump", "proxycommand")]:
+        value = options[key]
+        none = value is None or str(value).strip().lower() == "none"
+        if key == "proxycommand":
+            return (), None if none else str(value)
+        if not none:
+            return tuple(h.strip() for h in str(value).split(",") if h.strip()), None
+    return (), None
 
 
 def _expand(path: str, tokens: dict[str, str]) -> str:
