@@ -8,10 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,29 +17,7 @@ from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.process import pid_alive
 from wqsupervisor.remoteport import SESSION_NAMES, PortHolders, end_stale_session, inspect_port
 
-from support import free_port, wait_for
-
-_LISTEN = (
-    "import socket, sys, time\n"
-    "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
-    "print('ready', flush=True)\n"
-    "time.sleep(300)\n"
-)
-
-
-@contextmanager
-def holding(tmp_path: Path, name: str, port: int) -> Iterator[subprocess.Popen[str]]:
-    """A real process whose /proc/PID/comm is ``name``, listening on 127.0.0.1:``port``."""
-    exe = tmp_path / name
-    exe.symlink_to(sys.executable)  # the kernel names a process after the file it ran
-    with subprocess.Popen([str(exe), "-c", _LISTEN, str(port)], stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert wait_for(proc.stdout.readline, 30, "the holder to listen").strip() == "ready"
-            assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == name
-            yield proc
-        finally:
-            proc.kill()
-            proc.wait()
+from support import free_port, holding
 
 
 def _inspect(head: HeadNode, backend: str, rundir: Path, port: int) -> PortHolders:

@@ -101,7 +101,7 @@ class Dialer:
         with self._lock:
             self._stopped = True
             parts = list(self._parts)
-        for part in parts:
+        for part in reversed(parts):  # the host before the hops that carry it
             if isinstance(part, socket.socket):
                 with contextlib.suppress(OSError):
                     part.shutdown(socket.SHUT_RDWR)
@@ -120,6 +120,10 @@ class Dialer:
             elif isinstance(part, paramiko.ProxyCommand):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     part.process.wait(_JOIN_TIMEOUT)
+                # paramiko's close() only signals the command; its pipes are ours to close.
+                for pipe in (part.process.stdin, part.process.stdout, part.process.stderr):
+                    if pipe is not None:
+                        pipe.close()
             elif isinstance(part, socket.socket):
                 part.close()
 
@@ -185,7 +189,7 @@ class Dialer:
             except BaseException:
                 jump.close()
                 raise
-            return chan, [jump, *jump.jumps]
+            return _HopChannel(chan), [jump, *jump.jumps]
         if cfg.proxy_command is not None:
             argv = owned_argv(["/bin/sh", "-c", f"exec {cfg.proxy_command}"])
             proxy = paramiko.ProxyCommand(shlex.join(argv))
@@ -194,6 +198,24 @@ class Dialer:
         sock = tcp_connect(cfg.hostname, cfg.port, self.timeout)
         self._keep(sock)
         return sock, []
+
+
+class _HopChannel:
+    """A hop's ``direct-tcpip`` channel as the socket of the next Transport.
+
+    Closing it never raises: the next Transport's thread closes its socket
+    last, when the hop's connection may already be gone.
+    """
+
+    def __init__(self, chan: Any) -> None:
+        self._chan = chan
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chan, name)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._chan.close()
 
 
 def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
