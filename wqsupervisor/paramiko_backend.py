@@ -3,16 +3,24 @@
 :class:`ParamikoSession` implements :class:`~wqsupervisor.session.Session` and
 :class:`ParamikoSessions` its factory (``Settings(backend="paramiko")``)::
 
-    TCP connection (tcpconn.open_connection: TCP_NODELAY, retransmission cap)
+    TCP connection (tcpconn.open_connection: TCP_NODELAY, retransmission cap),
+    or a ProxyJump hop's direct-tcpip channel, or a ProxyCommand's pipes
       -> paramiko Transport: host key from known_hosts, public key auth
       -> tcpip-forward REMOTE_BIND:REMOTE   each incoming channel <-> 127.0.0.1:MASTER
       -> session channel running session.REMOTE_COMMAND (remote pid, pings)
       -> direct-tcpip channels to the head's 127.0.0.1:REMOTE for probes
 
-* Host, port, user, identity files and known_hosts files come from ``ssh -G``
-  (the user's ssh config applies; :mod:`wqsupervisor.sshkeys`). Host keys are
-  never added. Failures are classified from paramiko's exception types
-  (:func:`failure_of`). ProxyJump and ProxyCommand are not supported.
+* No ssh binary is run. Host, port, user, identity files, known_hosts files
+  and the route come from the user's ssh config read with paramiko's
+  ``SSHConfig`` (:mod:`wqsupervisor.paramiko_config`); host keys are checked
+  as ssh checks them and never added, and a host known only through a
+  ``@cert-authority`` line is refused (:mod:`wqsupervisor.sshkeys`);
+  ProxyJump and ProxyCommand go through paramiko too, each hop checked and
+  authenticated on its own (:mod:`wqsupervisor.paramiko_connect`). Failures
+  are classified from paramiko's exception types (:func:`failure_of`).
+* Head-node commands (who holds a refused remote port, ending a stale
+  session, the head probe behind a proxy) run on exec channels
+  (:meth:`ParamikoSessions.run_on_head`).
 * The session channel is not decoration: sshd sets TCP_NODELAY on its side
   only once a session starts, and without it Work Queue's small writes wait on
   delayed ACKs (0.055 of direct task throughput, against 0.66 with it).
@@ -38,8 +46,7 @@ the application, and after 3.1 ms (2.9-4.4 ms) with it in the agent.
 forward, median of 3) 172 MB/s against OpenSSH's 376 MB/s, a ratio of 0.42;
 Work Queue empty tasks (200 tasks, 2 workers, steady rate, median of 5) 0.54
 of direct against OpenSSH's 0.71, a ratio of 0.76 (0.69-1.00). The OpenSSH
-backend stays the default. This one still needs the ssh client for ``ssh -G``
-and for the tunnel's look at who holds a taken remote port.
+backend stays the default.
 
 Exit codes follow ssh's: 255 when the connection failed or was lost, the
 remote command's status when it ended on its own, ``-signal`` when the
@@ -51,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import socket
 from collections import deque
@@ -60,21 +66,19 @@ from typing import Any
 import paramiko
 
 from . import tcpconn
-from .errors import TunnelError
 from .logs import get_logger
 from .paramiko_config import HostConfig, read_head
 from .paramiko_connect import (
-    LOGGER_NAME,
+    REFUSALS,
     Dialer,
-    JumpFailed,
-    PublicKeyRefused,
+    PortForwardRefused,
     exec_command,
+    failure_of,
     run_once,
 )
 from .paramiko_threads import SessionThreads
 from .session import (
     REMOTE_COMMAND,
-    FailureKind,
     HeadAddress,
     HeadRun,
     RemoteLines,
@@ -82,66 +86,11 @@ from .session import (
     SessionFailure,
     lease_command,
 )
-from .sshkeys import HostCertificateUnsupported, RevokedHostKey, UnknownHostKey
 from .target import SshTarget
 
-# paramiko's transport logs every dropped connection at ERROR; it goes to
-# the application's logging if it has any, and nowhere otherwise.
-logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
+__all__ = ["ParamikoSession", "ParamikoSessions", "failure_of"]
 
 _JOIN_TIMEOUT = 5.0
-
-
-class PortForwardRefused(Exception):
-    """The head node refused the ``tcpip-forward`` request for the remote port."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(f"the head node refused to forward port {port}")
-        self.port = port
-
-
-_REFUSALS = (
-    PortForwardRefused,
-    PublicKeyRefused,
-    UnknownHostKey,
-    RevokedHostKey,
-    HostCertificateUnsupported,
-    JumpFailed,
-    TunnelError,
-)
-
-
-def failure_of(exc: BaseException, dest: str, where: str, *, authenticated: bool) -> SessionFailure:
-    """The failure a paramiko (or socket) exception means; ``where`` is the sshd's host and port."""
-    if isinstance(exc, JumpFailed):
-        hop = exc.hop
-        return failure_of(exc.cause, hop.name, f"{hop.hostname} port {hop.port}", authenticated=False)
-    if isinstance(exc, tcpconn.ConnectFailed):
-        return exc.failure(dest)
-    if isinstance(exc, PortForwardRefused):
-        return SessionFailure.port_taken(dest, exc.port)
-    if isinstance(exc, RevokedHostKey):
-        return SessionFailure.host_key_revoked(dest)
-    if isinstance(exc, paramiko.BadHostKeyException):
-        return SessionFailure.host_key_changed(dest)
-    if isinstance(exc, UnknownHostKey):
-        return SessionFailure.host_key_unknown(dest)
-    if isinstance(exc, (PublicKeyRefused, paramiko.AuthenticationException)):
-        return SessionFailure.auth(dest, str(exc))
-    if isinstance(exc, HostCertificateUnsupported):
-        return SessionFailure(
-            FailureKind.HOST_KEY_UNKNOWN,
-            str(exc),
-            "add the head node's host key itself to known_hosts (ssh-keyscan, checked with its admins), "
-            "or use backend='openssh'",
-            permanent=True,
-        )
-    if isinstance(exc, TunnelError):
-        return SessionFailure(FailureKind.CONFIG, exc.message, exc.hint or "", permanent=True)
-    detail = str(exc) or type(exc).__name__
-    if not authenticated:
-        return SessionFailure.network(dest, f"connection to {where} failed during the handshake: {detail}")
-    return SessionFailure.network(dest, f"connection to {where} closed by remote host ({detail})")
 
 
 class ParamikoSession:
@@ -335,7 +284,7 @@ class ParamikoSession:
             self._handshake(sock)
             self._read_session()
             code, failure = self._why_ended()
-        except (*_REFUSALS, paramiko.SSHException, EOFError, OSError) as exc:
+        except (*REFUSALS, paramiko.SSHException, EOFError, OSError) as exc:
             self._notes.extend(str(exc).splitlines())
             failure = self._failure_of(exc)
         except Exception as exc:
@@ -505,6 +454,9 @@ class ParamikoSessions:
         assert self._config is not None, "prepare() first"
         session = self._current
         if not fresh and session is not None and session.running and session.remote_pid is not None:
-            return await asyncio.wait_for(session.run(command, stdin, timeout), timeout + 1)
+            try:
+                return await asyncio.wait_for(session.run(command, stdin, timeout), timeout + 1)
+            except TimeoutError:
+                return HeadRun(None, "", f"{command!r} did not end within {timeout:g} s")
         fast = self.target.option("Ciphers") is None
         return await run_once(self._config, command, stdin, timeout, fast_cipher=fast)

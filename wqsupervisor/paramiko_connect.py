@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shlex
 import socket
@@ -32,13 +33,24 @@ from typing import Any
 
 import paramiko
 
+from . import tcpconn
+from .errors import TunnelError
 from .paramiko_config import HostConfig, read_hop
 from .process import owned_argv
-from .session import FAST_CIPHER, FailureKind, HeadRun
-from .sshkeys import KnownHosts, key_type_of, load_keys
-from .tcpconn import ConnectFailed
+from .session import FAST_CIPHER, FailureKind, HeadRun, SessionFailure
+from .sshkeys import (
+    HostCertificateUnsupported,
+    KnownHosts,
+    RevokedHostKey,
+    UnknownHostKey,
+    key_type_of,
+    load_keys,
+)
 
 LOGGER_NAME = "wqsupervisor.paramiko"
+# paramiko's transport logs every dropped connection at ERROR; it goes to
+# the application's logging if it has any, and nowhere otherwise.
+logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
 _JOIN_TIMEOUT = 5.0
 _MAX_HOPS = 8
 
@@ -181,7 +193,7 @@ class Dialer:
                 )
             except paramiko.ChannelException as exc:
                 jump.close()
-                refused = ConnectFailed(
+                refused = tcpconn.ConnectFailed(
                     FailureKind.REFUSED,
                     f"{hop.name} could not connect to {cfg.hostname} port {cfg.port}: {exc.text}",
                 )
@@ -223,17 +235,17 @@ def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((host, port), timeout)
     except socket.gaierror as exc:
-        raise ConnectFailed(
+        raise tcpconn.ConnectFailed(
             FailureKind.RESOLVE, f"Could not resolve hostname {host}: {exc.strerror}"
         ) from None
     except TimeoutError:
-        raise ConnectFailed(
+        raise tcpconn.ConnectFailed(
             FailureKind.NETWORK, f"connect to host {host} port {port}: Connection timed out"
         ) from None
     except OSError as exc:
         kind = FailureKind.REFUSED if exc.errno == errno.ECONNREFUSED else FailureKind.NETWORK
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConnectFailed(kind, f"connect to host {host} port {port}: {reason}") from None
+        raise tcpconn.ConnectFailed(kind, f"connect to host {host} port {port}: {reason}") from None
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -326,3 +338,59 @@ async def run_once(
         if isinstance(exc, TimeoutError):
             return HeadRun(None, "", f"{command!r} did not end within {timeout:g} s")
         raise
+
+
+# -- what went wrong ---------------------------------------------------------------
+
+
+class PortForwardRefused(Exception):
+    """The head node refused the ``tcpip-forward`` request for the remote port."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(f"the head node refused to forward port {port}")
+        self.port = port
+
+
+REFUSALS = (
+    PortForwardRefused,
+    PublicKeyRefused,
+    UnknownHostKey,
+    RevokedHostKey,
+    HostCertificateUnsupported,
+    JumpFailed,
+    TunnelError,
+)
+"""What a session reports as a failure of its own kind, not as a crash."""
+
+
+def failure_of(exc: BaseException, dest: str, where: str, *, authenticated: bool) -> SessionFailure:
+    """The failure a paramiko (or socket) exception means; ``where`` is the sshd's host and port."""
+    if isinstance(exc, JumpFailed):
+        hop = exc.hop
+        return failure_of(exc.cause, hop.name, f"{hop.hostname} port {hop.port}", authenticated=False)
+    if isinstance(exc, tcpconn.ConnectFailed):
+        return exc.failure(dest)
+    if isinstance(exc, PortForwardRefused):
+        return SessionFailure.port_taken(dest, exc.port)
+    if isinstance(exc, RevokedHostKey):
+        return SessionFailure.host_key_revoked(dest)
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return SessionFailure.host_key_changed(dest)
+    if isinstance(exc, UnknownHostKey):
+        return SessionFailure.host_key_unknown(dest)
+    if isinstance(exc, (PublicKeyRefused, paramiko.AuthenticationException)):
+        return SessionFailure.auth(dest, str(exc))
+    if isinstance(exc, HostCertificateUnsupported):
+        return SessionFailure(
+            FailureKind.HOST_KEY_UNKNOWN,
+            str(exc),
+            "add the head node's host key itself to known_hosts (ssh-keyscan, checked with its admins), "
+            "or use backend='openssh'",
+            permanent=True,
+        )
+    if isinstance(exc, TunnelError):
+        return SessionFailure(FailureKind.CONFIG, exc.message, exc.hint or "", permanent=True)
+    detail = str(exc) or type(exc).__name__
+    if not authenticated:
+        return SessionFailure.network(dest, f"connection to {where} failed during the handshake: {detail}")
+    return SessionFailure.network(dest, f"connection to {where} closed by remote host ({detail})")

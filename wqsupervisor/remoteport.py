@@ -6,12 +6,12 @@ session of ours (ended), our own live tunnel to another master (left alone,
 with an error), or something else (an error that names it).
 
 The head-node scripts are POSIX ``sh`` with ``awk`` and read ``/proc``, so they need
-no root and nothing installed on the head node. They run the transport's own
-way (:meth:`~wqsupervisor.session.SessionFactory.run_on_head`): a one-off
-``ssh`` for OpenSSH, an exec channel for paramiko, which needs no ssh client. As an unprivileged user they
+no root and nothing installed on the head node. As an unprivileged user they
 only see that user's processes, which is exactly the set the supervisor may
 touch: it ends only an ``sshd`` process of its own user that holds exactly
-the remote port, never anything else.
+the remote port, never anything else. They run the transport's own way
+(:meth:`~wqsupervisor.session.SessionFactory.run_on_head`): a one-off ``ssh``
+for OpenSSH, an exec channel for paramiko, which needs no ssh client.
 """
 
 from __future__ import annotations
