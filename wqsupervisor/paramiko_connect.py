@@ -70,7 +70,7 @@ class JumpFailed(Exception):
 
 @dataclass
 class Connection:
-    """An authenticated Transport, and what carries it: jump connections, a proxy command, a socket."""
+    """An authenticated Transport and the hops' connections under it (their sockets are the Dialer's)."""
 
     transport: Any
     config: HostConfig
@@ -130,8 +130,11 @@ class Dialer:
             if isinstance(part, paramiko.Transport) and part.is_alive():
                 part.join(_JOIN_TIMEOUT)
             elif isinstance(part, paramiko.ProxyCommand):
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                try:
                     part.process.wait(_JOIN_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    part.process.kill()
+                    part.process.wait()
                 # paramiko's close() only signals the command; its pipes are ours to close.
                 for pipe in (part.process.stdin, part.process.stdout, part.process.stderr):
                     if pipe is not None:
