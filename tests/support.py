@@ -305,3 +305,26 @@ class TunnelCuts(threading.Thread):
         assert not self.is_alive(), "the cuts did not end"
         if self.error is not None:
             raise self.error
+
+
+_LISTEN = (
+    "import socket, sys, time\n"
+    "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+@contextlib.contextmanager
+def holding(tmp_path: Path, name: str, port: int) -> Iterator[subprocess.Popen[str]]:
+    """A real process whose /proc/PID/comm is ``name``, listening on 127.0.0.1:``port``."""
+    exe = tmp_path / name
+    exe.symlink_to(sys.executable)  # the kernel names a process after the file it ran
+    with subprocess.Popen([str(exe), "-c", _LISTEN, str(port)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert wait_for(proc.stdout.readline, 30, "the holder to listen").strip() == "ready"
+            assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == name
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait()

@@ -13,12 +13,12 @@ from typing import Any
 import paramiko
 import pytest
 
-from wqsupervisor import openssh
 from wqsupervisor.config import Settings
 from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.paramiko_backend import ParamikoSession, failure_of
+from wqsupervisor.paramiko_config import read_head
 from wqsupervisor.session import FailureKind, SessionEnded
-from wqsupervisor.sshkeys import host_key_name, known_host_keys
+from wqsupervisor.sshkeys import known_host_keys
 from wqsupervisor.tcpconn import ConnectFailed
 
 from support import drive, free_port, listening, wait_for
@@ -31,7 +31,7 @@ def paramiko_settings(head: HeadNode, remote_port: int, **options: Any) -> Setti
 
 async def _session(settings: Settings, master_port: int | None) -> ParamikoSession:
     target = settings.ssh_target()
-    config = await openssh.read_config(target)
+    config = read_head(target)
     assert settings.remote_port is not None
     return await ParamikoSession.start(
         target, config, master_port=master_port, remote_port=settings.remote_port
@@ -80,7 +80,7 @@ def test_failed_start_and_close_while_connecting_leave_nothing(head, remote_port
         await session.close()
         settings = paramiko_settings(head, remote_port)
         target = settings.ssh_target()
-        config = await openssh.read_config(target)
+        config = read_head(target)
         for delay in (None, 0.0, 0.01, 0.05, 0.1, 0.2):
             session = await ParamikoSession.start(target, config, master_port=None, remote_port=remote_port)
             if delay is not None:
@@ -94,12 +94,7 @@ def test_failed_start_and_close_while_connecting_leave_nothing(head, remote_port
 
 def test_known_hosts_entries_as_ssh_reads_them(head, tmp_path):
     """[host]:port, hashed (ssh-keygen -H), wildcard and negated entries match as they do for ssh."""
-    config = openssh.SshConfig.parse(
-        subprocess.run(
-            ["ssh", "-F", str(head.ssh_config), "-G", "headnode"], capture_output=True, text=True
-        ).stdout
-    )
-    name = host_key_name(config)
+    name = read_head(head.settings().ssh_target()).host_key_name
     assert name == f"[127.0.0.1]:{head.port}"
     assert list(known_host_keys([str(head.known_hosts)], name)) == ["ssh-ed25519"]
     assert not known_host_keys([str(head.known_hosts)], "127.0.0.1"), "the port is part of the name"
@@ -200,7 +195,7 @@ def _failure_of_real_session(settings: Settings, master_port: int | None) -> Any
         ("port taken", FailureKind.PORT_TAKEN, True),
         ("nothing listening", FailureKind.REFUSED, False),
         ("unknown host", FailureKind.RESOLVE, True),
-        ("proxy", FailureKind.CONFIG, True),
+        ("unknown jump host", FailureKind.RESOLVE, True),
     ],
 )
 def test_real_failures_are_classified_from_paramiko_exceptions(head, master, tmp_path, case, kind, permanent):
@@ -228,8 +223,8 @@ def test_real_failures_are_classified_from_paramiko_exceptions(head, master, tmp
         settings = settings.replace(ssh_port=free_port())
     elif case == "unknown host":
         settings = settings.replace(via="nosuchhost.invalid")
-    elif case == "proxy":
-        settings = settings.replace(ssh_options=(*settings.ssh_options, ("ProxyJump", "gateway")))
+    elif case == "unknown jump host":
+        settings = settings.replace(ssh_options=(*settings.ssh_options, ("ProxyJump", "gateway.invalid")))
     try:
         failure = _failure_of_real_session(settings, master.port)
     finally:

@@ -105,7 +105,7 @@ def tunnel_for(
     from .wqproto import NO_CREDENTIALS
 
     options = tunnel_options(settings)
-    # The other head nodes, each with a transport of its own (its own ssh -G, its own socket).
+    # The other head nodes, each with a transport of its own (its own config reading, its own socket).
     fallbacks = [
         (target, sessions_for(settings.replace(via=target.destination, also_via=())))
         for target in settings.ssh_targets()[1:]

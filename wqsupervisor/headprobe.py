@@ -2,8 +2,9 @@
 
 A fresh TCP connection to the head's sshd that gets an SSH banner proves the
 path to the head works now, whatever an old session's connection is going
-through. Behind a ProxyJump or ProxyCommand only ssh itself knows the way, so
-there a one-off ``ssh head true`` answers the question instead.
+through. Behind a ProxyJump or ProxyCommand only the transport knows the way,
+so there a fresh connection of its own that runs ``true`` on the head answers
+the question instead (a one-off ``ssh head true``, or paramiko's own).
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ import socket
 
 from .clock import Clock
 from .liveness import Reach
-from .openssh import remote_argv
-from .session import HeadAddress
-from .target import SshTarget
+from .session import SessionFactory
 
 _NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
 
 
-async def probe_head(head: HeadAddress | None, target: SshTarget, timeout: float) -> Reach:
+async def probe_head(sessions: SessionFactory, timeout: float) -> Reach:
     """Open a fresh connection to the head's sshd: does it greet us, and if not, is there a route?"""
+    head = sessions.head
     if head is None:
-        return Reach.UP if await _reachable_via_ssh(target, timeout) else Reach.DOWN
+        done = await sessions.run_on_head("true", b"", timeout, fresh=True)
+        return Reach.UP if done.status == 0 else Reach.DOWN
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(head.host, head.port, family=socket.AF_UNSPEC)
@@ -39,7 +40,7 @@ async def probe_head(head: HeadAddress | None, target: SshTarget, timeout: float
         return Reach.NO_ROUTE if exc.errno in _NO_ROUTE else Reach.DOWN
 
 
-async def head_returns(head: HeadAddress | None, target: SshTarget, clock: Clock) -> None:
+async def head_returns(sessions: SessionFactory, clock: Clock) -> None:
     """Complete once the head's sshd, unreachable at first, greets a fresh connection again.
 
     Only a change from unreachable to reachable counts: a head that was
@@ -47,23 +48,8 @@ async def head_returns(head: HeadAddress | None, target: SshTarget, clock: Clock
     """
     was_down = False
     while True:
-        up = await probe_head(head, target, timeout=1.0) is Reach.UP
+        up = await probe_head(sessions, timeout=1.0) is Reach.UP
         if up and was_down:
             return
         was_down = was_down or not up
         await clock.sleep(0.5)
-
-
-async def _reachable_via_ssh(target: SshTarget, timeout: float) -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        *remote_argv(target, "true"),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        return await asyncio.wait_for(proc.wait(), timeout) == 0
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return False

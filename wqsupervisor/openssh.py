@@ -43,6 +43,7 @@ from .session import (
     FAST_CIPHER,
     REMOTE_COMMAND,
     HeadAddress,
+    HeadRun,
     RemoteLines,
     SessionEnded,
     SessionFailed,
@@ -64,6 +65,7 @@ __all__ = [
     "quote_argv",
     "read_config",
     "remote_argv",
+    "run_remote",
     "spawn",
     "tunnel_argv",
 ]
@@ -202,6 +204,29 @@ def tunnel_argv(
 def remote_argv(target: SshTarget, command: str) -> list[str]:
     """A one-off command on the head node, with the tunnel's ssh options (its own connection)."""
     return [*base_argv(target), "-T", target.destination, command]
+
+
+async def run_remote(target: SshTarget, command: str, stdin: bytes, timeout: float) -> HeadRun:
+    """Run ``command`` on the head node with ``ssh`` (:func:`remote_argv`); status None when it overran."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *remote_argv(target, command),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        return HeadRun(None, "", f"cannot run {target.program}: {exc}")
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except BaseException as exc:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        if isinstance(exc, TimeoutError):
+            return HeadRun(None)
+        raise
+    return HeadRun(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 # -- what went wrong ------------------------------------------------------------
@@ -489,6 +514,12 @@ class OpenSSHSessions:
                 f"cannot run {self.target.program}: {exc}",
                 "install the OpenSSH client (apt-get install openssh-client) or set ssh_program",
             ) from exc
+
+    async def run_on_head(
+        self, command: str, stdin: bytes = b"", timeout: float = 10.0, *, fresh: bool = False
+    ) -> HeadRun:
+        """Run ``command`` with a one-off ``ssh head`` (always a connection of its own)."""
+        return await run_remote(self.target, command, stdin, timeout)
 
     def _argv(self, *, master_port: int | None, remote_port: int, probe_path: str | None) -> list[str]:
         """The command line of one session (a subclass may run another remote command)."""

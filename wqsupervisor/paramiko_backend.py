@@ -3,16 +3,24 @@
 :class:`ParamikoSession` implements :class:`~wqsupervisor.session.Session` and
 :class:`ParamikoSessions` its factory (``Settings(backend="paramiko")``)::
 
-    TCP connection (tcpconn.open_connection: TCP_NODELAY, retransmission cap)
+    TCP connection (tcpconn.open_connection: TCP_NODELAY, retransmission cap),
+    or a ProxyJump hop's direct-tcpip channel, or a ProxyCommand's pipes
       -> paramiko Transport: host key from known_hosts, public key auth
       -> tcpip-forward REMOTE_BIND:REMOTE   each incoming channel <-> 127.0.0.1:MASTER
       -> session channel running session.REMOTE_COMMAND (remote pid, pings)
       -> direct-tcpip channels to the head's 127.0.0.1:REMOTE for probes
 
-* Host, port, user, identity files and known_hosts files come from ``ssh -G``
-  (the user's ssh config applies; :mod:`wqsupervisor.sshkeys`). Host keys are
-  never added. Failures are classified from paramiko's exception types
-  (:func:`failure_of`). ProxyJump and ProxyCommand are not supported.
+* No ssh binary is run. Host, port, user, identity files, known_hosts files
+  and the route come from the user's ssh config read with paramiko's
+  ``SSHConfig`` (:mod:`wqsupervisor.paramiko_config`); host keys are checked
+  as ssh checks them and never added, and a host known only through a
+  ``@cert-authority`` line is refused (:mod:`wqsupervisor.sshkeys`);
+  ProxyJump and ProxyCommand go through paramiko too, each hop checked and
+  authenticated on its own (:mod:`wqsupervisor.paramiko_connect`). Failures
+  are classified from paramiko's exception types (:func:`failure_of`).
+* Head-node commands (who holds a refused remote port, ending a stale
+  session, the head probe behind a proxy) run on exec channels
+  (:meth:`ParamikoSessions.run_on_head`).
 * The session channel is not decoration: sshd sets TCP_NODELAY on its side
   only once a session starts, and without it Work Queue's small writes wait on
   delayed ACKs (0.055 of direct task throughput, against 0.66 with it).
@@ -38,8 +46,7 @@ the application, and after 3.1 ms (2.9-4.4 ms) with it in the agent.
 forward, median of 3) 172 MB/s against OpenSSH's 376 MB/s, a ratio of 0.42;
 Work Queue empty tasks (200 tasks, 2 workers, steady rate, median of 5) 0.54
 of direct against OpenSSH's 0.71, a ratio of 0.76 (0.69-1.00). The OpenSSH
-backend stays the default. This one still needs the ssh client for ``ssh -G``
-and for the tunnel's look at who holds a taken remote port.
+backend stays the default.
 
 Exit codes follow ssh's: 255 when the connection failed or was lost, the
 remote command's status when it ended on its own, ``-signal`` when the
@@ -51,8 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 import signal
 import socket
 from collections import deque
@@ -62,77 +67,30 @@ import paramiko
 
 from . import tcpconn
 from .logs import get_logger
-from .openssh import SshConfig, read_config
+from .paramiko_config import HostConfig, read_head
+from .paramiko_connect import (
+    REFUSALS,
+    Dialer,
+    PortForwardRefused,
+    exec_command,
+    failure_of,
+    run_once,
+)
 from .paramiko_threads import SessionThreads
 from .session import (
-    FAST_CIPHER,
     REMOTE_COMMAND,
     HeadAddress,
+    HeadRun,
     RemoteLines,
     SessionEnded,
     SessionFailure,
     lease_command,
 )
-from .sshkeys import (
-    RevokedHostKey,
-    UnknownHostKey,
-    check_host_key,
-    host_key_name,
-    host_keys,
-    identity_files,
-    key_type_of,
-    known_hosts_files,
-    load_keys,
-)
 from .target import SshTarget
 
-# paramiko's transport logs every dropped connection at ERROR; it goes to
-# the application's logging if it has any, and nowhere otherwise.
-LOGGER_NAME = "wqsupervisor.paramiko"
-logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
+__all__ = ["ParamikoSession", "ParamikoSessions", "failure_of"]
 
 _JOIN_TIMEOUT = 5.0
-
-
-class ProxyUnsupported(Exception):
-    """The ssh config reaches the head through ProxyJump or ProxyCommand, which this transport lacks."""
-
-
-class PortForwardRefused(Exception):
-    """The head node refused the ``tcpip-forward`` request for the remote port."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(f"the head node refused to forward port {port}")
-        self.port = port
-
-
-class PublicKeyRefused(Exception):
-    """The head node accepted none of the keys offered."""
-
-
-_REFUSALS = (ProxyUnsupported, PortForwardRefused, PublicKeyRefused, UnknownHostKey, RevokedHostKey)
-
-
-def failure_of(exc: BaseException, dest: str, where: str, *, authenticated: bool) -> SessionFailure:
-    """The failure a paramiko (or socket) exception means; ``where`` is the sshd's host and port."""
-    if isinstance(exc, tcpconn.ConnectFailed):
-        return exc.failure(dest)
-    if isinstance(exc, PortForwardRefused):
-        return SessionFailure.port_taken(dest, exc.port)
-    if isinstance(exc, RevokedHostKey):
-        return SessionFailure.host_key_revoked(dest)
-    if isinstance(exc, paramiko.BadHostKeyException):
-        return SessionFailure.host_key_changed(dest)
-    if isinstance(exc, UnknownHostKey):
-        return SessionFailure.host_key_unknown(dest)
-    if isinstance(exc, (PublicKeyRefused, paramiko.AuthenticationException)):
-        return SessionFailure.auth(dest, str(exc))
-    if isinstance(exc, ProxyUnsupported):
-        return SessionFailure.config(str(exc))
-    detail = str(exc) or type(exc).__name__
-    if not authenticated:
-        return SessionFailure.network(dest, f"connection to {where} failed during the handshake: {detail}")
-    return SessionFailure.network(dest, f"connection to {where} closed by remote host ({detail})")
 
 
 class ParamikoSession:
@@ -146,7 +104,7 @@ class ParamikoSession:
     pid: int | None = None  # no process: the session lives in this one
 
     def __init__(
-        self, target: SshTarget, config: SshConfig, *, master_port: int | None, remote_port: int
+        self, target: SshTarget, config: HostConfig, *, master_port: int | None, remote_port: int
     ) -> None:
         self.sock: socket.socket | None = None
         self.remote_port = remote_port
@@ -162,6 +120,12 @@ class ParamikoSession:
         self._threads = SessionThreads(self._loop, lambda: SessionEnded(self.returncode))
         self._stopped_by: int | None = None
         self._main: Any = None
+        self._dialer = Dialer(
+            target.connect_timeout,
+            notes=self._notes,
+            fast_cipher=target.option("Ciphers") is None,
+            adopt=self._threads.adopt,
+        )
         self._transport: Any = None
         self._chan: Any = None
         self._authenticated = False
@@ -170,7 +134,7 @@ class ParamikoSession:
 
     @classmethod
     async def start(
-        cls, target: SshTarget, config: SshConfig, *, master_port: int | None, remote_port: int
+        cls, target: SshTarget, config: HostConfig, *, master_port: int | None, remote_port: int
     ) -> ParamikoSession:
         """Begin a session (``master_port`` None: no reverse forward, probes only)."""
         return cls(target, config, master_port=master_port, remote_port=remote_port)
@@ -229,6 +193,16 @@ class ParamikoSession:
         ours = await self._threads.call(self._open_probe, discard=lambda s: s.close())
         return await asyncio.open_connection(sock=ours)
 
+    async def run(self, command: str, stdin: bytes, timeout: float) -> HeadRun:
+        """Run ``command`` on an exec channel of this session's own connection."""
+        await self.established()
+        transport = self._transport
+        try:
+            status, out, err = await self._threads.call(exec_command, transport, command, stdin, timeout)
+        except (paramiko.SSHException, EOFError, OSError, SessionEnded) as exc:
+            return HeadRun(None, "", str(exc) or type(exc).__name__)
+        return HeadRun(status if status >= 0 else None, out, err)
+
     # -- stopping ------------------------------------------------------------------------------
 
     def kill_now(self) -> None:
@@ -260,30 +234,24 @@ class ParamikoSession:
             # Wakes paramiko's thread; everything else unwinds from there.
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        transport = self._transport
-        if transport is not None:
-            # In the middle of its handshake a transport may not notice the
-            # shutdown before its own timeouts; closing it ends that wait too.
-            with contextlib.suppress(Exception):
-                transport.close()
+        # In the middle of its handshake a transport may not notice the shutdown
+        # before its own timeouts; closing it (and every hop, proxy) ends that wait too.
+        self._dialer.stop()
 
     # -- the loop side ---------------------------------------------------------------------------
 
     async def _connect(self) -> None:
         cfg, t = self._config, self._target
-        try:
-            if cfg.proxied:
-                raise ProxyUnsupported(
-                    "the paramiko backend does not support ProxyJump/ProxyCommand "
-                    "(use backend='openssh' for this head node)"
-                )
-            identities = await identity_files(t, cfg)
-            sock = await tcpconn.open_connection(cfg.hostname, cfg.port, t.connect_timeout)
-        except (ProxyUnsupported, OSError) as exc:
-            self._finish(255, self._failure_of(exc))
-            return
+        sock = None
+        if not cfg.proxied:
+            try:
+                sock = await tcpconn.open_connection(cfg.hostname, cfg.port, t.connect_timeout)
+            except OSError as exc:
+                self._finish(255, self._failure_of(exc))
+                return
+        # Behind a proxy the connection is made in the session's thread (the dialer's route).
         self.sock = sock
-        self._main = self._threads.spawn(self._run, sock, identities, name="wqs-paramiko-session")
+        self._main = self._threads.spawn(self._run, sock, name="wqs-paramiko-session")
 
     def _connect_done(self, task: asyncio.Task[None]) -> None:
         # Also covers a close() before the task ever ran, and our own bugs.
@@ -310,13 +278,13 @@ class ParamikoSession:
 
     # -- the session thread ---------------------------------------------------------------------
 
-    def _run(self, sock: socket.socket, identities: list[str]) -> None:
+    def _run(self, sock: socket.socket | None) -> None:
         code, failure = 255, None
         try:
-            self._handshake(sock, identities)
+            self._handshake(sock)
             self._read_session()
             code, failure = self._why_ended()
-        except (*_REFUSALS, paramiko.SSHException, EOFError, OSError) as exc:
+        except (*REFUSALS, paramiko.SSHException, EOFError, OSError) as exc:
             self._notes.extend(str(exc).splitlines())
             failure = self._failure_of(exc)
         except Exception as exc:
@@ -328,28 +296,13 @@ class ParamikoSession:
                 code, failure = self._stopped_by, None
             self._threads.post(self._finish, code, failure)
 
-    def _handshake(self, sock: socket.socket, identities: list[str]) -> None:
-        t, cfg = self._target, self._config
-        name = host_key_name(cfg)
-        known, revoked = host_keys(known_hosts_files(cfg), name)
-        transport = paramiko.Transport(sock)
-        transport.name = "wqs-paramiko-transport"
-        self._transport = transport
-        transport.set_log_channel(LOGGER_NAME)
-        transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = t.connect_timeout
-        options = transport.get_security_options()
-        # Ask for a host key type we know, as ssh does, so a known host is not "unknown".
-        algorithms = list(options.key_types)
-        options.key_types = sorted(algorithms, key=lambda a: key_type_of(a) not in known)
-        if t.option("Ciphers") is None and FAST_CIPHER in options.ciphers:
-            options.ciphers = [FAST_CIPHER, *(c for c in options.ciphers if c != FAST_CIPHER)]
-        self._threads.adopt(transport)
+    def _handshake(self, sock: socket.socket | None) -> None:
+        t = self._target
         if self._stopped_by is not None:
             # close() came between the connection and the handshake: do not start it.
             raise EOFError("closed before the handshake")
-        transport.start_client(timeout=t.connect_timeout)
-        check_host_key(transport.get_remote_server_key(), known, name, revoked)
-        self._authenticate(transport, identities)
+        transport = self._dialer.connect(self._config, sock).transport
+        self._transport = transport
         self._authenticated = True
         if self._master_port is not None:
             try:
@@ -364,39 +317,6 @@ class ParamikoSession:
         chan = transport.open_session(timeout=t.connect_timeout)
         self._chan = chan
         chan.exec_command(lease_command(t.keepalive) if self._master_port is not None else REMOTE_COMMAND)
-
-    def _authenticate(self, transport: Any, identities: list[str]) -> None:
-        cfg = self._config
-        notes: list[str] = []
-        tried: list[str] = []
-        agent = None
-        keys: list[tuple[str, Any]] = list(load_keys(identities, notes))
-        if (
-            os.environ.get("SSH_AUTH_SOCK")
-            and cfg.options.get("identitiesonly", "no") != "yes"
-            and cfg.options.get("identityagent", "") != "none"
-        ):
-            agent = paramiko.Agent()
-            keys += [(f"agent key {k.get_name()}", k) for k in agent.get_keys()]
-        try:
-            for label, key in keys:
-                tried.append(label)
-                try:
-                    transport.auth_publickey(cfg.user, key)
-                except paramiko.BadAuthenticationType:
-                    break
-                except paramiko.AuthenticationException:
-                    continue
-                if transport.is_authenticated():
-                    return
-        finally:
-            if agent is not None:
-                agent.close()
-        self._notes.extend(notes)
-        raise PublicKeyRefused(
-            f"{cfg.user}@{cfg.hostname}: Permission denied (publickey); "
-            f"keys tried: {', '.join(tried) or 'none (no IdentityFile exists)'}"
-        )
 
     def _incoming(self, chan: Any, origin: tuple[str, int], server: tuple[str, int]) -> None:
         # Called in paramiko's transport thread, which must not wait on a connect.
@@ -471,16 +391,14 @@ class ParamikoSession:
             return 255, SessionFailure.exited(255, detail)
         return 255, self._failure_of(transport.get_exception() or EOFError("no reason given"))
 
-    def _teardown(self, sock: socket.socket) -> None:
+    def _teardown(self, sock: socket.socket | None) -> None:
         self._threads.end()
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        transport = self._transport
-        if transport is not None:
-            transport.close()
-            if transport.is_alive():
-                transport.join(_JOIN_TIMEOUT)
-        sock.close()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._dialer.close()
+        if sock is not None:
+            sock.close()
 
 
 class ParamikoSessions:
@@ -490,20 +408,22 @@ class ParamikoSessions:
 
     def __init__(self, target: SshTarget) -> None:
         self.target = target
-        self._config: SshConfig | None = None
+        self._config: HostConfig | None = None
+        self._current: ParamikoSession | None = None
 
     async def prepare(self, rundir: str, tag: str) -> None:
-        """Read ``ssh -G`` for the head node (probes are channels: no files in ``rundir``)."""
-        self._config = await read_config(self.target)
+        """Read the ssh config with paramiko (probes are channels: no files in ``rundir``)."""
+        # In a thread: a 'Match exec' line runs a command.
+        self._config = await asyncio.to_thread(read_head, self.target)
 
     @property
     def owns_socket(self) -> bool:
-        """True: paramiko always runs on a connection this process opened (unless proxied, unsupported)."""
+        """True unless proxied: then the connection is a jump host's channel or a proxy command's pipe."""
         return self._config is not None and not self._config.proxied
 
     @property
     def head(self) -> HeadAddress | None:
-        """The head's sshd as ``ssh -G`` resolves it, unless a proxy is in the way."""
+        """The head's sshd as the ssh config resolves it, unless a proxy is in the way."""
         cfg = self._config
         return None if cfg is None or cfg.proxied else HeadAddress(cfg.hostname, cfg.port)
 
@@ -512,6 +432,31 @@ class ParamikoSessions:
     ) -> ParamikoSession:
         """Begin a session; its failures come out of the session itself."""
         assert self._config is not None, "prepare() first"
-        return await ParamikoSession.start(
+        session = await ParamikoSession.start(
             self.target, self._config, master_port=master_port, remote_port=remote_port
         )
+        self._current = session
+        return session
+
+    async def run_on_head(
+        self, command: str, stdin: bytes = b"", timeout: float = 10.0, *, fresh: bool = False
+    ) -> HeadRun:
+        """Run ``command`` on the head node over paramiko: no ssh client is involved.
+
+        On an exec channel of the last session's own connection while that
+        session is up, else on a second connection made for the command (the
+        same route, host key check and keys as a session's) and closed after
+        it. In practice it is the second: the tunnel asks when it has no
+        session (the head refused the port; a replaced session must be ended
+        before the next starts), or, with ``fresh``, to learn whether a new
+        connection reaches the head, which a stalled session's cannot tell.
+        """
+        assert self._config is not None, "prepare() first"
+        session = self._current
+        if not fresh and session is not None and session.running and session.remote_pid is not None:
+            try:
+                return await asyncio.wait_for(session.run(command, stdin, timeout), timeout + 1)
+            except TimeoutError:
+                return HeadRun(None, "", f"{command!r} did not end within {timeout:g} s")
+        fast = self.target.option("Ciphers") is None
+        return await run_once(self._config, command, stdin, timeout, fast_cipher=fast)

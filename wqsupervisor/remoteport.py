@@ -9,7 +9,9 @@ The head-node scripts are POSIX ``sh`` with ``awk`` and read ``/proc``, so they 
 no root and nothing installed on the head node. As an unprivileged user they
 only see that user's processes, which is exactly the set the supervisor may
 touch: it ends only an ``sshd`` process of its own user that holds exactly
-the remote port, never anything else.
+the remote port, never anything else. They run the transport's own way
+(:meth:`~wqsupervisor.session.SessionFactory.run_on_head`): a one-off ``ssh``
+for OpenSSH, an exec channel for paramiko, which needs no ssh client.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .errors import TunnelError
 from .forward import ForwardProver
 from .master import MasterIdentity
-from .openssh import remote_argv
 from .relay.headmain import PROCESS_NAME
 from .session import (
     LEASE_DIR,
     FailureKind,
+    HeadRun,
     Owner,
     SessionEnded,
     SessionFactory,
@@ -173,20 +175,12 @@ class PortHolders:
         return ", ".join(f"{h.command or '?'} (pid {h.pid}, uid {h.uid})" for h in self.holders)
 
 
-async def _run_script(target: SshTarget, script: str, timeout: float) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *remote_argv(target, "sh -s"),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(script.encode()), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return ""
-    return out.decode(errors="replace")
+HeadRunner = Callable[[str, bytes, float], Awaitable[HeadRun]]
+"""Runs a command on the head node: a :class:`~wqsupervisor.session.SessionFactory`'s ``run_on_head``."""
+
+
+async def _run_script(run: HeadRunner, script: str, timeout: float) -> str:
+    return (await run("sh -s", script.encode(), timeout)).out
 
 
 def parse_holders(text: str) -> PortHolders:
@@ -215,16 +209,16 @@ def parse_holders(text: str) -> PortHolders:
     return PortHolders(bound=bound, my_uid=me, holders=tuple(holders), leases=tuple(leases))
 
 
-async def inspect_port(target: SshTarget, port: int, timeout: float = 10.0) -> PortHolders:
+async def inspect_port(run: HeadRunner, port: int, timeout: float = 10.0) -> PortHolders:
     """Ask the head node whether ``port`` is bound on it, and by which processes."""
-    out = await _run_script(target, _FIND_HOLDERS % {"port": port, "lease_dir": LEASE_DIR}, timeout)
+    out = await _run_script(run, _FIND_HOLDERS % {"port": port, "lease_dir": LEASE_DIR}, timeout)
     return parse_holders(out)
 
 
-async def end_stale_session(target: SshTarget, pid: int, port: int, timeout: float = 10.0) -> bool:
+async def end_stale_session(run: HeadRunner, pid: int, port: int, timeout: float = 10.0) -> bool:
     """End session process ``pid`` on the head node if it is ours and holds ``port``; True when it is gone."""
     script = _END_SESSION % {"pid": pid, "port": port, "names": "|".join(SESSION_NAMES)}
-    out = await _run_script(target, script, timeout)
+    out = await _run_script(run, script, timeout)
     return out.strip().splitlines()[-1:] in (["ended"], ["gone"])
 
 
@@ -269,7 +263,7 @@ class RemotePort:
 
     async def end_stale(self, pid: int) -> None:
         """End our sshd process ``pid`` on the head node, which holds the port after its client left."""
-        if await end_stale_session(self.target, pid, self.port):
+        if await end_stale_session(self._sessions.run_on_head, pid, self.port):
             self._on_reclaimed(pid)
 
     async def reclaim(self, known_pid: int | None) -> SessionFailure | None:
@@ -278,7 +272,7 @@ class RemotePort:
         ``known_pid`` is the head's sshd of this tunnel's last session. Returns
         None when the port is free (again), or the failure to report.
         """
-        holders = await inspect_port(self.target, self.port)
+        holders = await inspect_port(self._sessions.run_on_head, self.port)
         if not holders.bound:
             return None
         known = {known_pid} if known_pid else set()
@@ -335,7 +329,7 @@ class RemotePort:
         """Whether the lease of holder ``pid`` is renewed within a ping; if not, wait until it runs out."""
         started = time.monotonic()
         await asyncio.sleep(min(lease.owner.keepalive, 10.0) + 1.5)
-        now = (await inspect_port(self.target, self.port)).lease(pid)
+        now = (await inspect_port(self._sessions.run_on_head, self.port)).lease(pid)
         waited = time.monotonic() - started
         if now is not None and now.age < lease.age + waited - 0.5:
             return True

@@ -400,6 +400,15 @@ class HeadAddress:
     port: int
 
 
+@dataclass(frozen=True)
+class HeadRun:
+    """How a one-off command on the head node went: its status (None: it did not end), its output."""
+
+    status: int | None
+    out: str = ""
+    err: str = ""
+
+
 @runtime_checkable
 class SessionFactory(Protocol):
     """Starts the sessions of one tunnel; a transport's one entry point."""
@@ -431,6 +440,17 @@ class SessionFactory(Protocol):
         ``master_port`` None makes a session without the reverse forward (for
         probes only); ``remote_port`` 0 lets the head node choose; ``probes``
         names the probe endpoint, None when no probe will be opened.
+        """
+        ...
+
+    async def run_on_head(
+        self, command: str, stdin: bytes = b"", timeout: float = 10.0, *, fresh: bool = False
+    ) -> HeadRun:
+        """Run ``command`` on the head node (the port's holders, ending a stale session, ``true``).
+
+        Never raises for a head that cannot be reached or a command that
+        overruns ``timeout``: the status is None then. ``fresh``: on a
+        connection of its own, to learn whether the head answers one now.
         """
         ...
 

@@ -1,45 +1,37 @@
 """Host keys and identities for the paramiko transport, read as ssh reads them.
 
-ssh's own files decide: the known_hosts files and ``HostKeyAlias`` that
-``ssh -G`` names, with plain, hashed, wildcard and negated entries; and every
-``IdentityFile`` it lists. A host key is never added to known_hosts.
+The known_hosts files and ``HostKeyAlias`` come from the user's ssh config
+(:mod:`wqsupervisor.paramiko_config`); entries are plain, hashed (``|1|``),
+``[host]:port``, wildcard and negated, with the ``@revoked`` and
+``@cert-authority`` markers. Lines are parsed with paramiko's
+``HostKeyEntry.from_line`` and hashed names checked with
+``HostKeys.hash_host``, but not loaded with ``HostKeys.load``: it raises on
+a marker line (``@revoked host ssh-ed25519 ...`` is read as a host named
+``@revoked`` with key data ``ssh-ed25519``), matches neither wildcards nor
+negations, and keeps one key per type and name. A host key is never added.
+
+Host certificates are not supported: paramiko accepts a certificate's key
+without checking the CA's signature, the principals or the validity (its
+``Transport`` only parses the certificate), so this module never lets a
+``@cert-authority`` line vouch for a host; a host known only through one is
+refused with :class:`HostCertificateUnsupported`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from .openssh import SshConfig, base_argv
-from .target import SshTarget
-
 _SSH_KEY_NAMES = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
 
 
 # -- known_hosts -----------------------------------------------------------------
-
-
-def host_key_name(config: SshConfig) -> str:
-    """The name ssh looks the host key up by: HostKeyAlias, else ``host`` or ``[host]:port``."""
-    alias = config.options.get("hostkeyalias", "none")
-    if alias not in ("", "none"):
-        return alias
-    return config.hostname if config.port == 22 else f"[{config.hostname}]:{config.port}"
-
-
-def known_hosts_files(config: SshConfig) -> list[str]:
-    """The known_hosts files ssh reads for this destination, user's first."""
-    files: list[str] = []
-    for option in ("userknownhostsfile", "globalknownhostsfile"):
-        files += [os.path.expanduser(p) for p in config.options.get(option, "").split() if p != "none"]
-    return files
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
@@ -61,49 +53,16 @@ def _entry_matches(patterns: Iterable[str], name: str) -> bool:
     return matched
 
 
-def host_keys(files: Iterable[str], name: str) -> tuple[dict[str, list[Any]], list[Any]]:
-    """The keys known for ``name`` in ``files`` by key type, and those marked ``@revoked``, in one reading.
-
-    Lines ssh would skip are skipped: comments, malformed keys, unknown key
-    types, and ``@cert-authority`` lines (host certificates are not supported
-    here). A ``@revoked`` key is never accepted, even where also listed as known.
-    """
-    known: dict[str, list[Any]] = {}
-    revoked: list[Any] = []
-    for path in files:
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError:
-            continue
-        for raw in text.splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            marker = None
-            if line.startswith("@"):
-                marker, _, line = line.partition(" ")
-                if marker != "@revoked":
-                    continue
-            try:
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line.strip())
-            except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError):
-                continue
-            if entry is None or entry.key is None or not _entry_matches(entry.hostnames, name):
-                continue
-            if marker is None:
-                known.setdefault(entry.key.get_name(), []).append(entry.key)
-            else:
-                revoked.append(entry.key)
-    return known, revoked
-
-
-def known_host_keys(files: Iterable[str], name: str) -> dict[str, list[Any]]:
-    """The keys known for ``name`` in ``files``, by key type (plain, hashed and wildcard entries)."""
-    return host_keys(files, name)[0]
-
-
 class RevokedHostKey(Exception):
     """The server's host key is marked ``@revoked`` in known_hosts."""
+
+
+class UnknownHostKey(Exception):
+    """No known_hosts file has a key of the server's type for this host; it is never added."""
+
+
+class HostCertificateUnsupported(Exception):
+    """The host is known only through a ``@cert-authority`` line, which this transport cannot check."""
 
 
 def _key_label(key: Any) -> str:
@@ -111,29 +70,87 @@ def _key_label(key: Any) -> str:
     return "ECDSA" if kind.startswith("ecdsa-") else _SSH_KEY_NAMES.get(kind, kind)
 
 
-class UnknownHostKey(Exception):
-    """No known_hosts file has a key of the server's type for this host; it is never added."""
+@dataclass(frozen=True)
+class KnownHosts:
+    """What the known_hosts files say of one host name: its keys by type, revoked keys, CA keys."""
+
+    name: str
+    keys: dict[str, list[Any]] = field(default_factory=dict)
+    revoked: list[Any] = field(default_factory=list)
+    authorities: list[Any] = field(default_factory=list)
+    """Keys of ``@cert-authority`` lines for this name (never trusted here, see the module)."""
+
+    @classmethod
+    def read(cls, files: Iterable[str], name: str) -> KnownHosts:
+        """Every line of ``files`` for ``name``, in one reading; lines ssh would skip are skipped.
+
+        Comments, malformed keys, unknown key types and unknown markers are
+        skipped, as ssh does; a missing file is no error.
+        """
+        found = cls(name)
+        for path in files:
+            try:
+                text = Path(path).read_text(errors="replace")
+            except OSError:
+                continue
+            for raw in text.splitlines():
+                found._add(raw.strip())
+        return found
+
+    def _add(self, line: str) -> None:
+        if not line or line.startswith("#"):
+            return
+        marker = None
+        if line.startswith("@"):
+            marker, _, line = line.partition(" ")
+            if marker not in ("@revoked", "@cert-authority"):
+                return
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line.strip())
+        except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError):
+            return
+        if entry is None or entry.key is None or not _entry_matches(entry.hostnames, self.name):
+            return
+        if marker is None:
+            self.keys.setdefault(entry.key.get_name(), []).append(entry.key)
+        elif marker == "@revoked":
+            self.revoked.append(entry.key)
+        else:
+            self.authorities.append(entry.key)
+
+    def check(self, server_key: Any) -> None:
+        """Return when ``server_key`` is known for the name and not revoked.
+
+        Raises :class:`RevokedHostKey` for a key marked ``@revoked`` (as ssh
+        does, whatever else lists it), :class:`HostCertificateUnsupported`
+        when the key is not known but a ``@cert-authority`` line names the
+        host, :class:`UnknownHostKey` when no key of its type is known, and
+        paramiko's ``BadHostKeyException`` when the known one differs.
+        """
+        blob = server_key.asbytes()
+        if any(k.asbytes() == blob for k in self.revoked):
+            raise RevokedHostKey(
+                f"The {_key_label(server_key)} host key for {self.name} is marked as revoked."
+            )
+        kind = server_key.get_name()
+        if any(k.asbytes() == blob for k in self.keys.get(kind, ())):
+            return
+        if self.authorities:
+            raise HostCertificateUnsupported(
+                f"{self.name} is known only through a @cert-authority line in known_hosts: host certificates "
+                "are not supported by the paramiko backend"
+            )
+        if kind not in self.keys:
+            label = _key_label(server_key)
+            raise UnknownHostKey(
+                f"No {label} host key is known for {self.name}.\nHost key verification failed."
+            )
+        raise paramiko.BadHostKeyException(self.name, server_key, self.keys[kind][0])
 
 
-def check_host_key(
-    server_key: Any, known: dict[str, list[Any]], name: str, revoked: Iterable[Any] = ()
-) -> None:
-    """Return when ``server_key`` is known for ``name`` and not revoked.
-
-    Raises :class:`RevokedHostKey` for a key marked ``@revoked`` (as ssh does,
-    whatever else lists it), :class:`UnknownHostKey` when no key of its type is
-    known, and paramiko's ``BadHostKeyException`` when the known one differs.
-    """
-    if any(k.asbytes() == server_key.asbytes() for k in revoked):
-        raise RevokedHostKey(f"The {_key_label(server_key)} host key for {name} is marked as revoked.")
-    kind = server_key.get_name()
-    if kind not in known:
-        raise UnknownHostKey(
-            f"No {_key_label(server_key)} host key is known for {name}.\nHost key verification failed."
-        )
-    if any(k.asbytes() == server_key.asbytes() for k in known[kind]):
-        return
-    raise paramiko.BadHostKeyException(name, server_key, known[kind][0])
+def known_host_keys(files: Iterable[str], name: str) -> dict[str, list[Any]]:
+    """The keys known for ``name`` in ``files``, by key type (plain, hashed and wildcard entries)."""
+    return KnownHosts.read(files, name).keys
 
 
 def key_type_of(algorithm: str) -> str:
@@ -144,36 +161,11 @@ def key_type_of(algorithm: str) -> str:
 # -- identities ----------------------------------------------------------------------
 
 
-async def identity_files(target: SshTarget, config: SshConfig) -> list[str]:
-    """Every IdentityFile ``ssh -G`` lists (``SshConfig`` keeps only the first), ``--identity`` first."""
-    files: list[str] = []
-    with contextlib.suppress(OSError):  # no ssh binary: the identities already known will do
-        proc = await asyncio.create_subprocess_exec(
-            *base_argv(target),
-            "-G",
-            target.destination,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            out, _ = await proc.communicate()
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        files = [
-            line.split(" ", 1)[1].strip()
-            for line in out.decode(errors="replace").splitlines()
-            if line.startswith("identityfile ")
-        ]
-    first = [target.identity] if target.identity else []
-    chosen = config.options.get("identityfile")
-    return list(dict.fromkeys(os.path.expanduser(p) for p in [*first, *([chosen] if chosen else []), *files]))
-
-
 def load_keys(paths: Iterable[str], notes: list[str]) -> Iterator[tuple[str, Any]]:
+    """The private keys of ``paths`` that exist and load (without a passphrase), labelled by path.
+
+    Those that do not load are skipped with a note for the user.
+    """
     for path in paths:
         if not os.path.exists(path):
             continue

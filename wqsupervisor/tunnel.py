@@ -363,7 +363,7 @@ class Tunnel:
         waits: set[asyncio.Task[Any]] = {closing}
         head = None
         if delay > 1.0:
-            head = asyncio.create_task(head_returns(self._sessions.head, self.target, self._clock))
+            head = asyncio.create_task(head_returns(self._sessions, self._clock))
             waits.add(head)
         try:
             done, _ = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -517,7 +517,7 @@ class Tunnel:
             live,
             clock=self._clock,
             closing=self._closing,
-            probe_head=lambda: probe_head(self._sessions.head, self.target, timeout=1.0),
+            probe_head=lambda: probe_head(self._sessions, timeout=1.0),
             check_forward=lambda: self._prover.check(session),
             report=Reporter(
                 rtt=self._rtt,
