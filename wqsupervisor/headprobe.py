@@ -4,6 +4,12 @@ A fresh TCP connection to the head's sshd that gets an SSH banner proves the
 path to the head works now, whatever an old session's connection is going
 through. Behind a ProxyJump or ProxyCommand only ssh itself knows the way, so
 there a one-off ``ssh head true`` answers the question instead.
+
+OpenSSH 9.8 and later penalise a source address for every connection that
+leaves before authenticating (``PerSourcePenalties``, ``noauth``: 1 s each by
+default, and once 15 s have accumulated sshd drops every new connection from
+that address, ours and everyone's behind it). A probe that sshd answered costs
+one such second, so probes that get an answer are spaced wider than that.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from .session import HeadAddress
 from .target import SshTarget
 
 _NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+# Between probes while the head does not answer (no sshd session, no penalty).
+RETRY_DOWN = 0.5
+# Between probes while it answers: twice the default penalty a probe adds, so it never accumulates.
+RETRY_UP = 2.0
 
 
 async def probe_head(head: HeadAddress | None, target: SshTarget, timeout: float) -> Reach:
@@ -51,7 +61,7 @@ async def head_returns(head: HeadAddress | None, target: SshTarget, clock: Clock
         if up and was_down:
             return
         was_down = was_down or not up
-        await clock.sleep(0.5)
+        await clock.sleep(RETRY_UP if up else RETRY_DOWN)
 
 
 async def _reachable_via_ssh(target: SshTarget, timeout: float) -> bool:
