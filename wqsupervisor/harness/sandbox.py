@@ -48,7 +48,9 @@ def sshd_program() -> str:
         return _need("sshd", "openssh-server")
     if not os.path.isabs(chosen) or not os.access(chosen, os.X_OK):
         # sshd re-executes itself (and, from OpenSSH 9.8, its sshd-session) by absolute path.
-        raise WQSupervisorError(f"{SSHD_ENV}={chosen} is not an executable absolute path", f"unset {SSHD_ENV}")
+        raise WQSupervisorError(
+            f"{SSHD_ENV}={chosen} is not an executable absolute path", f"unset {SSHD_ENV}, or fix the path"
+        )
     return chosen
 
 
