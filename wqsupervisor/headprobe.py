@@ -5,6 +5,12 @@ path to the head works now, whatever an old session's connection is going
 through. Behind a ProxyJump or ProxyCommand only the transport knows the way,
 so there a fresh connection of its own that runs ``true`` on the head answers
 the question instead (a one-off ``ssh head true``, or paramiko's own).
+
+OpenSSH 9.8 and later penalise a source address for every connection that
+leaves before authenticating (``PerSourcePenalties``, ``noauth``: 1 s each by
+default, and once 15 s have accumulated sshd drops every new connection from
+that address, ours and everyone's behind it). A probe that sshd answered costs
+one such second, so probes that get an answer are spaced wider than that.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from .liveness import Reach
 from .session import SessionFactory
 
 _NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+# Between probes while the head does not answer (no sshd session, no penalty).
+RETRY_DOWN = 0.5
+# Between probes while it answers: twice the default penalty a probe adds, so it never accumulates.
+RETRY_UP = 2.0
 
 
 async def probe_head(sessions: SessionFactory, timeout: float) -> Reach:
@@ -52,4 +62,4 @@ async def head_returns(sessions: SessionFactory, clock: Clock) -> None:
         if up and was_down:
             return
         was_down = was_down or not up
-        await clock.sleep(0.5)
+        await clock.sleep(RETRY_UP if up else RETRY_DOWN)

@@ -28,6 +28,8 @@ from ..errors import WQSupervisorError
 from ..process import owned_argv, pid_alive, terminate, wait_gone
 
 ALIAS = "headnode"
+# Another sshd for the head node than the machine's (e.g. a newer OpenSSH built into /opt).
+SSHD_ENV = "WQS_SSHD"
 
 
 def _need(program: str, package: str) -> str:
@@ -37,6 +39,19 @@ def _need(program: str, package: str) -> str:
     if path is None:
         raise WQSupervisorError(f"{program} is not installed", f"apt-get install {package}")
     return path
+
+
+def sshd_program() -> str:
+    """The sshd a head node runs: ``$WQS_SSHD`` (an absolute path) if set, else the machine's."""
+    chosen = os.environ.get(SSHD_ENV)
+    if not chosen:
+        return _need("sshd", "openssh-server")
+    if not os.path.isabs(chosen) or not os.access(chosen, os.X_OK):
+        # sshd re-executes itself (and, from OpenSSH 9.8, its sshd-session) by absolute path.
+        raise WQSupervisorError(
+            f"{SSHD_ENV}={chosen} is not an executable absolute path", f"unset {SSHD_ENV}, or fix the path"
+        )
+    return chosen
 
 
 def _free_port() -> int:
@@ -161,7 +176,7 @@ class HeadNode:
         return ["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", ALIAS, *args]
 
     def _command(self) -> list[str]:
-        argv = [_need("sshd", "openssh-server"), "-D", "-e", "-f", str(self.sshd_config)]
+        argv = [sshd_program(), "-D", "-e", "-f", str(self.sshd_config)]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         return owned_argv(argv, "KILL")
