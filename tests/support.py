@@ -328,3 +328,11 @@ def holding(tmp_path: Path, name: str, port: int) -> Iterator[subprocess.Popen[s
         finally:
             proc.kill()
             proc.wait()
+
+
+async def echo_back(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An asyncio server's handler that sends every byte back, until the peer closes."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()

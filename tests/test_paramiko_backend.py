@@ -21,7 +21,7 @@ from wqsupervisor.session import FailureKind, SessionEnded
 from wqsupervisor.sshkeys import known_host_keys
 from wqsupervisor.tcpconn import ConnectFailed
 
-from support import drive, free_port, listening, wait_for
+from support import drive, echo_back, free_port, listening, wait_for
 
 
 def paramiko_settings(head: HeadNode, remote_port: int, **options: Any) -> Settings:
@@ -114,14 +114,8 @@ def test_bulk_data_crosses_the_forward_intact(head, remote_port):
     """8 MiB sent into the head's remote port reach the master port and come back intact and in order."""
     payload = os.urandom(8 * 1024 * 1024)
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
     async def body() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        server = await asyncio.start_server(echo_back, "127.0.0.1", 0)
         echo_port = server.sockets[0].getsockname()[1]
         session = await _session(paramiko_settings(head, remote_port), echo_port)
         try:

@@ -31,6 +31,7 @@ from wqsupervisor.session import FailureKind, SessionEnded, SessionFailure
 from support import (
     assert_exactly_once,
     drive,
+    echo_back,
     free_port,
     head_argv,
     holding,
@@ -176,14 +177,8 @@ def test_proxycommand_carries_the_forward_and_ends_with_the_session(head, tmp_pa
     settings = Settings(via="viacommand", ssh_config=str(config))
     payload = os.urandom(256 * 1024)
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
     async def body() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        server = await asyncio.start_server(echo_back, "127.0.0.1", 0)
         target = settings.ssh_target()
         remote_port = free_port()
         session = await ParamikoSession.start(
