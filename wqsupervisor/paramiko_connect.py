@@ -84,6 +84,21 @@ class Connection:
                 conn.transport.join(_JOIN_TIMEOUT)
 
 
+def _end_handshake_timer(transport: Any) -> None:
+    """Stop the timer paramiko keeps for a handshake that never completed.
+
+    paramiko starts a (non-daemon) ``threading.Timer`` when a handshake begins
+    and cancels it only when the handshake completes, so a transport that
+    died or was closed in its handshake leaves that thread for the whole
+    handshake timeout (seen as a thread left after a close while connecting).
+    """
+    packetizer = transport.packetizer
+    packetizer.complete_handshake()  # cancels the timer, if any
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer) and thread.function == packetizer.read_timer:
+            thread.join(_JOIN_TIMEOUT)
+
+
 class Dialer:
     """Opens connections for one user of them; :meth:`stop` from any thread ends every one it started.
 
@@ -127,8 +142,10 @@ class Dialer:
         with self._lock:
             parts = list(self._parts)
         for part in parts:
-            if isinstance(part, paramiko.Transport) and part.is_alive():
-                part.join(_JOIN_TIMEOUT)
+            if isinstance(part, paramiko.Transport):
+                if part.is_alive():
+                    part.join(_JOIN_TIMEOUT)
+                _end_handshake_timer(part)
             elif isinstance(part, paramiko.ProxyCommand):
                 try:
                     part.process.wait(_JOIN_TIMEOUT)
