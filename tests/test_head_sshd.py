@@ -19,19 +19,22 @@ import signal
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from wqsupervisor import StalePortReclaimed, supervise
+from wqsupervisor.backends import sessions_for
 from wqsupervisor.harness.sandbox import SSHD_ENV, HeadNode
 from wqsupervisor.headprobe import head_returns
 from wqsupervisor.process import pid_alive
-from wqsupervisor.remoteport import SESSION_NAMES, end_stale_session, inspect_port
-from wqsupervisor.session import HeadAddress
+from wqsupervisor.remoteport import SESSION_NAMES, HeadRunner, end_stale_session, inspect_port
 
 from support import free_port, listening, wait_for
+
+T = TypeVar("T")
 
 NEWER_SSHD_DEFAULT = "/opt/openssh-new/sbin/sshd"
 BUILD_HINT = (
@@ -141,19 +144,30 @@ def _end(proc: subprocess.Popen[str]) -> None:
             pipe.close()
 
 
+def _on_head(head: HeadNode, port: int, call: Callable[[HeadRunner], Awaitable[T]]) -> T:
+    """``call`` with the head's command runner (the default transport's, as the tunnel has it)."""
+
+    async def body() -> T:
+        sessions = sessions_for(head.settings(remote_port=port))
+        with tempfile.TemporaryDirectory() as rundir:
+            await sessions.prepare(rundir, "t")
+            return await call(sessions.run_on_head)
+
+    return asyncio.run(body())
+
+
 def test_a_real_tunnel_session_is_found_under_its_name_and_ended(sshd_build, build_head):
     """A real `ssh -R` session holds the port: the holder script names its sshd process, the end script ends it."""
     head = build_head
     port = free_port()
-    target = head.settings(remote_port=port).ssh_target()
     proc, sshd_pid = _greeting_session(head, "-T", "-R", f"{port}:localhost:{free_port()}")
     try:
         wait_for(lambda: listening(port), 10, "the remote port")
-        holders = asyncio.run(inspect_port(target, port))
+        holders = _on_head(head, port, lambda run: inspect_port(run, port))
         expected = "sshd" if sshd_build == "debian" else "sshd-session"
         assert [(h.pid, h.command) for h in holders.holders] == [(sshd_pid, expected)]
         assert holders.stale_candidates(set()) == [sshd_pid]
-        assert asyncio.run(end_stale_session(target, sshd_pid, port))
+        assert _on_head(head, port, lambda run: end_stale_session(run, sshd_pid, port))
         assert proc.wait(10) != 0
         wait_for(lambda: not listening(port), 10, "the port freed")
     finally:
@@ -200,18 +214,17 @@ def test_an_interactive_login_is_never_ended_even_on_its_own_port(head_for_user)
     """An unprivileged user's login with a pty holds the port: the end script refuses it; a tunnel session it ends."""
     head = head_for_user
     port, other = free_port(), free_port()
-    target = head.settings(remote_port=port).ssh_target()
     login, login_sshd = _greeting_session(head, "-tt", "-R", f"{port}:localhost:{free_port()}")
     tunnel = None
     try:
         wait_for(lambda: listening(port), 10, "the login's forwarded port")
         assert "@pts/" in Path(f"/proc/{login_sshd}/cmdline").read_bytes().decode(errors="replace")
         # The user cannot read the descriptors of its own sshd processes: only the pty tells it from a tunnel.
-        assert not asyncio.run(end_stale_session(target, login_sshd, port))
+        assert not _on_head(head, port, lambda run: end_stale_session(run, login_sshd, port))
         assert pid_alive(login_sshd) and login.poll() is None and listening(port)
         tunnel, tunnel_sshd = _greeting_session(head, "-T", "-R", f"{other}:localhost:{free_port()}")
         wait_for(lambda: listening(other), 10, "the tunnel's forwarded port")
-        assert asyncio.run(end_stale_session(target, tunnel_sshd, other))
+        assert _on_head(head, other, lambda run: end_stale_session(run, tunnel_sshd, other))
         assert tunnel.wait(10) != 0 and login.poll() is None
     finally:
         _end(login)
@@ -228,13 +241,11 @@ def test_waiting_for_the_head_costs_no_penalty_on_a_newer_sshd(monkeypatch):
     from wqsupervisor.clock import SystemClock
 
     with HeadNode() as head:
-        target = head.settings().ssh_target()
 
         async def probe_for_a_while() -> None:
+            sessions = sessions_for(head.settings())
             with pytest.raises(TimeoutError):  # the head answers all along: nothing to wake up for
-                await asyncio.wait_for(
-                    head_returns(HeadAddress(head.host, head.port), target, SystemClock()), 20
-                )
+                await asyncio.wait_for(head_returns(sessions, SystemClock()), 20)
 
         asyncio.run(probe_for_a_while())
         penalties = [
