@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from wqsupervisor.children import port_listening
 from wqsupervisor.wqserver import Task, WorkQueueServer
 
 from support import (
+    REPO,
     TunnelCuts,
     assert_exactly_once,
     free_port,
@@ -227,3 +229,32 @@ def test_a_master_with_another_password_is_refused(head, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused the password" in lines[0] and "hint:" in lines[0], lines
     assert not listening(remote)
+
+
+def test_the_makeflow_example_runs_a_workflow_to_the_end(head, remote_port, tmp_path):
+    """examples/makeflow_attach.sh as a user runs it (the head node and workers from its variables, the
+    loopback head's ssh config from the environment): every rule's output, makeflow and attach exit 0,
+    the password file it made is private, and nothing is left."""
+    rules = 12
+    outs = " ".join(f"out.{i}" for i in range(rules))
+    text = f"all.txt: {outs}\n\tcat {outs} > all.txt\n\n"
+    text += "\n".join(f"out.{i}:\n\techo rule-{i} > out.{i}\n" for i in range(rules))
+    (tmp_path / "workflow.mf").write_text(text)
+    env = {
+        **python_env(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "VIA": "headnode",
+        "REMOTE_PORT": str(remote_port),
+        "WORKERS": "ssh",
+        "WQSUPERVISOR_SSH_CONFIG": str(head.ssh_config),
+        "WQSUPERVISOR_MIN_WORKERS": "2",
+    }
+    example = REPO / "examples" / "makeflow_attach.sh"
+    done = subprocess.run(
+        ["sh", str(example)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "all.txt").read_text().split() == [f"rule-{i}" for i in range(rules)]
+    assert f"tunnel headnode:{remote_port} closed" in done.stderr, done.stderr
+    assert (tmp_path / "wq.pw").stat().st_mode & 0o077 == 0
+    assert not listening(remote_port)
