@@ -256,3 +256,46 @@ def test_waiting_for_the_head_costs_no_penalty_on_a_newer_sshd(monkeypatch):
             subprocess.run(head.ssh_argv("true"), capture_output=True, timeout=30, check=False).returncode
             == 0
         )
+
+
+def test_an_unprivileged_head_users_tunnels_know_each_other_by_their_leases(head_for_user, master):
+    """As a head node's users are, unprivileged: sshd hides its sessions' sockets from them, so the holder
+    of the port is found by the sessions' leases, which name the port. A second supervisor on a live
+    tunnel's port stops naming the first and takes nothing from it; once the first supervisor is gone
+    (SIGKILLed, its session hung) the second reclaims the port when the lease runs out."""
+    from wqsupervisor import WQSupervisorError
+    from wqsupervisor.wqserver import WorkQueueServer
+
+    head, port = head_for_user, free_port()
+    events: list[object] = []
+    first = supervise(master, head.settings(remote_port=port, keepalive_interval=1.0), on_event=events.append)
+    hung = None
+    try:
+        assert first.wait_until_up(30), first.failure
+        session = first.snapshot().masters[0].tunnel.remote_pid
+        assert session is not None
+        with WorkQueueServer(name="wqs-second") as other:  # never in wait(): it answers no probe
+            second = supervise(other, head.settings(remote_port=port, start_attempts=2))
+            try:
+                with pytest.raises(WQSupervisorError) as failed:
+                    second.wait_until_up(30)
+                assert "held by another wqsupervisor's tunnel" in str(failed.value), failed.value
+                assert f"pid {first._agent.pid}," in str(failed.value), failed.value
+            finally:
+                second.close()
+        assert first.snapshot().masters[0].tunnel.remote_pid == session, "the first tunnel was replaced"
+        assert not [e for e in events if isinstance(e, StalePortReclaimed)]
+        hung = session
+        os.kill(hung, signal.SIGSTOP)
+        os.kill(first._agent.pid, signal.SIGKILL)
+    finally:
+        first.close()
+    try:
+        seen: list[object] = []
+        with supervise(master, head.settings(remote_port=port), on_event=seen.append) as third:
+            assert third.wait_until_up(60), third.failure
+            assert [e.pid for e in seen if isinstance(e, StalePortReclaimed)] == [hung]
+    finally:
+        if hung is not None and pid_alive(hung):
+            os.kill(hung, signal.SIGCONT)
+            os.kill(hung, signal.SIGKILL)

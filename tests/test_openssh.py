@@ -39,7 +39,7 @@ def test_the_tunnel_command_line():
     assert argv[0] == "ssh" and "-N" not in argv and "-T" in argv
     assert argv[argv.index("-R") + 1] == "127.0.0.1:10001:localhost:9123"
     assert argv[argv.index("-L") + 1] == "/r/p.sock:127.0.0.1:10001"
-    assert argv[-2:] == ["alice@head", lease_command(T.keepalive)]
+    assert argv[-2:] == ["alice@head", lease_command(T.keepalive, 10001)]
     probe_only = tunnel_argv(T, master_port=None, remote_port=10001, probe_path="/r/p.sock")
     assert probe_only[-1] == REMOTE_COMMAND, "a probe-only session keeps no lease"
     assert argv[argv.index("-p") + 1] == "2200" and argv[argv.index("-i") + 1] == "/k"

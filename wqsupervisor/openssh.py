@@ -189,7 +189,7 @@ def tunnel_argv(
     A session that forwards the port keeps a lease on the head (:func:`lease_command`).
     """
     if command is None:
-        command = lease_command(target.keepalive) if master_port is not None else REMOTE_COMMAND
+        command = lease_command(target.keepalive, remote_port) if master_port is not None else REMOTE_COMMAND
     argv = base_argv(target)
     argv[1:1] = list(extra)
     argv.append("-T")

@@ -316,7 +316,8 @@ class ParamikoSession:
             self.remote_port = int(port)
         chan = transport.open_session(timeout=t.connect_timeout)
         self._chan = chan
-        chan.exec_command(lease_command(t.keepalive) if self._master_port is not None else REMOTE_COMMAND)
+        lease = lease_command(t.keepalive, self.remote_port)
+        chan.exec_command(lease if self._master_port is not None else REMOTE_COMMAND)
 
     def _incoming(self, chan: Any, origin: tuple[str, int], server: tuple[str, int]) -> None:
         # Called in paramiko's transport thread, which must not wait on a connect.

@@ -61,10 +61,19 @@ echo "me $(id -u)"
 [ -n "$inodes" ] || { echo free; exit 0; }
 echo bound
 inodes=" $(echo $inodes) "
-ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v inodes="$inodes" '
+pids=$(ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v inodes="$inodes" '
     /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); pid = a[3]; next }
     / -> socket:\[/ { s = $NF; gsub(/socket:\[|\]/, "", s); if (index(inodes, " " s " ")) print pid }
-' | sort -u | while read -r pid; do
+' | sort -u)
+if [ -z "$pids" ]; then
+    # OpenSSH hides its sessions' descriptors from their own (unprivileged) user: the leases
+    # of our live sessions say which of them forwards the port.
+    for f in "$HOME/%(lease_dir)s"/*; do
+        [ -f "$f" ] && [ -d "/proc/${f##*/}" ] || continue
+        [ "$(head -n 1 "$f" | awk '{ print $5 }')" = "$port" ] && pids="$pids ${f##*/}"
+    done
+fi
+for pid in $pids; do
     uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
     echo "holder $pid $uid $(cat "/proc/$pid/comm" 2>/dev/null)"
     lease="$HOME/%(lease_dir)s/$pid"

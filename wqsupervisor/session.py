@@ -87,16 +87,20 @@ class Owner:
         return f"host {self.host}, pid {self.pid}, since {since}"
 
 
-def lease_command(keepalive: float) -> str:
+def lease_command(keepalive: float, port: int = 0) -> str:
     """The remote command of a session that forwards the port: as :data:`REMOTE_COMMAND`, with a lease.
 
     The lease, ``~/.wqsupervisor/sessions/<sshd pid>`` (0700 directory), says
     which supervisor the session serves (campus host, pid, since when, ping
-    interval); it is rewritten at every ping, before the answer, and removed when the session ends.
-    Another supervisor that finds the port held reads it: a fresh lease is a
-    live tunnel of someone else's, never a stale session to end.
+    interval) and the remote ``port`` it forwards (0: not known yet); it is
+    rewritten at every ping, before the answer, and removed when the session
+    ends. Another supervisor that finds the port held reads it: a fresh lease
+    is a live tunnel of someone else's, never a stale session to end. The port
+    is how it finds the lease at all where sshd hides its sessions' sockets
+    from their own user (an unprivileged account on OpenSSH, which makes
+    session processes non-dumpable).
     """
-    owner = Owner.here(keepalive).words()
+    owner = f"{Owner.here(keepalive).words()} {port}"
     inner = (
         # A parent already gone (reparented to init): the session is over before it began.
         '[ "$PPID" != 1 ] || exit 0; '
