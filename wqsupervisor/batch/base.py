@@ -131,6 +131,14 @@ async def _communicate(argv: Sequence[str], input: str | None, timeout: float) -
     return Completed(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
+def remote_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """``argv`` as one command line for the head node's shell, each word quoted, run with ``env``."""
+    command = " ".join(shlex.quote(a) for a in argv)
+    if env:
+        command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + command
+    return command
+
+
 class LocalRunner(Runner):
     """Commands on this machine."""
 
@@ -204,10 +212,7 @@ class SshRunner(Runner):
         (workers on the head node, the factory) use that, so that they do not
         end with the control connection.
         """
-        command = " ".join(shlex.quote(a) for a in argv)
-        if self.env:
-            command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
-        ssh = remote_argv(self.target, command)
+        ssh = remote_argv(self.target, remote_command(argv, self.env))
         ssh[1:1] = list(extra)
         return ssh
 

@@ -1,0 +1,223 @@
+"""ParamikoRunner against a real loopback sshd: the batch systems' commands with no ssh process.
+
+Every test runs it through :func:`support.drive`, which fails when a thread or
+a descriptor outlives the event loop: a runner that is closed leaves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from wqsupervisor.batch.base import SSH_FAILED, SshRunner, Unavailable
+from wqsupervisor.batch.paramiko_runner import ParamikoRunner
+from wqsupervisor.batch.slurm import Slurm
+from wqsupervisor.harness.sandbox import HeadNode
+
+from support import drive, wait_for
+
+# Words a shell would take apart if they reached it unquoted.
+AWKWARD = [
+    "a b",
+    "it's",
+    '"dq"',
+    "$HOME",
+    "`id`",
+    "$(id)",
+    "; echo injected",
+    "back\\slash",
+    "*",
+    "",
+    "tab\there",
+]
+
+
+def _runner(head: HeadNode, env: dict[str, str] | None = None) -> ParamikoRunner:
+    return ParamikoRunner(head.settings(backend="paramiko").ssh_target(), env)
+
+
+def test_a_command_gets_its_input_and_gives_back_output_errors_and_status(head):
+    """stdin reaches the command; stdout, stderr and a non-zero exit status come back apart."""
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            done = await runner.run(
+                ["sh", "-c", "cat; echo to-stderr >&2; exit 3"], input="line one\nline two\n"
+            )
+            assert (done.returncode, done.stdout, done.stderr, done.timed_out) == (
+                3,
+                "line one\nline two\n",
+                "to-stderr\n",
+                False,
+            )
+            assert (await runner.run(["true"])).returncode == 0
+            assert await runner.home() == pwd.getpwnam(head.user).pw_dir
+        finally:
+            await runner.close()
+
+    drive(body)
+
+
+def test_arguments_and_batch_env_with_blanks_quotes_and_dollars_arrive_as_they_are(head):
+    """Each word, and each batch_env value, reaches the head unchanged: quoted exactly as SshRunner quotes it."""
+    env = {"WQS_AWKWARD": "a b $HOME 'q' \"dq\" `id`", "SLURM_CONF": "/etc/slurm conf"}
+
+    async def body() -> None:
+        runner = _runner(head, env)
+        try:
+            done = await runner.run(["printf", "%s\\n", *AWKWARD])
+            assert done.returncode == 0, done.error_text
+            assert done.stdout.split("\n")[:-1] == AWKWARD
+            done = await runner.run(["sh", "-c", 'printf "%s|%s" "$WQS_AWKWARD" "$SLURM_CONF"'])
+            assert done.stdout == f"{env['WQS_AWKWARD']}|{env['SLURM_CONF']}"
+        finally:
+            await runner.close()
+
+    drive(body)
+    ssh = SshRunner(head.settings().ssh_target(), env)
+    argv = ["printf", "%s\\n", *AWKWARD]
+    assert _runner(head, env).command_line(argv) == ssh.argv(argv)[-1]
+
+
+def test_a_command_that_overruns_its_timeout_is_cut_and_the_next_one_runs(head):
+    """A command past its timeout ends as timed out (124), and the connection still serves the next one."""
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            done = await runner.run(["sh", "-c", "echo started; exec sleep 3"], timeout=0.5)
+            assert (done.returncode, done.timed_out) == (124, True)
+            assert "timed out after 0.5 s" in done.stderr
+            assert (await runner.run(["echo", "next"])).stdout == "next\n"
+            assert runner.connects == 1
+        finally:
+            await runner.close()
+
+    drive(body)
+
+
+def test_write_replaces_a_file_atomically_with_its_mode_in_a_private_directory(head, tmp_path):
+    """write() creates the directory 0700, the file with the mode asked, replaces it whole, leaves no temp file."""
+    where = tmp_path / "work dir 'q'" / "$x"
+    path = where / "launcher.sh"
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            await runner.write(str(path), "#!/bin/sh\necho one\n", 0o700)
+            assert path.read_text() == "#!/bin/sh\necho one\n"
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700
+            assert stat.S_IMODE(where.stat().st_mode) == 0o700
+            await runner.write(str(path), "secret\n", 0o600)
+            assert path.read_text() == "secret\n"
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert os.listdir(where) == ["launcher.sh"]
+        finally:
+            await runner.close()
+
+    drive(body)
+
+
+def test_a_connection_killed_on_the_head_is_made_again_for_the_next_command(head):
+    """Its sshd session killed: the next command connects again (once) and runs."""
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            assert (await runner.run(["true"])).returncode == 0
+            killed = head.kill_sessions(signal.SIGKILL)
+            assert killed
+            done = await runner.run(["echo", "again"])
+            assert (done.returncode, done.stdout) == (0, "again\n")
+            assert runner.connects == 2
+        finally:
+            await runner.close()
+
+    drive(body)
+
+
+def test_a_command_whose_connection_dies_under_it_is_not_run_again(head, tmp_path):
+    """The connection lost while a command runs: 255 (unavailable), the command ran once, the next reconnects."""
+    marker = tmp_path / "ran"
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            assert (await runner.run(["true"])).returncode == 0
+            running = asyncio.create_task(
+                runner.run(["sh", "-c", 'echo once >> "$1"; exec sleep 30', "sh", str(marker)])
+            )
+            await asyncio.to_thread(wait_for, marker.exists, 10, "the command to start")
+            head.kill_sessions(signal.SIGKILL)
+            done = await asyncio.wait_for(running, 20)
+            assert done.returncode == SSH_FAILED and not done.timed_out
+            assert "lost" in done.stderr
+            assert (await runner.run(["true"])).returncode == 0
+            assert runner.connects == 2
+        finally:
+            await runner.close()
+
+    drive(body)
+    assert marker.read_text() == "once\n"
+
+
+def test_close_ends_the_connection_on_the_head(head):
+    """close() ends the runner's sshd session (and every thread: drive checks); later commands get 255."""
+
+    async def body() -> None:
+        runner = _runner(head)
+        assert (await runner.run(["true"])).returncode == 0
+        assert head.sessions()
+        await runner.close()
+        await asyncio.to_thread(wait_for, lambda: not head.sessions(), 10, "the sshd session to end")
+        done = await runner.run(["true"])
+        assert done.returncode == SSH_FAILED
+        assert "closed" in repr(runner)
+
+    drive(body)
+
+
+def test_an_unreachable_head_is_255_which_a_scheduler_reads_as_unavailable(head):
+    """sshd gone: the command ends 255 with the connection's error, and Slurm's states() is Unavailable."""
+    head.stop()
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            done = await runner.run(["true"])
+            assert done.returncode == SSH_FAILED
+            assert "Connection refused" in done.stderr, done.stderr
+            with pytest.raises(Unavailable):
+                await Slurm(runner).states(["1"])
+            assert runner.connects == 0
+        finally:
+            await runner.close()
+
+    drive(body)
+
+
+def test_an_unknown_host_key_is_refused(head, tmp_path):
+    """A head whose key is not in known_hosts: no command runs, and the error says it is the host key."""
+    config = Path(head.ssh_config).read_text().replace(str(head.known_hosts), str(tmp_path / "empty"))
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "config").write_text(config)
+    target = head.settings(backend="paramiko").replace(ssh_config=str(tmp_path / "config")).ssh_target()
+
+    async def body() -> None:
+        runner = ParamikoRunner(target)
+        try:
+            done = await runner.run(["touch", str(tmp_path / "ran")])
+            assert done.returncode == SSH_FAILED
+            assert "host key" in done.stderr.lower(), done.stderr
+        finally:
+            await runner.close()
+
+    drive(body)
+    assert not (tmp_path / "ran").exists()
