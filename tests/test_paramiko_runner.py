@@ -18,7 +18,9 @@ import pytest
 from wqsupervisor.batch.base import SSH_FAILED, SshRunner, Unavailable
 from wqsupervisor.batch.paramiko_runner import ParamikoRunner
 from wqsupervisor.batch.slurm import Slurm
+from wqsupervisor.clock import SystemClock
 from wqsupervisor.harness.sandbox import HeadNode
+from wqsupervisor.jobs import JobTracker, build_tracker
 
 from support import drive, wait_for
 
@@ -221,3 +223,34 @@ def test_an_unknown_host_key_is_refused(head, tmp_path):
 
     drive(body)
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("also_via", [(), ("headnode",)])
+def test_the_tracker_of_a_paramiko_run_asks_the_heads_their_names_over_paramiko(head, also_via):
+    """backend=paramiko, slurm, no node_via: the tracker's runner is ParamikoRunner and each head's hostname
+    (asked over paramiko, one head or two) is the compute nodes' hop."""
+    settings = head.settings(backend="paramiko", workers="slurm", remote_port=10001, also_via=also_via)
+
+    async def body() -> None:
+        tracker = await build_tracker(
+            settings,
+            9123,
+            10001,
+            emit=lambda e: None,
+            stats=lambda: None,
+            tunnel_up=lambda: True,
+            source="test",
+            clock=SystemClock(),
+        )
+        assert isinstance(tracker, JobTracker)
+        runner = tracker.system.runner
+        try:
+            assert isinstance(runner, ParamikoRunner)
+            assert (tracker.launcher.via, tuple(tracker.launcher.also_via)) == (
+                os.uname().nodename,
+                (os.uname().nodename,) * len(also_via),
+            )
+        finally:
+            await runner.close()
+
+    drive(body)
