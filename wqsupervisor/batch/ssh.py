@@ -10,7 +10,6 @@ Nothing is left on the head node.
 from __future__ import annotations
 
 from ..launcher import NodeLauncher
-from .base import SshRunner
 from .local import Processes
 
 _WRAPPER = """\
@@ -38,6 +37,5 @@ class HeadNodeWorkers(Processes):
         await self.runner.write(f"{self.workdir}/ssh-job.sh", _WRAPPER, 0o700)
 
     def command(self) -> list[str]:
-        """ssh to the head node running the wrapper."""
-        assert isinstance(self.runner, SshRunner)
-        return self.runner.argv(["sh", f"{self.workdir}/ssh-job.sh"])
+        """The node launcher's wrapper, on the head node (the runner starts it there)."""
+        return ["sh", f"{self.workdir}/ssh-job.sh"]
