@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from wqsupervisor.batch.base import SSH_FAILED, SshRunner, Unavailable
+from wqsupervisor.batch.base import SSH_FAILED, SshRunner, SubmitError, Unavailable
 from wqsupervisor.batch.paramiko_runner import ParamikoRunner
 from wqsupervisor.batch.slurm import Slurm
 from wqsupervisor.clock import SystemClock
@@ -250,6 +250,51 @@ def test_the_tracker_of_a_paramiko_run_asks_the_heads_their_names_over_paramiko(
                 os.uname().nodename,
                 (os.uname().nodename,) * len(also_via),
             )
+        finally:
+            await runner.close()
+
+    drive(body)
+
+
+def test_a_lasting_command_ends_when_its_input_ends_or_its_channel_closes(head, tmp_path):
+    """start(): end of input lets the command finish with its own status; closing the channel (a cancel)
+    ends its input on the head too, so the head-node wrappers stop their jobs either way."""
+    script = 'echo $$ > "$1.pid"; cat > /dev/null; echo ended > "$1"; exit 7'
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            first = await runner.start(["sh", "-c", script, "sh", str(tmp_path / "one")])
+            await asyncio.to_thread(wait_for, (tmp_path / "one.pid").exists, 10, "the first command to start")
+            assert first.returncode is None
+            assert first.stdin is not None
+            first.stdin.close()
+            assert await asyncio.wait_for(first.wait(), 10) == 7
+            assert first.returncode == 7
+            second = await runner.start(["sh", "-c", script, "sh", str(tmp_path / "two")])
+            await asyncio.to_thread(
+                wait_for, (tmp_path / "two.pid").exists, 10, "the second command to start"
+            )
+            second.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(second.wait(), 10) == SSH_FAILED  # no exit status: we closed it
+            await asyncio.to_thread(wait_for, (tmp_path / "two").exists, 10, "the head to end the second")
+            assert first.pid != second.pid
+        finally:
+            await runner.close()
+
+    drive(body)
+    assert (tmp_path / "one").read_text() == (tmp_path / "two").read_text() == "ended\n"
+
+
+def test_a_lasting_command_on_an_unreachable_head_is_a_submit_error(head):
+    """start() with sshd gone: SubmitError with the connection's words (the tracker backs off on it)."""
+    head.stop()
+
+    async def body() -> None:
+        runner = _runner(head)
+        try:
+            with pytest.raises(SubmitError, match="Connection refused"):
+                await runner.start(["true"])
         finally:
             await runner.close()
 

@@ -6,14 +6,17 @@ connection that :class:`ParamikoRunner` keeps for itself. It is made as the
 tunnel's is (:mod:`wqsupervisor.paramiko_config`,
 :class:`~wqsupervisor.paramiko_connect.Dialer`): the same ssh config,
 ProxyJump or ProxyCommand, known_hosts check and identities.
+
+Jobs that last (workers on the head node, the factory) run on exec channels
+of that connection too (:class:`~wqsupervisor.batch.paramiko_channels.ChannelJob`):
+the channel's end is the job's, as an ssh session's end is with OpenSSH.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
-import time
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,16 +28,12 @@ from ..paramiko_config import HostConfig, read_head
 from ..paramiko_connect import REFUSALS, Connection, Dialer, failure_of
 from ..paramiko_threads import SessionThreads
 from ..target import SshTarget
-from .base import SSH_FAILED, Completed, Runner, remote_command
+from .base import SSH_FAILED, Completed, Lasting, Runner, SubmitError, remote_command
+from .paramiko_channels import ChannelJob, NotStarted, close_channel, exec_blocking, open_lasting, timed_out
 
-_CHUNK = 65536
 _JOIN_TIMEOUT = 5.0
 # Errors that mean the connection (or the attempt to make it) failed, not the command.
 _LOST = (*REFUSALS, paramiko.SSHException, EOFError, OSError)
-
-
-class _NotStarted(Exception):
-    """The channel could not be opened: the command never ran, so running it again is safe."""
 
 
 class ParamikoRunner(Runner):
@@ -76,6 +75,7 @@ class ParamikoRunner(Runner):
         self._threads: SessionThreads | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
+        self._serials = itertools.count(1)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self._alive() else "idle"
@@ -102,15 +102,45 @@ class ParamikoRunner(Runner):
                 return conn
             try:
                 return await self._exec(conn, command, stdin, timeout, argv[0] if argv else "")
-            except _NotStarted as exc:
+            except NotStarted as exc:
                 self._drop(conn)
                 if attempt:
                     return Completed(SSH_FAILED, "", f"connection to the head node lost: {exc}")
                 get_logger().info("batch.paramiko_reconnect", host=self.target.destination, error=str(exc))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def start(self, argv: Sequence[str]) -> Lasting:
+        """Start ``argv`` on the head node on an exec channel that lasts as long as the job.
+
+        Raises :class:`~wqsupervisor.batch.base.SubmitError` when the head
+        node cannot be reached.
+        """
+        command = self.command_line(argv)
+        for attempt in range(2):
+            conn = await self._connection()
+            if isinstance(conn, Completed):
+                raise SubmitError(f"cannot start {argv[0]} on the head node: {conn.error_text}")
+            assert self._threads is not None
+            try:
+                chan = await self._threads.call(
+                    open_lasting, conn.transport, command, self.target.connect_timeout, discard=close_channel
+                )
+            except NotStarted as exc:
+                self._drop(conn)
+                if attempt:
+                    raise SubmitError(f"cannot start {argv[0]} on the head node: {exc}") from None
+                continue
+            except _LOST as exc:
+                raise SubmitError(f"cannot start {argv[0]} on the head node: {exc}") from None
+            job = ChannelJob(next(self._serials), chan, self._threads)
+            if self._threads.spawn(job.follow, name="wqs-runner-job") is None:
+                close_channel(chan)
+                raise SubmitError("the head node's command connection is closed")
+            return job
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def close(self) -> None:
-        """Close the connection and wait for the runner's threads to end."""
+        """Close the connection (which ends the jobs still on it) and wait for the runner's threads."""
         self._closed = True
         conn, self._conn = self._conn, None
         dialer, self._dialer = self._dialer, None
@@ -202,12 +232,12 @@ class ParamikoRunner(Runner):
     ) -> Completed:
         assert self._threads is not None
         opened: list[Any] = []
-        call = self._threads.call(_exec_blocking, conn.transport, command, stdin, timeout, program, opened)
+        call = self._threads.call(exec_blocking, conn.transport, command, stdin, timeout, program, opened)
         try:
             # The thread keeps its own deadline; this one covers a request the head never answers.
             return await asyncio.wait_for(call, timeout + 1)
         except TimeoutError:
-            return _timed_out(program, timeout)
+            return timed_out(program, timeout)
         except _LOST as exc:
             if not conn.transport.is_active():
                 self._drop(conn)
@@ -217,54 +247,3 @@ class ParamikoRunner(Runner):
             for chan in opened:
                 with contextlib.suppress(Exception):
                     chan.close()
-
-
-def _exec_blocking(
-    transport: Any, command: str, stdin: bytes, timeout: float, program: str, opened: list[Any]
-) -> Completed:
-    """Run ``command`` on an exec channel of ``transport``, giving up (and closing it) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    if not transport.is_active():
-        raise _NotStarted("the connection is closed")
-    try:
-        chan = transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
-    except (paramiko.SSHException, EOFError, OSError) as exc:
-        raise _NotStarted(str(exc) or type(exc).__name__) from None
-    opened.append(chan)
-    with chan:
-        chan.exec_command(command)
-        if stdin:
-            chan.settimeout(max(0.1, deadline - time.monotonic()))
-            chan.sendall(stdin)
-        chan.shutdown_write()
-        out, err = bytearray(), bytearray()
-        # Both streams are read as they come: a command that writes much to one of them
-        # must not fill the channel's window while we wait on the other.
-        while True:
-            if chan.recv_stderr_ready():
-                err += chan.recv_stderr(_CHUNK)
-            elif chan.recv_ready():
-                out += chan.recv(_CHUNK)
-            elif chan.eof_received or chan.closed:
-                break
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return _timed_out(program, timeout)
-                select.select([chan], [], [], left)
-        if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
-            return _timed_out(program, timeout)
-        if chan.exit_status < 0 and not transport.is_active():
-            raise EOFError("the connection closed while the command ran")
-        status = chan.exit_status
-    return Completed(
-        # No exit status (killed by a signal): 255, as ssh itself exits then.
-        status if status >= 0 else SSH_FAILED,
-        out.decode(errors="replace"),
-        err.decode(errors="replace"),
-    )
-
-
-def _timed_out(program: str, timeout: float) -> Completed:
-    # The program's name only, as SshRunner says it: the command line holds batch_env's values.
-    return Completed(124, "", f"{program} timed out after {timeout:g} s on the head node", timed_out=True)
