@@ -4,7 +4,10 @@ A :class:`BatchSystem` turns "start n workers" into jobs of its scheduler
 (or plain processes) and reports their states. It is an adapter: the
 decisions (how many, when) are the scaling policy's, the bookkeeping is the
 job tracker's. Commands run through a :class:`Runner`: on this machine, or on
-the head node through ssh to an :class:`~wqsupervisor.target.SshTarget`.
+the head node through ssh to an :class:`~wqsupervisor.target.SshTarget`
+(:class:`SshRunner`), or over paramiko with no ssh client
+(:class:`~wqsupervisor.batch.paramiko_runner.ParamikoRunner`). A runner also
+starts the jobs that last as long as a worker (:meth:`Runner.start`).
 Schedulers driven by commands share one template,
 :class:`~wqsupervisor.batch.scheduler.Scheduler`.
 

@@ -10,7 +10,8 @@ head, wrong on a compute node), so it is given the node launcher as its
 and runs the real worker through it, whatever arguments the factory passes.
 
 The factory process is owned like an ssh worker: it runs in an ssh session
-and stops when the session ends (cancelled, or the supervisor gone). It is not
+(an exec channel with the paramiko backend) and stops when the session ends
+(cancelled, or the supervisor gone). It is not
 driven by wqsupervisor's scaling policy; ``adapt`` restarts it with new limits.
 """
 

@@ -115,6 +115,8 @@ class ParamikoRunner(Runner):
         Raises :class:`~wqsupervisor.batch.base.SubmitError` when the head
         node cannot be reached.
         """
+        if self._closed:
+            raise SubmitError("the head node's command connection is closed")
         command = self.command_line(argv)
         for attempt in range(2):
             conn = await self._connection()
@@ -223,7 +225,8 @@ class ParamikoRunner(Runner):
         target, cfg = self.heads[at], self._configs.get(at)
         where = f"{cfg.hostname} port {cfg.port}" if cfg else target.destination
         failure = failure_of(exc, target.destination, where, authenticated=False)
-        return " ".join(part for part in (failure.message, failure.hint) if part)
+        # The notes say which keys were skipped (unreadable, encrypted).
+        return " ".join(part for part in (*self._notes, failure.message, failure.hint) if part)
 
     # -- one command ---------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ Each job is an ssh session running a small wrapper around the node
 launcher: the launcher runs in the background while ``cat`` reads the
 session's input, so the launcher is stopped as soon as the session ends,
 whether the job was cancelled or the supervisor died (its ssh dies with it).
-Nothing is left on the head node.
+With the paramiko backend the session is an exec channel of the runner's
+connection, which ends the same ways. Nothing is left on the head node.
 """
 
 from __future__ import annotations
