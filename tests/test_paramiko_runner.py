@@ -19,6 +19,7 @@ from wqsupervisor.batch.base import SSH_FAILED, SshRunner, SubmitError, Unavaila
 from wqsupervisor.batch.paramiko_runner import ParamikoRunner
 from wqsupervisor.batch.slurm import Slurm
 from wqsupervisor.clock import SystemClock
+from wqsupervisor.config import Settings
 from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.jobs import JobTracker, build_tracker
 
@@ -227,8 +228,7 @@ def test_an_unknown_host_key_is_refused(head, tmp_path):
 
 @pytest.mark.parametrize("also_via", [(), ("headnode",)])
 def test_the_tracker_of_a_paramiko_run_asks_the_heads_their_names_over_paramiko(head, also_via):
-    """backend=paramiko, slurm, no node_via: the tracker's runner is ParamikoRunner and each head's hostname
-    (asked over paramiko, one head or two) is the compute nodes' hop."""
+    """backend=paramiko, slurm, no node_via: the runner is ParamikoRunner and each head's own hostname is the hop."""
     settings = head.settings(backend="paramiko", workers="slurm", remote_port=10001, also_via=also_via)
 
     async def body() -> None:
@@ -257,8 +257,7 @@ def test_the_tracker_of_a_paramiko_run_asks_the_heads_their_names_over_paramiko(
 
 
 def test_a_lasting_command_ends_when_its_input_ends_or_its_channel_closes(head, tmp_path):
-    """start(): end of input lets the command finish with its own status; closing the channel (a cancel)
-    ends its input on the head too, so the head-node wrappers stop their jobs either way."""
+    """start(): end of input lets the command end with its status; closing the channel ends its input too."""
     script = 'echo $$ > "$1.pid"; cat > /dev/null; echo ended > "$1"; exit 7'
 
     async def body() -> None:
@@ -299,3 +298,50 @@ def test_a_lasting_command_on_an_unreachable_head_is_a_submit_error(head):
             await runner.close()
 
     drive(body)
+
+
+def _entry(alias: str, node: HeadNode, known_hosts: Path, *extra: str) -> str:
+    lines = [
+        f"Host {alias}",
+        "    HostName 127.0.0.1",
+        f"    Port {node.port}",
+        f"    User {node.user}",
+        f"    IdentityFile {node.identity}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {known_hosts}",
+        *(f"    {line}" for line in extra),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_proxyjump_and_the_jumps_host_key_are_the_backends(head, tmp_path):
+    """Through ProxyJump the commands cross the jump's sshd; a jump with an unknown key is refused, named."""
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    good, bad = tmp_path / "good_config", tmp_path / "bad_config"
+    with HeadNode(str(tmp_path / "inner")) as inner:
+        inner_entry = _entry("inner", inner, inner.known_hosts, "ProxyJump jumphost")
+        good.write_text(_entry("jumphost", head, head.known_hosts) + inner_entry)
+        bad.write_text(_entry("jumphost", head, empty) + inner_entry)
+
+        async def body() -> None:
+            runner = ParamikoRunner(Settings(via="inner", ssh_config=str(good)).ssh_target())
+            try:
+                done = await runner.run(["echo", "through"])
+                assert (done.returncode, done.stdout) == (0, "through\n"), done.error_text
+                assert head.sessions() and inner.sessions(), "not through the jump host"
+            finally:
+                await runner.close()
+            await asyncio.to_thread(
+                wait_for, lambda: not head.sessions() and not inner.sessions(), 10, "both sessions to end"
+            )
+            runner = ParamikoRunner(Settings(via="inner", ssh_config=str(bad)).ssh_target())
+            try:
+                done = await runner.run(["true"])
+                assert done.returncode == SSH_FAILED
+                assert "jumphost" in done.stderr and "host key" in done.stderr.lower(), done.stderr
+                assert not inner.sessions(), "the head was reached past an unknown jump host"
+            finally:
+                await runner.close()
+
+        drive(body)

@@ -63,59 +63,6 @@ def _events(lines: list[str], name: str) -> list[dict[str, object]]:
     return [e for e in found if e.get("event") == name]
 
 
-def test_slurm_workers_over_paramiko_need_no_ssh_client(head, master, slurm, tmp_path):
-    """No ssh on the supervisor's PATH: sbatch over paramiko, Slurm's workers come through the tunnel, tasks run once."""
-    env = python_env()
-    env["PATH"] = _no_ssh_path(tmp_path)
-    remote_port = free_port()
-    argv = head_argv("attach", head, remote_port, "--master-port", str(master.port), "--allow-no-password")
-    argv += [
-        "--backend=paramiko",
-        "--connect-timeout=5",
-        "--log-format=json",
-        "--workers=slurm",
-        f"--batch-env=SLURM_CONF={slurm.conf}",
-        "--node-via=headnode",
-        f"--node-ssh-args=-F {head.ssh_config}",
-        "--min-workers=0",
-        "--max-workers=2",
-        "--scale-cooldown=0.5",
-        "--idle-time=5",
-    ]
-    lines: list[str] = []
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stderr is not None
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True)
-    reader.start()
-    try:
-        wait_for(lambda: _events(lines, "tunnel.up"), 30, "the tunnel to be up")
-        # The master answers (and so shows a backlog) only inside wait(): the jobs come with the tasks.
-        try:
-            results = run_tasks(master, 10, timeout=90)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; the supervisor said:\n{''.join(lines)[-3000:]}") from None
-        assert_exactly_once(results, 10)
-        submitted = _events(lines, "jobs.submitted")
-        assert submitted and all(e["system"] == "slurm" for e in submitted), submitted
-        ids = [i for e in submitted for i in e["ids"]]  # type: ignore[attr-defined]
-        # Slurm's own numbers, from sbatch over paramiko: the workers are Slurm jobs.
-        assert ids and all(str(i).isdigit() for i in ids), ids
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(90)
-    finally:
-        proc.kill()
-        proc.wait()
-        reader.join(10)
-        proc.stderr.close()
-    err = "".join(lines)
-    assert proc.returncode == 0, err
-    assert not _events(lines, "jobs.submit_failed"), err
-    # Closing cancelled every job it submitted, and Slurm agrees.
-    assert not slurm.squeue(), slurm.squeue()
-    assert set(map(str, ids)) <= set(slurm.finished()), (ids, slurm.finished())
-    assert not listening(remote_port)
-
-
 def _supervise(
     head, master, tmp_path: Path, remote_port: int, *options: str, backend: str = "paramiko"
 ) -> tuple[subprocess.Popen[str], list[str]]:
@@ -152,8 +99,7 @@ def _tasks(master, lines: list[str], n: int) -> None:
 
 @pytest.mark.parametrize("backend", ["paramiko", "openssh"])
 def test_head_node_workers_do_the_tasks_and_end_with_the_supervisor(head, master, tmp_path, backend):
-    """--workers ssh: workers on the head node (on exec channels with paramiko and no ssh client, in ssh
-    sessions with openssh) do the tasks; the supervisor SIGKILLed, the head ends every launcher and worker."""
+    """Head-node workers (exec channels, or ssh sessions) do the tasks and end on the head with a SIGKILLed supervisor."""
     remote_port = free_port()
     workdir = Path.home() / ".wqsupervisor" / str(remote_port)
     options = ["--workers=ssh", "--max-workers=2", "--scale-cooldown=0.5", "--idle-time=30"]
@@ -177,8 +123,7 @@ def test_head_node_workers_do_the_tasks_and_end_with_the_supervisor(head, master
 
 
 def test_the_factory_over_paramiko_feeds_the_master_and_stops_with_the_supervisor(head, master, tmp_path):
-    """--workers factory, no ssh client: work_queue_factory runs on an exec channel, its workers do the
-    tasks, and a clean stop ends the factory and removes its directory on the head."""
+    """No ssh client: work_queue_factory on an exec channel feeds the tasks; a clean stop ends it and its directory."""
     if shutil.which("work_queue_factory") is None:
         pytest.skip("work_queue_factory is not installed")
     remote_port = free_port()
@@ -201,3 +146,36 @@ def test_the_factory_over_paramiko_feeds_the_master_and_stops_with_the_superviso
     assert [e["system"] for e in _events(lines, "jobs.submitted")] == ["factory"], err
     assert not _events(lines, "jobs.submit_failed"), err
     wait_for(lambda: not processes_matching(str(workdir)), 30, "the factory and its workers to end")
+
+
+def test_slurm_workers_over_paramiko_need_no_ssh_client(head, master, slurm, tmp_path):
+    """No ssh on the supervisor's PATH: sbatch over paramiko, Slurm's workers come through the tunnel, tasks run once."""
+    remote_port = free_port()
+    options = [
+        "--workers=slurm",
+        f"--batch-env=SLURM_CONF={slurm.conf}",
+        "--node-via=headnode",
+        f"--node-ssh-args=-F {head.ssh_config}",  # the compute node's hop: its own ssh, to the loopback head
+        "--max-workers=2",
+        "--scale-cooldown=0.5",
+        "--idle-time=5",
+    ]
+    proc, lines = _supervise(head, master, tmp_path, remote_port, *options)
+    try:
+        wait_for(lambda: _events(lines, "tunnel.up"), 30, "the tunnel to be up")
+        _tasks(master, lines, 10)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+    finally:
+        _finish(proc)
+    err = "".join(lines)
+    assert proc.returncode == 0, err
+    assert not _events(lines, "jobs.submit_failed"), err
+    submitted = _events(lines, "jobs.submitted")
+    assert submitted and all(e["system"] == "slurm" for e in submitted), err
+    # Slurm's own numbers, from sbatch over paramiko, and every one of them ended (cancelled on close).
+    ids = {str(i) for e in submitted for i in e["ids"]}  # type: ignore[attr-defined]
+    assert ids and all(i.isdigit() for i in ids), ids
+    assert not slurm.squeue(), slurm.squeue()
+    assert ids <= set(slurm.finished()), (ids, slurm.finished())
+    assert not listening(remote_port)
