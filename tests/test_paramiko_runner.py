@@ -345,3 +345,29 @@ def test_proxyjump_and_the_jumps_host_key_are_the_backends(head, tmp_path):
                 await runner.close()
 
         drive(body)
+
+
+def test_commands_go_to_the_next_head_when_the_first_cannot_be_reached(head, tmp_path):
+    """Heads [down, up]: the command runs on the second, which is then kept for the next commands."""
+    config = tmp_path / "ssh_config"
+    down = HeadNode(str(tmp_path / "down"))  # configured, never started: its port refuses
+    try:
+        down.client_config("127.0.0.1", config, alias="down")
+        head.client_config("127.0.0.1", config, alias="up", append=True)
+        first = Settings(via="down", ssh_config=str(config)).ssh_target()
+        second = Settings(via="up", ssh_config=str(config)).ssh_target()
+
+        async def body() -> None:
+            runner = ParamikoRunner(first, others=[second])
+            try:
+                done = await runner.run(["echo", "here"])
+                assert (done.returncode, done.stdout) == (0, "here\n"), done.error_text
+                assert runner.target.destination == "up"
+                assert (await runner.run(["true"])).returncode == 0
+                assert runner.connects == 1
+            finally:
+                await runner.close()
+
+        drive(body)
+    finally:
+        down.close()
