@@ -413,25 +413,34 @@ async def build_tracker(
     """The tracker for ``settings.workers``, with its runner and the launcher its jobs run.
 
     With ``rundir`` (private), the scheduler's commands share one ssh
-    connection of their own, its socket there. ``kind`` (the master's) names
-    the worker program unless the settings do, and the factory.
+    connection of their own, its socket there; with the paramiko backend they
+    share one paramiko connection of their own instead
+    (:class:`~wqsupervisor.batch.paramiko_runner.ParamikoRunner`), and no ssh
+    client is run. ``kind`` (the master's) names the worker program unless the
+    settings do, and the factory.
     """
     from .batch import system_class
     from .batch.factory import Factory
+    from .batch.paramiko_runner import ParamikoRunner
 
     assert settings.workers is not None
     name = settings.workers
     control = f"{rundir}/batch-{remote_port}.sock" if rundir else None
-    runner: Runner = (
-        LocalRunner()
-        if name == "local"
-        else SshRunner(
+    runner: Runner
+    if name == "local":
+        runner = LocalRunner()
+    elif settings.backend == "paramiko":
+        # No ssh client: a paramiko connection of the runner's own (never the tunnel's).
+        runner = ParamikoRunner(
+            settings.ssh_target(), dict(settings.batch_env), others=settings.ssh_targets()[1:]
+        )
+    else:
+        runner = SshRunner(
             settings.ssh_target(),
             dict(settings.batch_env),
             control=control,
             others=settings.ssh_targets()[1:],
         )
-    )
     options = BatchOptions(
         partition=settings.partition,
         account=settings.account,
@@ -497,15 +506,20 @@ async def _node_names(settings: Settings) -> list[str]:
     Each head is asked on its own: through the runner, which moves on to the next head when one
     cannot be reached, a first head that is down would answer with the second's name.
     """
+    from .batch.paramiko_runner import ParamikoRunner
+
     given = [settings.node_via, *settings.also_node_via]
     names = []
     for i, target in enumerate(settings.ssh_targets()):
         name = given[i] if i < len(given) else None
         if not name:
+            runner = ParamikoRunner(target) if settings.backend == "paramiko" else SshRunner(target)
             try:
-                name = await _head_hostname(SshRunner(target))
+                name = await _head_hostname(runner)
             except SubmitError:
                 name = target.host
+            finally:
+                await runner.close()
         names.append(name)
     return names
 

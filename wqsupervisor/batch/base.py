@@ -4,7 +4,10 @@ A :class:`BatchSystem` turns "start n workers" into jobs of its scheduler
 (or plain processes) and reports their states. It is an adapter: the
 decisions (how many, when) are the scaling policy's, the bookkeeping is the
 job tracker's. Commands run through a :class:`Runner`: on this machine, or on
-the head node through ssh to an :class:`~wqsupervisor.target.SshTarget`.
+the head node through ssh to an :class:`~wqsupervisor.target.SshTarget`
+(:class:`SshRunner`), or over paramiko with no ssh client
+(:class:`~wqsupervisor.batch.paramiko_runner.ParamikoRunner`). A runner also
+starts the jobs that last as long as a worker (:meth:`Runner.start`).
 Schedulers driven by commands share one template,
 :class:`~wqsupervisor.batch.scheduler.Scheduler`.
 
@@ -22,12 +25,13 @@ import enum
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .. import validation as check
 from ..errors import WQSupervisorError
 from ..launcher import NodeLauncher
 from ..openssh import remote_argv
+from ..process import owned_argv
 from ..target import SshTarget
 from .control import ControlConnection
 
@@ -78,6 +82,43 @@ class Completed:
         return " / ".join(line.strip() for line in text[-3:])
 
 
+class Closable(Protocol):
+    """A lasting command's input."""
+
+    def close(self) -> None:
+        """Send end of file."""
+
+
+class Lasting(Protocol):
+    """A command that lasts as long as a job (a worker on the head node, the factory).
+
+    What :class:`asyncio.subprocess.Process` offers, and all that
+    :class:`~wqsupervisor.batch.local.Processes` uses of it: ending its input,
+    or the command here, ends it there.
+    """
+
+    @property
+    def pid(self) -> int:
+        """A number that tells it from the runner's others (a local process id)."""
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it has ended, else None."""
+
+    @property
+    def stdin(self) -> Closable | None:
+        """Its input, open until closed."""
+
+    def send_signal(self, sig: int) -> None:
+        """Ask it to stop."""
+
+    def kill(self) -> None:
+        """Stop it now."""
+
+    async def wait(self) -> int:
+        """Wait until it has ended; its exit status."""
+
+
 class Runner(abc.ABC):
     """Where a batch system's commands run."""
 
@@ -94,6 +135,10 @@ class Runner(abc.ABC):
         done = await self.run(["sh", "-c", script, "sh", path, format(mode, "o")], input=content)
         if done.returncode != 0:
             raise WQSupervisorError(f"cannot write {path}: {done.error_text}")
+
+    async def start(self, argv: Sequence[str]) -> Lasting:
+        """Start ``argv`` for as long as a job lasts, its input open (the node launcher, the factory)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start lasting commands")
 
     async def close(self) -> None:  # noqa: B027 (most runners hold nothing)
         """Release what the runner holds (a connection); nothing by default."""
@@ -131,12 +176,35 @@ async def _communicate(argv: Sequence[str], input: str | None, timeout: float) -
     return Completed(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
+def remote_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """``argv`` as one command line for the head node's shell, each word quoted, run with ``env``."""
+    command = " ".join(shlex.quote(a) for a in argv)
+    if env:
+        command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + command
+    return command
+
+
+async def _spawn(argv: Sequence[str]) -> asyncio.subprocess.Process:
+    """A process of ours (it dies with this one), its input a pipe, its output discarded."""
+    return await asyncio.create_subprocess_exec(
+        *owned_argv(list(argv)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 class LocalRunner(Runner):
     """Commands on this machine."""
 
     async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60.0) -> Completed:
         """Run ``argv`` here."""
         return await _communicate(argv, input, timeout)
+
+    async def start(self, argv: Sequence[str]) -> Lasting:
+        """``argv`` as a process of ours."""
+        return await _spawn(argv)
 
 
 class SshRunner(Runner):
@@ -197,6 +265,10 @@ class SshRunner(Runner):
             control.failed()  # the next command starts a new connection
         return done
 
+    async def start(self, argv: Sequence[str]) -> Lasting:
+        """``argv`` on the head node in an ssh session of its own, a process of ours; it ends with it."""
+        return await _spawn(self.argv(argv))
+
     def argv(self, argv: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
         """The local ssh command line that runs ``argv`` on the head node, with ``env``.
 
@@ -204,10 +276,7 @@ class SshRunner(Runner):
         (workers on the head node, the factory) use that, so that they do not
         end with the control connection.
         """
-        command = " ".join(shlex.quote(a) for a in argv)
-        if self.env:
-            command = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env.items()) + " " + command
-        ssh = remote_argv(self.target, command)
+        ssh = remote_argv(self.target, remote_command(argv, self.env))
         ssh[1:1] = list(extra)
         return ssh
 

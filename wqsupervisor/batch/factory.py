@@ -10,7 +10,8 @@ head, wrong on a compute node), so it is given the node launcher as its
 and runs the real worker through it, whatever arguments the factory passes.
 
 The factory process is owned like an ssh worker: it runs in an ssh session
-and stops when the session ends (cancelled, or the supervisor gone). It is not
+(an exec channel with the paramiko backend) and stops when the session ends
+(cancelled, or the supervisor gone). It is not
 driven by wqsupervisor's scaling policy; ``adapt`` restarts it with new limits.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..launcher import NodeLauncher
-from .base import JobState, SshRunner
+from .base import JobState
 from .local import Processes
 
 _WRAPPER = """\
@@ -82,9 +83,8 @@ class Factory(Processes):
         await self.runner.write(f"{self.workdir}/factory-job.sh", _WRAPPER % {"factory": factory}, 0o700)
 
     def command(self) -> list[str]:
-        """ssh to the head node running the factory in its wrapper."""
-        assert isinstance(self.runner, SshRunner)
-        return self.runner.argv(["sh", f"{self.workdir}/factory-job.sh"])
+        """The factory in its wrapper, on the head node (the runner starts it there)."""
+        return ["sh", f"{self.workdir}/factory-job.sh"]
 
     async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
         """The factory process's state."""

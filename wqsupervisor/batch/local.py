@@ -12,8 +12,7 @@ import contextlib
 import signal
 from collections.abc import Sequence
 
-from ..process import owned_argv, reap
-from .base import BatchSystem, JobState
+from .base import BatchSystem, JobState, Lasting
 
 
 class Processes(BatchSystem):
@@ -23,25 +22,19 @@ class Processes(BatchSystem):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._procs: dict[str, Lasting] = {}
         self._cancelled: set[str] = set()
         self._serial = 0
 
     def command(self) -> list[str]:
-        """The command of one job."""
+        """The command of one job, on the side where jobs start (the runner's)."""
         return ["sh", str(self.launcher_path)]
 
     async def submit(self, count: int) -> list[str]:
-        """Start ``count`` launcher processes."""
+        """Start ``count`` jobs through the runner (:meth:`~wqsupervisor.batch.base.Runner.start`)."""
         ids = []
         for _ in range(count):
-            proc = await asyncio.create_subprocess_exec(
-                *owned_argv(self.command()),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            proc = await self.runner.start(self.command())
             self._serial += 1
             job = f"{self.name}-{proc.pid}"
             self._procs[job] = proc
@@ -61,8 +54,13 @@ class Processes(BatchSystem):
                 proc.send_signal(signal.SIGTERM)
         for job in ids:
             proc = self._procs.get(job)
-            if proc is not None:
-                await reap(proc, 10)
+            if proc is not None and proc.returncode is None:
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
 
     async def states(self, ids: Sequence[str]) -> dict[str, JobState]:
         """Running while the process lives; done or failed by its exit status."""

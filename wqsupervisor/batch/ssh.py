@@ -4,13 +4,13 @@ Each job is an ssh session running a small wrapper around the node
 launcher: the launcher runs in the background while ``cat`` reads the
 session's input, so the launcher is stopped as soon as the session ends,
 whether the job was cancelled or the supervisor died (its ssh dies with it).
-Nothing is left on the head node.
+With the paramiko backend the session is an exec channel of the runner's
+connection, which ends the same ways. Nothing is left on the head node.
 """
 
 from __future__ import annotations
 
 from ..launcher import NodeLauncher
-from .base import SshRunner
 from .local import Processes
 
 _WRAPPER = """\
@@ -38,6 +38,5 @@ class HeadNodeWorkers(Processes):
         await self.runner.write(f"{self.workdir}/ssh-job.sh", _WRAPPER, 0o700)
 
     def command(self) -> list[str]:
-        """ssh to the head node running the wrapper."""
-        assert isinstance(self.runner, SshRunner)
-        return self.runner.argv(["sh", f"{self.workdir}/ssh-job.sh"])
+        """The node launcher's wrapper, on the head node (the runner starts it there)."""
+        return ["sh", f"{self.workdir}/ssh-job.sh"]
