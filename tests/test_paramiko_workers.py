@@ -40,7 +40,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSlurm]:
     """A single-node Slurm on loopback; every job cancelled and the daemons stopped afterwards."""
     why = LoopbackSlurm.missing()
     if why:
-        pytest.skip(why)
+        pytest.fail(f"{why}: .ci/run installs Slurm and runs as root")
     cluster = LoopbackSlurm(tmp_path_factory.mktemp("slurm")).start()
     try:
         yield cluster
@@ -125,7 +125,7 @@ def test_head_node_workers_do_the_tasks_and_end_with_the_supervisor(head, master
 def test_the_factory_over_paramiko_feeds_the_master_and_stops_with_the_supervisor(head, master, tmp_path):
     """No ssh client: work_queue_factory on an exec channel feeds the tasks; a clean stop ends it and its directory."""
     if shutil.which("work_queue_factory") is None:
-        pytest.skip("work_queue_factory is not installed")
+        pytest.fail("work_queue_factory is not installed: apt-get install coop-computing-tools")
     remote_port = free_port()
     workdir = Path.home() / ".wqsupervisor" / str(remote_port)
     options = ["--workers=factory", "--max-workers=2", "--idle-time=30"]
