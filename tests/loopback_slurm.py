@@ -10,18 +10,15 @@ reach it with ``SLURM_CONF``. Jobs run as the submitting user. Needs root,
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pwd
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-from wqsupervisor.harness.common import run
-from wqsupervisor.process import pid_alive, terminate
+from wqsupervisor.harness.slurm import slurm_conf, start_munge, stop_munge
+from wqsupervisor.process import terminate
 
 from support import free_port
 
@@ -55,48 +52,18 @@ class LoopbackSlurm:
 
     def start(self, timeout: float = 60.0) -> LoopbackSlurm:
         """Start munged (unless running), slurmctld and slurmd; return once the node is idle."""
-        self._start_munge()
+        self._munged = start_munge()
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         host = os.uname().nodename.split(".")[0]
         d = self.root
+        ports = [f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}"]
         self.conf.write_text(
-            "\n".join(
-                [
-                    "ClusterName=wqsloop",
-                    f"SlurmctldHost={host}(127.0.0.1)",
-                    f"SlurmctldPort={free_port()}",
-                    f"SlurmdPort={free_port()}",
-                    "SlurmUser=root",
-                    "SlurmdUser=root",
-                    "MailProg=/bin/true",
-                    "AuthType=auth/munge",
-                    "CredType=cred/munge",
-                    "MpiDefault=none",
-                    "ProctrackType=proctrack/linuxproc",
-                    "TaskPlugin=task/none",
-                    "JobAcctGatherType=jobacct_gather/none",
-                    "AccountingStorageType=accounting_storage/none",
-                    "JobCompType=jobcomp/filetxt",
-                    f"JobCompLoc={d}/log/jobcomp.txt",
-                    "SelectType=select/cons_tres",
-                    "SelectTypeParameters=CR_Core",
-                    "SchedulerParameters=batch_sched_delay=0",
-                    "ReturnToService=2",
-                    "SlurmdParameters=config_overrides",
-                    f"SlurmctldPidFile={d}/slurmctld.pid",
-                    f"SlurmdPidFile={d}/slurmd.pid",
-                    f"StateSaveLocation={d}/state",
-                    f"SlurmdSpoolDir={d}/spool",
-                    f"SlurmctldLogFile={d}/log/slurmctld.log",
-                    f"SlurmdLogFile={d}/log/slurmd.log",
-                    f"NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={self.cpus} "
-                    "RealMemory=1000 State=UNKNOWN",
-                    f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
-                    "",
-                ]
+            slurm_conf(
+                d, cluster="wqsloop", controller=f"{host}(127.0.0.1)", node=NODE, node_host=host,
+                cpus=self.cpus, memory_mb=1000, extra=ports,
             )
-        )
+        )  # fmt: skip
         os.chmod(self.root, 0o755)  # sshd sessions read slurm.conf from here
         os.chmod(self.conf, 0o644)
         for argv in (
@@ -128,17 +95,6 @@ class LoopbackSlurm:
         self.stop()
         raise RuntimeError(f"Slurm did not come up: {log}")
 
-    def _start_munge(self) -> None:
-        rundir = Path("/run/munge")
-        pidfile = rundir / "munged.pid"
-        if pidfile.exists() and pid_alive(int(pidfile.read_text().strip() or 0)):
-            return
-        munge = pwd.getpwnam("munge")
-        rundir.mkdir(mode=0o755, exist_ok=True)
-        os.chown(rundir, munge.pw_uid, munge.pw_gid)
-        run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
-        self._munged = int(pidfile.read_text().strip())
-
     def squeue(self) -> list[str]:
         """Jobs Slurm still holds (pending, running, completing, suspended), as "ID STATE"."""
         res = subprocess.run(
@@ -166,7 +122,5 @@ class LoopbackSlurm:
             for proc in self._daemons:
                 terminate(proc, grace=10)
             self._daemons = []
-        if self._munged:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._munged, signal.SIGTERM)
-            self._munged = None
+        stop_munge(self._munged)
+        self._munged = None

@@ -48,6 +48,80 @@ class Hosts(Protocol):
         """Start a process on ``host``; it is stopped with the lab."""
 
 
+def start_munge() -> int | None:
+    """Start munged unless one runs (its socket is machine-wide); the pid of the one started here, or None."""
+    rundir = Path("/run/munge")
+    pidfile = rundir / "munged.pid"
+    if pidfile.exists() and pid_alive(int(pidfile.read_text().strip() or 0)):
+        return None
+    munge = pwd.getpwnam("munge")
+    rundir.mkdir(mode=0o755, exist_ok=True)
+    os.chown(rundir, munge.pw_uid, munge.pw_gid)
+    run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
+    return int(pidfile.read_text().strip())
+
+
+def stop_munge(pid: int | None) -> None:
+    """Stop the munged that :func:`start_munge` started (None: it started none)."""
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def slurm_conf(
+    folder: Path,
+    *,
+    cluster: str,
+    controller: str,
+    node: str,
+    node_host: str,
+    cpus: int,
+    memory_mb: int,
+    extra: Sequence[str] = (),
+) -> str:
+    """A single-node slurm.conf: state, spool and logs under ``folder``, a job completion log in
+    ``folder/log/jobcomp.txt``, no accounting, every job started as soon as it is submitted.
+
+    ``controller`` is ``host(address)``; ``node`` the node's name, ``node_host`` its hostname;
+    the node claims ``cpus`` CPUs whatever the machine has, so several one-core workers run at once.
+    """
+    d = folder
+    return "\n".join(
+        [
+            f"ClusterName={cluster}",
+            f"SlurmctldHost={controller}",
+            *extra,
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "MailProg=/bin/true",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            "MpiDefault=none",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={d}/log/jobcomp.txt",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "SchedulerParameters=batch_sched_delay=0",
+            "ReturnToService=2",
+            "SlurmdParameters=config_overrides",
+            f"SlurmctldPidFile={d}/slurmctld.pid",
+            f"SlurmdPidFile={d}/slurmd.pid",
+            f"StateSaveLocation={d}/state",
+            f"SlurmdSpoolDir={d}/spool",
+            f"SlurmctldLogFile={d}/log/slurmctld.log",
+            f"SlurmdLogFile={d}/log/slurmd.log",
+            f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={node_host} CPUs={cpus} "
+            f"RealMemory={memory_mb} State=UNKNOWN",
+            f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
+
+
 class Slurm:
     """slurmctld and slurmd on host ``node`` (reachable at ``node_ip``), clients on host ``head``."""
 
@@ -68,7 +142,7 @@ class Slurm:
         for tool in ("slurmctld", "slurmd", "munged"):
             if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
                 raise WQSupervisorError(f"{tool} is not installed", "apt-get install slurm-wlm munge")
-        self._start_munge()
+        self._munged = start_munge()
         d = self._lab.root / "slurm"
         for sub in ("state", "spool", "log"):
             (d / sub).mkdir(parents=True, exist_ok=True)
@@ -76,41 +150,11 @@ class Slurm:
         host = os.uname().nodename.split(".")[0]
         conf = d / "slurm.conf"
         conf.write_text(
-            "\n".join(
-                [
-                    "ClusterName=wqslab",
-                    f"SlurmctldHost={host}({self._node_ip})",
-                    "SlurmUser=root",
-                    "SlurmdUser=root",
-                    "MailProg=/bin/true",
-                    "AuthType=auth/munge",
-                    "CredType=cred/munge",
-                    "MpiDefault=none",
-                    "ProctrackType=proctrack/linuxproc",
-                    "TaskPlugin=task/none",
-                    "JobAcctGatherType=jobacct_gather/none",
-                    "AccountingStorageType=accounting_storage/none",
-                    "JobCompType=jobcomp/filetxt",
-                    f"JobCompLoc={d}/log/jobcomp.txt",
-                    "SelectType=select/cons_tres",
-                    "SelectTypeParameters=CR_Core",
-                    "SchedulerParameters=batch_sched_delay=0",
-                    "ReturnToService=2",
-                    # More CPUs than the machine has, so that several one-core workers run at once.
-                    "SlurmdParameters=config_overrides",
-                    f"SlurmctldPidFile={d}/slurmctld.pid",
-                    f"SlurmdPidFile={d}/slurmd.pid",
-                    f"StateSaveLocation={d}/state",
-                    f"SlurmdSpoolDir={d}/spool",
-                    f"SlurmctldLogFile={d}/log/slurmctld.log",
-                    f"SlurmdLogFile={d}/log/slurmd.log",
-                    f"NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} RealMemory=4000 "
-                    "State=UNKNOWN",
-                    f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
-                    "",
-                ]
+            slurm_conf(
+                d, cluster="wqslab", controller=f"{host}({self._node_ip})", node=host, node_host=host,
+                cpus=cpus, memory_mb=4000,
             )
-        )
+        )  # fmt: skip
         os.chmod(conf, 0o644)
         # glibc's AI_ADDRCONFIG ignores loopback: slurmctld needs another IPv4 address here.
         self._lab.sh(self._lab.ns[self._node], "ip addr add 10.254.254.1/32 dev lo")
@@ -147,17 +191,6 @@ class Slurm:
             time.sleep(0.3)
         raise WQSupervisorError(f"slurm did not come up: {(d / 'log' / 'slurmctld.log').read_text()[-500:]}")
 
-    def _start_munge(self) -> None:
-        rundir = Path("/run/munge")
-        pidfile = rundir / "munged.pid"
-        if pidfile.exists() and pid_alive(int(pidfile.read_text().strip() or 0)):
-            return
-        munge = pwd.getpwnam("munge")
-        rundir.mkdir(mode=0o755, exist_ok=True)
-        os.chown(rundir, munge.pw_uid, munge.pw_gid)
-        run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
-        self._munged = int(pidfile.read_text().strip())
-
     def stop(self) -> None:
         """Cancel every job, wait for the queue to empty, stop the daemons (and the lab's munged)."""
         if not self._daemons:
@@ -184,10 +217,8 @@ class Slurm:
         for proc in self._daemons:
             terminate(proc, grace=10)
         self._daemons = []
-        if self._munged:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._munged, signal.SIGTERM)
-            self._munged = None
+        stop_munge(self._munged)
+        self._munged = None
 
     def squeue(self) -> list[str]:
         """Jobs Slurm still holds (pending, running, completing, suspended)."""
