@@ -336,3 +336,18 @@ async def echo_back(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         writer.write(data)
         await writer.drain()
     writer.close()
+
+
+def ssh_entry(alias: str, node: Any, *extra: str, known_hosts: Path | None = None) -> str:
+    """An ssh_config ``Host alias`` block for a loopback HeadNode (``extra`` lines appended)."""
+    lines = [
+        f"Host {alias}",
+        "    HostName 127.0.0.1",
+        f"    Port {node.port}",
+        f"    User {node.user}",
+        f"    IdentityFile {node.identity}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {known_hosts or node.known_hosts}",
+        *(f"    {line}" for line in extra),
+    ]
+    return "\n".join(lines) + "\n"

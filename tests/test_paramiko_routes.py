@@ -38,22 +38,9 @@ from support import (
     listening,
     python_env,
     run_tasks,
+    ssh_entry,
     wait_for,
 )
-
-
-def _entry(alias: str, node: HeadNode, *extra: str) -> str:
-    lines = [
-        f"Host {alias}",
-        "    HostName 127.0.0.1",
-        f"    Port {node.port}",
-        f"    User {node.user}",
-        f"    IdentityFile {node.identity}",
-        "    IdentitiesOnly yes",
-        f"    UserKnownHostsFile {node.known_hosts}",
-        *(f"    {line}" for line in extra),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -86,7 +73,7 @@ def _owners_of_connections_to(port: int) -> set[int]:
 def test_proxyjump_carries_the_tunnel_through_the_jump_hosts_sshd(head, inner, master, workers, tmp_path):
     """The head is reached only through the jump's sshd (its own entry and key check); tasks run through it."""
     config = tmp_path / "ssh_config"
-    config.write_text(_entry("jumphost", head) + _entry("inner", inner, "ProxyJump jumphost"))
+    config.write_text(ssh_entry("jumphost", head) + ssh_entry("inner", inner, "ProxyJump jumphost"))
     remote_port = free_port()
     settings = Settings(
         via="inner",
@@ -142,8 +129,8 @@ def test_the_jump_hosts_own_key_is_checked_and_named(head, inner, tmp_path):
     empty = tmp_path / "empty"
     empty.write_text("")
     config = tmp_path / "ssh_config"
-    jump = _entry("jumphost", head).replace(str(head.known_hosts), str(empty))
-    config.write_text(jump + _entry("inner", inner, "ProxyJump jumphost"))
+    jump = ssh_entry("jumphost", head, known_hosts=empty)
+    config.write_text(jump + ssh_entry("inner", inner, "ProxyJump jumphost"))
     failure = _failure_of(Settings(via="inner", ssh_config=str(config)))
     assert failure.kind is FailureKind.HOST_KEY_UNKNOWN and failure.permanent
     assert "the host key of jumphost" in failure.message, failure.message
@@ -173,7 +160,7 @@ def test_proxycommand_carries_the_forward_and_ends_with_the_session(head, tmp_pa
     bridge, marker = tmp_path / "bridge.py", tmp_path / "bridge.pid"
     bridge.write_text(_BRIDGE)
     config = tmp_path / "ssh_config"
-    config.write_text(_entry("viacommand", head, f"ProxyCommand {sys.executable} {bridge} %h %p {marker}"))
+    config.write_text(ssh_entry("viacommand", head, f"ProxyCommand {sys.executable} {bridge} %h %p {marker}"))
     settings = Settings(via="viacommand", ssh_config=str(config))
     payload = os.urandom(256 * 1024)
 

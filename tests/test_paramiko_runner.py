@@ -23,7 +23,7 @@ from wqsupervisor.config import Settings
 from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.jobs import JobTracker, build_tracker
 
-from support import drive, wait_for
+from support import drive, ssh_entry, wait_for
 
 # Words a shell would take apart if they reached it unquoted.
 AWKWARD = [
@@ -300,29 +300,15 @@ def test_a_lasting_command_on_an_unreachable_head_is_a_submit_error(head):
     drive(body)
 
 
-def _entry(alias: str, node: HeadNode, known_hosts: Path, *extra: str) -> str:
-    lines = [
-        f"Host {alias}",
-        "    HostName 127.0.0.1",
-        f"    Port {node.port}",
-        f"    User {node.user}",
-        f"    IdentityFile {node.identity}",
-        "    IdentitiesOnly yes",
-        f"    UserKnownHostsFile {known_hosts}",
-        *(f"    {line}" for line in extra),
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def test_proxyjump_and_the_jumps_host_key_are_the_backends(head, tmp_path):
     """Through ProxyJump the commands cross the jump's sshd; a jump with an unknown key is refused, named."""
     empty = tmp_path / "empty"
     empty.write_text("")
     good, bad = tmp_path / "good_config", tmp_path / "bad_config"
     with HeadNode(str(tmp_path / "inner")) as inner:
-        inner_entry = _entry("inner", inner, inner.known_hosts, "ProxyJump jumphost")
-        good.write_text(_entry("jumphost", head, head.known_hosts) + inner_entry)
-        bad.write_text(_entry("jumphost", head, empty) + inner_entry)
+        inner_entry = ssh_entry("inner", inner, "ProxyJump jumphost")
+        good.write_text(ssh_entry("jumphost", head) + inner_entry)
+        bad.write_text(ssh_entry("jumphost", head, known_hosts=empty) + inner_entry)
 
         async def body() -> None:
             runner = ParamikoRunner(Settings(via="inner", ssh_config=str(good)).ssh_target())
