@@ -136,3 +136,16 @@ def test_a_tunnel_whose_supervisor_is_gone_is_still_reclaimed(head, master):
         if hung is not None and pid_alive(hung):
             os.kill(hung, signal.SIGCONT)
             os.kill(hung, signal.SIGKILL)
+
+
+def test_a_lease_line_gives_its_age_its_stamp_and_its_owner():
+    """The holder script's lease line: age and write time in the head's whole seconds, then the lease as
+    written (owner words, then the port); a renewal is told by the write time, never by two rounded ages."""
+    from wqsupervisor.remoteport import parse_holders
+
+    text = "me 1000\nbound\nholder 10 1000 sshd-session\nlease 10 3 1796387547 campus 4242 1796380000 1 46077\n"
+    lease = parse_holders(text).lease(10)
+    assert lease is not None
+    assert (lease.age, lease.stamp) == (3.0, 1796387547)
+    assert (lease.owner.host, lease.owner.pid, lease.owner.keepalive) == ("campus", 4242, 1.0)
+    assert parse_holders(text.replace("1796387547 ", "")).lease(10) is None  # an old line: no stamp

@@ -78,7 +78,8 @@ for pid in $pids; do
     echo "holder $pid $uid $(cat "/proc/$pid/comm" 2>/dev/null)"
     lease="$HOME/%(lease_dir)s/$pid"
     if [ -f "$lease" ]; then
-        echo "lease $pid $(( $(date +%%s) - $(stat -c %%Y "$lease") )) $(head -c 200 "$lease" | head -n 1)"
+        stamp=$(stat -c %%Y "$lease")
+        echo "lease $pid $(( $(date +%%s) - stamp )) $stamp $(head -c 200 "$lease" | head -n 1)"
     fi
 done
 """
@@ -145,6 +146,9 @@ class Lease:
 
     age: float
     owner: Owner
+    stamp: int = 0
+    """When the lease was last written, in the head's whole seconds: it changes at each renewal.
+    (Ages are whole seconds too, so two ages cannot tell a renewal from a second's rounding.)"""
 
     @property
     def fresh(self) -> bool:
@@ -203,10 +207,11 @@ def parse_holders(text: str) -> PortHolders:
         if not parts:
             continue
         if parts[0] == "lease" and len(parts) == 4 and parts[1].isdigit():
-            owner = Owner.parse(parts[3])
+            stamp, _, rest = parts[3].partition(" ")
+            owner = Owner.parse(rest)
             with contextlib.suppress(ValueError):
                 if owner is not None:
-                    leases.append((int(parts[1]), Lease(float(parts[2]), owner)))
+                    leases.append((int(parts[1]), Lease(float(parts[2]), owner, int(stamp))))
             continue
         if parts[0] == "bound":
             bound = True
@@ -340,7 +345,7 @@ class RemotePort:
         await asyncio.sleep(min(lease.owner.keepalive, 10.0) + 1.5)
         now = (await inspect_port(self._sessions.run_on_head, self.port)).lease(pid)
         waited = time.monotonic() - started
-        if now is not None and now.age < lease.age + waited - 0.5:
+        if now is not None and now.stamp != lease.stamp:
             return True
         # Its supervisor is gone or cut off: the session is stale once the lease has run out.
         await asyncio.sleep(max(0.0, 3 * lease.owner.keepalive + 5 - lease.age - waited) + 0.5)
