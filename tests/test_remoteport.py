@@ -143,7 +143,9 @@ def test_a_lease_line_gives_its_age_its_stamp_and_its_owner():
     written (owner words, then the port); a renewal is told by the write time, never by two rounded ages."""
     from wqsupervisor.remoteport import parse_holders
 
-    text = "me 1000\nbound\nholder 10 1000 sshd-session\nlease 10 3 1796387547 campus 4242 1796380000 1 46077\n"
+    text = (
+        "me 1000\nbound\nholder 10 1000 sshd-session\nlease 10 3 1796387547 campus 4242 1796380000 1 46077\n"
+    )
     lease = parse_holders(text).lease(10)
     assert lease is not None
     assert (lease.age, lease.stamp) == (3.0, 1796387547)
