@@ -176,6 +176,35 @@ def test_a_gap_in_the_stream_is_refused():
         Decoder().feed(struct.pack("!BIQI", 77, 0, 0, 0))
 
 
+def test_frames_cut_anywhere_decode_to_the_same_bytes():
+    """Frames fed in random cuts (down to single bytes) give every control frame whole and each
+    stream's DATA bytes contiguous and complete, a piece as soon as it arrives."""
+    rng = random.Random(7)
+    sent: dict[int, bytes] = {1: rng.randbytes(700_000), 2: b"", 3: rng.randbytes(5)}
+    wire = bytearray(encode(4, 0, 0, b"hello agent"))
+    for sid, data in sent.items():
+        for start in range(0, max(len(data), 1), 250_000):
+            wire += encode(DATA, sid, start, data[start : start + 250_000])
+        wire += encode(6, 0, sid, b"")
+    for cuts in (1, 17, 4096):
+        decoder, pos = Decoder(), 0
+        got: dict[int, bytearray] = defaultdict(bytearray)
+        controls = []
+        while pos < len(wire):
+            step = rng.randint(1, cuts) if cuts > 1 else 1
+            if cuts == 4096 and rng.random() < 0.3:
+                step = rng.randint(1, 300_000)
+            for kind, sid, value, payload in decoder.feed(bytes(wire[pos : pos + step])):
+                if kind == DATA:
+                    assert value == len(got[sid])
+                    got[sid] += payload
+                else:
+                    controls.append((kind, value, bytes(payload)))
+            pos += step
+        assert {sid: bytes(b) for sid, b in got.items() if b} == {s: d for s, d in sent.items() if d}
+        assert controls == [(4, 0, b"hello agent"), (6, 1, b""), (6, 2, b""), (6, 3, b"")]
+
+
 def test_the_head_program_parses_as_python_3_6():
     """The program sent to the head node is valid Python 3.6 (and stays standard-library only)."""
     program.check_syntax((3, 6))

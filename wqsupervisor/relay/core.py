@@ -35,6 +35,18 @@ Event = Tuple[str, int, Chunk]
 """``(kind, sid, data)``: ``open``, ``data``, ``eof`` (the other side ends), ``close`` (forget the socket)."""
 
 
+def consume(chunks: Deque[Chunk], n: int) -> None:
+    """Drop the first ``n`` bytes of ``chunks`` (what a write took): the I/O layers' write queues."""
+    while n:
+        first = chunks[0]
+        if n >= len(first):
+            chunks.popleft()
+            n -= len(first)
+        else:
+            chunks[0] = memoryview(first)[n:]
+            n = 0
+
+
 class Stream:
     """One connection's state at this end (offsets are per direction)."""
 
@@ -297,8 +309,12 @@ class Mux:
 
     def output(self, limit: int = 1024 * 1024) -> bytes:
         """Frames to write to the carrier now (up to about ``limit`` bytes); b"" when none."""
+        return b"".join(self.output_parts(limit))
+
+    def output_parts(self, limit: int = 1024 * 1024) -> List[Chunk]:
+        """:meth:`output` as the pieces to write in order (views of the kept bytes, no copy)."""
         if not self.attached:
-            return b""
+            return []
         parts: List[Chunk] = list(self._control)
         self._control = []
         streams = list(self.streams.values())
@@ -330,7 +346,7 @@ class Mux:
                 s.fin_sent = True
         for s in streams:
             self._check(s)
-        return b"".join(parts)
+        return parts
 
     def wants_output(self) -> bool:
         """True when :meth:`output` has something to send."""

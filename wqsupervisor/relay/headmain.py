@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
-from .core import ACK_DELAY, Chunk, Mux
+from .core import ACK_DELAY, Chunk, Mux, consume
 from .wire import BYE, HELLO, PING, PONG, REFUSED, SHUTDOWN, WELCOME, Decoder, WireError, encode
 
 READ_CHUNK = 256 * 1024
@@ -91,7 +91,7 @@ class Carrier:
             except OSError:
                 return False
             self.out_bytes -= n
-            _consume(self.out, n)
+            consume(self.out, n)
         return True
 
     def close(self) -> None:
@@ -99,18 +99,6 @@ class Carrier:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.conn.close()
-
-
-def _consume(chunks: Deque[Chunk], n: int) -> None:
-    """Drop the first ``n`` bytes of ``chunks`` (what a write took)."""
-    while n:
-        first = chunks[0]
-        if n >= len(first):
-            chunks.popleft()
-            n -= len(first)
-        else:
-            chunks[0] = memoryview(first)[n:]
-            n = 0
 
 
 def _receive_fds(conn: socket.socket) -> Optional[Tuple[int, int]]:
@@ -304,7 +292,7 @@ class Daemon:
             self._drop(sid)
             return
         self.mux.taken(sid, n)
-        _consume(chunks, n)
+        consume(chunks, n)
         if not chunks and sid in self.end_after_write:
             self._end_write(sid)
 
@@ -473,10 +461,9 @@ class Daemon:
         if carrier is None or not self.greeted:
             return
         while carrier.out_bytes < CARRIER_HIGH and self.mux.wants_output():
-            data = self.mux.output()
-            if data:
-                carrier.out.append(memoryview(data))
-                carrier.out_bytes += len(data)
+            for part in self.mux.output_parts():
+                carrier.out.append(part)
+                carrier.out_bytes += len(part)
         self._apply_events()
         if carrier.out and not carrier.write():
             self._drop_carrier()

@@ -14,14 +14,16 @@ task, queue or copy in between.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import itertools
 import os
 import time
 from dataclasses import dataclass
 
 from ..session import Owner
-from .core import ACK_DELAY, Mux
+from .core import ACK_DELAY, Chunk, Mux, consume
 from .wire import BYE, HELLO, PING, PONG, REFUSED, SHUTDOWN, WELCOME, WireError, encode
 
 __all__ = ["Carrier", "RelayEnded", "RelayPeer", "RelayRefused", "RelayStats"]
@@ -201,23 +203,6 @@ class _CarrierIn(asyncio.Protocol):
         self.carrier.ended()
 
 
-class _CarrierOut(asyncio.Protocol):
-    """The session's stdin: flow control and its end."""
-
-    def __init__(self, carrier: Carrier) -> None:
-        self.carrier = carrier
-
-    def pause_writing(self) -> None:
-        self.carrier.paused = True
-
-    def resume_writing(self) -> None:
-        self.carrier.paused = False
-        self.carrier.peer.kick()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.carrier.ended()
-
-
 class Carrier:
     """One session's stdin and stdout as the relay's carrier.
 
@@ -236,7 +221,12 @@ class Carrier:
         self.current = False
         self._early = bytearray()
         self._in: asyncio.ReadTransport | None = None
-        self._out: asyncio.WriteTransport | None = None
+        # The session's stdin, written by us: frames go out as the views the mux
+        # keeps (os.writev, no join), the rest waits here for the pipe to drain.
+        self._out_fd: int | None = None
+        self._out: collections.deque[Chunk] = collections.deque()
+        self._out_bytes = 0
+        self._writer = False
 
     @classmethod
     async def open(cls, peer: RelayPeer, read_fd: int, write_fd: int) -> Carrier:
@@ -246,15 +236,60 @@ class Carrier:
         for fd in (read_fd, write_fd):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        self._in, _ = await loop.connect_read_pipe(lambda: _CarrierIn(self), os.fdopen(read_fd, "rb", 0))
-        self._out, _ = await loop.connect_write_pipe(lambda: _CarrierOut(self), os.fdopen(write_fd, "wb", 0))
-        self._out.set_write_buffer_limits(high=CARRIER_HIGH)
+        os.set_blocking(write_fd, False)
+        self._out_fd = write_fd
+        try:
+            self._in, _ = await loop.connect_read_pipe(lambda: _CarrierIn(self), os.fdopen(read_fd, "rb", 0))
+        except BaseException:
+            self._close_out()
+            raise
         return self
 
-    def write(self, data: bytes) -> None:
-        """Queue bytes for the session's stdin."""
-        if self._out is not None and not self._out.is_closing():
-            self._out.write(data)
+    def write(self, *parts: Chunk) -> None:
+        """Queue bytes for the session's stdin and write what the pipe takes now."""
+        if self._out_fd is None:
+            return
+        for part in parts:
+            self._out.append(part)
+            self._out_bytes += len(part)
+        self._write()
+
+    def _write(self) -> None:
+        fd = self._out_fd
+        while self._out and fd is not None:
+            try:
+                n = os.writev(fd, list(itertools.islice(self._out, 64)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()  # the session's ssh is gone
+                return
+            self._out_bytes -= n
+            consume(self._out, n)
+        want = bool(self._out)
+        if want != self._writer and fd is not None:
+            loop = asyncio.get_running_loop()
+            if want:
+                loop.add_writer(fd, self._write)
+            else:
+                loop.remove_writer(fd)
+            self._writer = want
+        paused = self._out_bytes > CARRIER_HIGH
+        if self.paused and not paused:
+            self.paused = False
+            self.peer.kick()
+        self.paused = paused
+
+    def _close_out(self) -> None:
+        fd, self._out_fd = self._out_fd, None
+        if fd is not None:
+            if self._writer:
+                asyncio.get_running_loop().remove_writer(fd)
+                self._writer = False
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._out.clear()
+        self._out_bytes = 0
 
     def received(self, data: bytes) -> None:
         if not self.greeting.done():
@@ -289,9 +324,9 @@ class Carrier:
 
     def close(self) -> None:
         """Let go of both pipes."""
-        for t in (self._in, self._out):
-            if t is not None:
-                t.close()
+        if self._in is not None:
+            self._in.close()
+        self._close_out()
         self.ended()
 
 
@@ -399,7 +434,7 @@ class RelayPeer:
         carrier = self._carrier
         if carrier is not None and self.mux.attached:
             while not carrier.paused and self.mux.wants_output():
-                carrier.write(self.mux.output())
+                carrier.write(*self.mux.output_parts())
                 self._apply_events()
         if self.mux.owes_acks():
             if self._ack_timer is None:

@@ -10,7 +10,7 @@ A frame is ``kind`` (1 byte), ``sid`` (4 bytes: the stream), ``value``
 """
 
 import struct
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 HEADER = struct.Struct("!BIQI")
 MAX_PAYLOAD = 256 * 1024
@@ -43,48 +43,56 @@ def encode(kind: int, sid: int = 0, value: int = 0, payload: bytes = b"") -> byt
 class Decoder:
     """Turns the bytes of a carrier, as they come, into frames.
 
-    Payloads are memoryviews into the bytes fed (no copy); a frame cut across
-    reads is joined once, when its last byte arrives.
+    Payloads are memoryviews into the bytes fed (no copy). A DATA frame cut
+    across reads comes out in pieces, each with the offset of its first byte,
+    as soon as its bytes arrive (the streams take any contiguous piece);
+    every other frame comes out whole, its payload joined once.
     """
 
     def __init__(self) -> None:
-        self._parts: List[bytes] = []
-        self._have = 0
-        self._need = HEADER.size
+        self._header = b""  # the start of a header cut across reads
+        self._frame: Optional[Tuple[int, int, int, int]] = None  # whose payload is arriving
+        self._got = 0  # of that payload, bytes already read
+        self._parts: List[bytes] = []  # a control frame's payload so far
 
     def feed(self, data: bytes) -> List[Frame]:
-        """Add ``data``; returns every frame it completes, in order."""
-        if self._parts:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return []
-            buf = b"".join(self._parts)
-            self._parts = []
-            self._have = 0
-        else:
-            buf = bytes(data)
-        view = memoryview(buf)
+        """Add ``data`` (bytes: the payloads are views of it); returns what it completes, in order."""
+        view = memoryview(data)
         frames: List[Frame] = []
-        pos, size, need = 0, len(buf), HEADER.size
-        while size - pos >= HEADER.size:
-            kind, sid, value, length = HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > REFUSED:
-                raise WireError("bad frame header (kind %d, length %d)" % (kind, length))
-            end = pos + HEADER.size + length
-            if end > size:
-                need = end - pos
-                break
-            frames.append((kind, sid, value, view[pos + HEADER.size : end]))
-            pos = end
-        if pos < size:
-            rest = buf[pos:]
-            self._parts = [rest]
-            self._have = len(rest)
-            self._need = need
+        pos, size = 0, len(view)
+        while pos < size:
+            if self._frame is None:
+                if self._header or size - pos < HEADER.size:
+                    take = min(HEADER.size - len(self._header), size - pos)
+                    self._header += bytes(view[pos : pos + take])
+                    pos += take
+                    if len(self._header) < HEADER.size:
+                        break
+                    frame = HEADER.unpack(self._header)
+                    self._header = b""
+                else:
+                    frame = HEADER.unpack_from(view, pos)
+                    pos += HEADER.size
+                kind, _sid, _value, length = frame
+                if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > REFUSED:
+                    raise WireError("bad frame header (kind %d, length %d)" % (kind, length))
+                self._frame, self._got = frame, 0
+            kind, sid, value, length = self._frame
+            n = min(length - self._got, size - pos)
+            if kind == DATA:
+                if n or not length:
+                    frames.append((DATA, sid, value + self._got, view[pos : pos + n]))
+            elif n < length or self._parts:
+                self._parts.append(bytes(view[pos : pos + n]))
+            pos += n
+            self._got += n
+            if self._got == length:
+                if kind != DATA:
+                    if self._parts:
+                        payload = memoryview(b"".join(self._parts))
+                        self._parts = []
+                    else:
+                        payload = view[pos - n : pos]
+                    frames.append((kind, sid, value, payload))
+                self._frame = None
         return frames
-
-    @property
-    def pending(self) -> int:
-        """Bytes held that do not make a whole frame yet."""
-        return self._have
