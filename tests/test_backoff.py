@@ -81,6 +81,23 @@ def test_a_tunnel_that_never_came_up_gives_up_after_start_attempts():
     assert out[2][3] == GiveUp("gave up after 3 attempts")
 
 
+def test_failures_that_clear_by_themselves_climb_the_ladder_but_use_no_start_attempt():
+    """A head relay still serving a gone supervisor: backed off as usual, never given up on for it."""
+    state, out = RestartState(), []
+    for waits in (True, True, True, True, False, False, False):
+        state, decision = state.after_attempt(P, up_for=None, permanent=None, rand=0.0, waits=waits)
+        out.append((state.level, state.attempts, decision))
+    assert out == [
+        (1, 0, Retry(0.25, 1)),
+        (2, 0, Retry(0.5, 2)),
+        (3, 0, Retry(1.0, 3)),
+        (4, 0, Retry(2.0, 4)),
+        (5, 1, Retry(4.0, 5)),
+        (6, 2, Retry(8.0, 6)),
+        (7, 3, GiveUp("gave up after 3 attempts")),
+    ]
+
+
 def test_once_up_a_tunnel_retries_for_as_long_as_it_takes():
     """After it has been up, failed restarts never exhaust the tunnel, and the delay stays capped."""
     steps = [(30.0, None, 1.0)] + [(None, None, 1.0)] * 50

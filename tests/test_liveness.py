@@ -370,7 +370,7 @@ def test_every_transport_implements_the_session_interface(backend):
     """Each backend's factory, and the session class its start() returns, have every member the tunnel uses."""
     from wqsupervisor.config import Settings
 
-    factory = sessions_for(Settings(via="headnode", remote_port=10001, backend=backend))
+    factory = sessions_for(Settings(via="headnode", remote_port=10001, backend=backend, resume=False))
     assert isinstance(factory, SessionFactory)
     assert factory.name == backend
     cls = typing.get_type_hints(type(factory).start)["return"]

@@ -90,13 +90,17 @@ def test_a_second_supervisor_on_a_live_tunnels_port_stops_and_names_the_first(he
 
     port = free_port()
     events: list = []
-    first = supervise(master, head.settings(remote_port=port, backend=backend), on_event=events.append)
+    first = supervise(
+        master, head.settings(remote_port=port, backend=backend, resume=False), on_event=events.append
+    )
     try:
         assert first.wait_until_up(20)
         session = first.snapshot().masters[0].tunnel.remote_pid
         # Another master, never in wait(): it would not answer a probe through the first tunnel.
         with WorkQueueServer(name="wqs-second") as other:
-            second = supervise(other, head.settings(remote_port=port, backend=backend, start_attempts=2))
+            second = supervise(
+                other, head.settings(remote_port=port, backend=backend, start_attempts=2, resume=False)
+            )
             try:
                 with pytest.raises(WQSupervisorError) as failed:
                     second.wait_until_up(30)
@@ -118,7 +122,7 @@ def test_a_tunnel_whose_supervisor_is_gone_is_still_reclaimed(head, master):
     from wqsupervisor import StalePortReclaimed, supervise
 
     port = free_port()
-    first = supervise(master, head.settings(remote_port=port, keepalive_interval=1.0))
+    first = supervise(master, head.settings(remote_port=port, keepalive_interval=1.0, resume=False))
     hung = None
     try:
         assert first.wait_until_up(20)
@@ -129,7 +133,9 @@ def test_a_tunnel_whose_supervisor_is_gone_is_still_reclaimed(head, master):
         first.close()
     try:
         events: list = []
-        with supervise(master, head.settings(remote_port=port), on_event=events.append) as second:
+        with supervise(
+            master, head.settings(remote_port=port, resume=False), on_event=events.append
+        ) as second:
             assert second.wait_until_up(60), second.failure
             assert [e.pid for e in events if isinstance(e, StalePortReclaimed)] == [hung]
     finally:

@@ -66,6 +66,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 def settings_for(head: HeadNode, backend: str, remote_port: int, **options: Any) -> Settings:
     """The sandbox head node's settings with ``backend`` (a resumable one's head relay lingers 5 s, not 15 min)."""
     options.setdefault("relay_linger", 5.0)
+    if backend == "openssh":
+        options.setdefault("resume", False)  # the plain OpenSSH session; "resumable" is the relay
     return head.settings(remote_port=remote_port, backend=backend, **options)
 
 
@@ -345,9 +347,9 @@ def test_supervisor_sigkilled_leaves_no_ssh_here_or_on_the_head(head, remote_por
 
 def test_the_handle_reports_its_agents_death_at_once_and_reaps_it(head, master, remote_port, recorder):
     """SIGKILL of the agent: the handle says FAILED with why (state, event, failure) and leaves no zombie."""
-    with supervise(
-        master, head.settings(remote_port=remote_port, allow_no_password=True), on_event=recorder
-    ) as sup:
+    # Plain forwarding: a relay outlives a killed agent by design (its linger), its port with it.
+    settings = head.settings(remote_port=remote_port, allow_no_password=True, resume=False)
+    with supervise(master, settings, on_event=recorder) as sup:
         assert sup.wait_until_up(20)
         agent = sup._agent
         os.kill(agent.pid, signal.SIGKILL)

@@ -25,15 +25,22 @@ if TYPE_CHECKING:
     from .wqproto import Credentials
 
 
+SEVERAL_HEADS = (
+    "several head nodes: a relay left on a head the tunnel moves away from would hold its workers "
+    "for relay_linger; use backend='resumable' to have it anyway"
+)
+
+
 def _openssh(settings: Settings) -> SessionFactory:
     if settings.resume:
-        return _resumable(settings)
+        # The default. With several heads it stays off unless asked for by name (backend='resumable').
+        return _resumable(settings, off=SEVERAL_HEADS if settings.also_via else None)
     from .openssh import OpenSSHSessions
 
     return OpenSSHSessions(settings.ssh_target(), own_socket=settings.own_socket)
 
 
-def _resumable(settings: Settings) -> SessionFactory:
+def _resumable(settings: Settings, off: str | None = None) -> SessionFactory:
     from .resumable import ResumableSessions
 
     return ResumableSessions(
@@ -41,6 +48,7 @@ def _resumable(settings: Settings) -> SessionFactory:
         own_socket=settings.own_socket,
         python=settings.relay_python,
         linger=settings.relay_linger,
+        off=off,
     )
 
 

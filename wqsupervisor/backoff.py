@@ -96,12 +96,15 @@ class RestartState:
         up_for: float | None,
         permanent: str | None,
         rand: float,
+        waits: bool = False,
     ) -> tuple[RestartState, Decision]:
         """Decide what follows an attempt that just ended.
 
         ``up_for`` is how long the session was verified up (None: it never got
         there); ``permanent`` is the reason when the failure cannot be fixed by
-        retrying.
+        retrying; ``waits``: the failure clears by itself in a bounded time (a
+        head relay still serving a supervisor that is gone), so the attempt
+        does not count against ``start_attempts``.
         """
         if permanent is not None:
             return self, GiveUp(permanent)
@@ -109,7 +112,9 @@ class RestartState:
             level = 0 if up_for >= policy.stable_after else min(self.level + 1, _MAX_LEVEL)
             state = replace(self, level=level, attempts=0, ever_up=True)
         else:
-            state = replace(self, level=min(self.level + 1, _MAX_LEVEL), attempts=self.attempts + 1)
+            state = replace(
+                self, level=min(self.level + 1, _MAX_LEVEL), attempts=self.attempts + (0 if waits else 1)
+            )
             if not state.ever_up and policy.start_attempts and state.attempts >= policy.start_attempts:
                 return state, GiveUp(f"gave up after {state.attempts} attempts")
         return state, Retry(policy.backoff.delay(state.level, rand), state.level)

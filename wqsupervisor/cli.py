@@ -70,6 +70,15 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 flag, dest=f.name, action="store_const", const=True, default=None, help=help_text
             )
+            if f.default is True:
+                group.add_argument(
+                    "--no-" + flag[2:],
+                    dest=f.name,
+                    action="store_const",
+                    const=False,
+                    default=None,
+                    help=f"turn {flag} off",
+                )
         else:
             group.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["metavar"], help=help_text)
 

@@ -63,9 +63,10 @@ class Settings:
     )
     backend: str = _setting("openssh", "tunnel backend: openssh, resumable or paramiko", metavar="NAME")
     resume: bool = _setting(
-        False,
+        True,
         "resumable forwarding with the openssh backend: a relay on the head node (its python3) holds "
-        "the workers' connections while the tunnel restarts",
+        "the workers' connections while the tunnel restarts (plain forwarding where the head has no "
+        "usable Python)",
     )
     relay_linger: float = _setting(
         900.0,

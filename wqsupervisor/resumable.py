@@ -31,7 +31,7 @@ from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, spawn, tunnel
 from .protocol.snapshot import RelaySnapshot
 from .relay import program
 from .relay.peer import Carrier, RelayEnded, RelayPeer, RelayRefused, RelayStats
-from .session import Owner, SessionEnded, SessionFailed, SessionFailure
+from .session import FailureKind, Owner, SessionEnded, SessionFailed, SessionFailure
 from .target import SshTarget
 
 __all__ = ["ResumableSession", "ResumableSessions"]
@@ -127,6 +127,18 @@ class ResumableSession(OpenSSHSession):
         refused = self._attached.exception() if self._attached.done() else None
         if isinstance(refused, RelayRefused):
             owner = Owner.parse(refused.owner)
+            if owner is not None and owner.gone():
+                # Its session still hangs on the head; the relay lets us in once that has been silent
+                # for three pings and 5 s: a restart after the backoff, not a failure for good.
+                return SessionFailure(
+                    FailureKind.PORT_OWNED,
+                    f"the relay on {self.target.destination} still serves a wqsupervisor that is gone "
+                    f"({owner.describe()})",
+                    f"it takes this one once that one's session has been silent for "
+                    f"{3 * owner.keepalive + 5:g} s",
+                    permanent=False,
+                    waits=True,
+                )
             return SessionFailure.port_owned(
                 f"the remote port on {self.target.destination}",
                 "relay",
@@ -187,14 +199,20 @@ class ResumableSessions(OpenSSHSessions):
     name = "resumable"
 
     def __init__(
-        self, target: SshTarget, *, own_socket: bool = True, python: str = "python3", linger: float = 900.0
+        self,
+        target: SshTarget,
+        *,
+        own_socket: bool = True,
+        python: str = "python3",
+        linger: float = 900.0,
+        off: str | None = None,
     ) -> None:
         super().__init__(target, own_socket=own_socket)
         self.python = python
         self.linger = linger
-        self.off: str | None = None
-        """Why resumption is off (None: it is on, or not decided yet)."""
-        self._decided = False
+        self.off: str | None = off
+        """Why resumption is off (None: it is on, or not decided yet); ``off`` given: off from the start."""
+        self._decided = off is not None
         self._relay_next = False
         self._peer: RelayPeer | None = None
         self._remote_port: int | None = None

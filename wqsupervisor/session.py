@@ -77,6 +77,18 @@ class Owner:
         """This owner is this supervisor."""
         return self.host == socket.gethostname() and self.pid == os.getpid()
 
+    def gone(self) -> bool:
+        """A supervisor of this host whose process has ended (one elsewhere cannot be told)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
     def expired(self, silent_for: float) -> bool:
         """Silent longer than three pings (and a little): the supervisor is gone or cut off."""
         return silent_for > 3 * self.keepalive + 5
@@ -148,6 +160,8 @@ class SessionFailure:
     hint: str
     permanent: bool
     port: int | None = None
+    waits: bool = False
+    """It clears by itself in a bounded time: retried without counting against the start attempts."""
 
     @classmethod
     def port_taken(cls, dest: str, port: int) -> SessionFailure:

@@ -300,6 +300,7 @@ class Tunnel:
                     # A failure for good on the head it left is not one on the head it went to.
                     permanent=attempt.reason if attempt.permanent and move is None else None,
                     rand=self._rng.random(),
+                    waits=attempt.failure is not None and attempt.failure.waits,
                 )
                 if isinstance(decision, GiveUp):
                     hint = attempt.failure.hint if attempt.failure else "check the head node and the settings"

@@ -56,7 +56,7 @@ class _Spec:
 
 
 TOOLS = {
-    "wqsupervisor": _Spec(10001, "wqsupervisor"),
+    "wqsupervisor": _Spec(10001, "wqsupervisor", {"resume": False}),
     "wqsupervisor-resumable": _Spec(10005, "wqsupervisor", {"backend": "resumable"}),
     "autossh-M0": _Spec(10002, "autossh-M0"),
     "autossh-monitor": _Spec(10003, "autossh-monitor"),
@@ -64,7 +64,7 @@ TOOLS = {
 # On request (--tools): wqsupervisor leaving the master's own 5 s reply
 # timeout, to tell what the tunnel does from what the master's timeout does.
 EXTRA_TOOLS = {
-    "wqsupervisor-master-5s": _Spec(10004, "wqsupervisor", {"master_timeout": 0}),
+    "wqsupervisor-master-5s": _Spec(10004, "wqsupervisor", {"master_timeout": 0, "resume": False}),
 }
 WINDOW = 150.0
 

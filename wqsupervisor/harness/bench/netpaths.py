@@ -275,7 +275,7 @@ PATHS: dict[str, PathSpec] = {
         ),
         PathSpec(
             "wqsupervisor",
-            "wqsupervisor, supervised (OpenSSH, prefers aes128-gcm)",
+            "wqsupervisor, plain forwarding (OpenSSH, prefers aes128-gcm, --no-resume)",
             _closing(Supervised),
             ("direct", "ssh -R"),
         ),
@@ -287,7 +287,7 @@ PATHS: dict[str, PathSpec] = {
         ),
         PathSpec(
             "resumable",
-            "wqsupervisor, resumable (head relay on the data path)",
+            "wqsupervisor, resumable (the default: head relay on the data path)",
             _closing(lambda head, port: Supervised(head, port, backend="resumable")),
             ("direct", "wqsupervisor"),
         ),

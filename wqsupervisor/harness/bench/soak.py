@@ -122,7 +122,7 @@ def run(
     backlog = _backlog(task_seconds, workers)
     faults: list[dict[str, Any]] = []
     with Lab() as lab:
-        app = CampusApp(lab, REMOTE_PORT, {"backend": "resumable"} if resumable else None)
+        app = CampusApp(lab, REMOTE_PORT, {"backend": "resumable"} if resumable else {"resume": False})
         app.wait_event("tunnel.up", 60)
         start_node_workers(lab, REMOTE_PORT, n=workers)
         probe = HeadProbe(lab, REMOTE_PORT)

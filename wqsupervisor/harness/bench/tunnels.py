@@ -21,7 +21,11 @@ from ..sandbox import ALIAS, HeadNode
 
 
 class Supervised:
-    """The supervised tunnel (the engine the ``run`` command uses) for one master."""
+    """The supervised tunnel (the engine the ``run`` command uses) for one master.
+
+    Plain forwarding (``resume=False``) unless ``options`` name a backend or
+    resumption: the benchmarks compare the relay with the session it wraps.
+    """
 
     name = "wqsupervisor"
 
@@ -29,6 +33,8 @@ class Supervised:
         self, head: HeadNode, master_port: int, remote_port: int | None = None, **options: Any
     ) -> None:
         self.remote_port = remote_port or free_port()
+        if "backend" not in options:
+            options.setdefault("resume", False)
         self.options = options
         self.host = EngineThread(log=False)
         self.sup = self.host.call(self._attach(head, master_port))
