@@ -14,21 +14,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
+from typing import Any
 
 import pytest
 
 from wqsupervisor import TunnelDown, TunnelRestarting, TunnelUp, supervise
 from wqsupervisor.backends import sessions_for
 from wqsupervisor.events import RelayReattached, ResumptionOff
-from wqsupervisor.harness.sandbox import HeadNode
+from wqsupervisor.harness.sandbox import HeadNode, start_worker
+from wqsupervisor.process import terminate
 from wqsupervisor.session import Detachable, Resumable
 from wqsupervisor.wqserver import Task
 
-from support import assert_exactly_once, listening, pid_alive, relay_pids, run_tasks, wait_for
+from support import (
+    TunnelCuts,
+    assert_exactly_once,
+    listening,
+    ndcctools_bin,
+    ndcctools_env,
+    need_ndcctools,
+    pid_alive,
+    relay_pids,
+    run_tasks,
+    wait_for,
+)
 
 
 def _established_to(port: int) -> set[int]:
@@ -275,3 +292,100 @@ def test_a_relay_whose_supervisor_is_gone_is_taken_over_by_the_next(head, master
             with contextlib.suppress(ProcessLookupError):  # SIGCONT may let it end first
                 os.kill(hung, signal.SIGCONT)
                 os.kill(hung, signal.SIGKILL)
+
+
+_NDCCTOOLS_APP = """
+import json, os, sys
+from ndcctools.work_queue import Task, WorkQueue
+from wqsupervisor import Settings, supervise
+cfg, remote_port, workdir, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+big = os.path.join(workdir, "in.bin")
+with open(big, "wb") as fh:
+    fh.write(os.urandom(10 << 20))
+q = WorkQueue(port=0, name="wqs-ndcc-resume")
+settings = Settings(via="headnode", ssh_config=cfg, remote_port=remote_port, allow_no_password=True,
+                    relay_linger=30.0)
+with supervise(q, settings, log_events=False) as sup:
+    assert sup.wait_until_up(30), sup.failure
+    for i in range(n):
+        if i % 2:
+            # 10 MB in and 10 MB out, in flight while the tunnel is cut.
+            t = Task("sleep 1; cat in.bin in.bin | head -c 10485760 > out.bin; md5sum < in.bin | cut -c1-32")
+            t.specify_input_file(big, "in.bin", cache=False)
+            t.specify_output_file(os.path.join(workdir, "out-%d.bin" % i), "out.bin", cache=False)
+        else:
+            t = Task("sleep 5; echo slept-%d" % i)
+        t.specify_tag(str(i))
+        q.submit(t)
+    print("ready", sup._agent.pid, flush=True)
+    results = []
+    while not q.empty():
+        t = q.wait(5)
+        if t:
+            results.append({"tag": t.tag, "output": (t.output or "").strip(), "result": t.result,
+                            "tries": t._task.try_count, "lost": t._task.total_time_until_worker_failure})
+            with open(os.path.join(workdir, "done"), "a") as fh:
+                fh.write(t.tag + "\\n")
+    tunnel = sup.snapshot().masters[0].tunnel
+    print(json.dumps({"results": results, "workers_removed": q.stats.workers_removed,
+                      "restarts": tunnel.restarts, "relay": tunnel.relay is not None}), flush=True)
+"""
+
+
+def _line(out: Any, start: str, timeout: float) -> str:
+    """The app's next line that starts with ``start`` (cctools prints notices of its own there)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = wait_for(out.readline, deadline - time.monotonic(), f"a line starting {start!r}")
+        if line.startswith(start):
+            return line
+    raise AssertionError(f"no line starting {start!r} within {timeout} s")
+
+
+def test_an_ndcctools_master_tries_every_task_once_through_resumed_sessions(head, remote_port, tmp_path):
+    """ndcctools 7.17's own master, resumption on by default: ssh SIGKILLed, then the head's session, while
+    `sleep 5` tasks and tasks with 10 MB inputs and outputs run on 2 workers. Every task returns once
+    and right with try_count 1 and no time lost to a worker failure, and no worker is ever removed."""
+    need_ndcctools("ndcctools.work_queue")
+    n = 12
+    argv = [
+        sys.executable,
+        "-c",
+        _NDCCTOOLS_APP,
+        str(head.ssh_config),
+        str(remote_port),
+        str(tmp_path),
+        str(n),
+    ]
+    done = tmp_path / "done"
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=ndcctools_env(), cwd=tmp_path) as app:
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            assert app.stdout is not None
+            ready = _line(app.stdout, "ready", 60).split()
+            program = str(ndcctools_bin() / "work_queue_worker")
+            workers = [start_worker(remote_port, program=program) for _ in range(2)]
+            # Both cuts while tasks run: the first after 2 results, the second after 5.
+            cuts = TunnelCuts(
+                int(ready[1]), lambda: len(done.read_text().split()) if done.exists() else 0, 2, 5
+            )
+            cuts.start()
+            summary = json.loads(_line(app.stdout, "{", 240))
+            cuts.join(60)
+        finally:
+            for w in workers:
+                terminate(w, grace=2)
+            app.kill()
+            app.wait()
+    assert cuts.cuts == ["ssh", "session"]
+    assert summary["relay"] and summary["restarts"] >= 2, summary
+    assert summary["workers_removed"] == 0, summary
+    results = summary["results"]
+    assert sorted(int(r["tag"]) for r in results) == list(range(n))
+    digest = hashlib.md5((tmp_path / "in.bin").read_bytes()).hexdigest()
+    for r in results:
+        i = int(r["tag"])
+        assert (r["result"], r["tries"], r["lost"]) == (0, 1, 0), r
+        assert r["output"] == (digest if i % 2 else f"slept-{i}"), r
+        if i % 2:
+            assert (tmp_path / f"out-{i}.bin").stat().st_size == 10 << 20
