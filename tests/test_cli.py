@@ -389,3 +389,16 @@ def test_run_supervises_a_script_that_imports_the_binding_itself(head, remote_po
     assert done.stdout.strip().splitlines()[-1] == ",".join(sorted(f"wq-{i}" for i in range(6)))
     assert "RecursionError" not in done.stderr
     assert f"tunnel headnode:{remote_port} closed" in done.stderr, done.stderr
+
+
+def test_the_demo_cuts_the_tunnel_twice_and_no_worker_notices():
+    """The README's first command: both cuts (ssh killed, then the head's session) heal with every task
+    back once and right, and under resumption (the default) no worker loses its connection."""
+    argv = cli("demo", "--tasks", "60", "--cuts", "2")
+    done = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "demo: 60/60 tasks returned, 0 duplicated, 0 with wrong output, 0 missing" in lines, done.stdout
+    cuts = [line for line in lines if line.startswith("demo: cut after")]
+    assert len(cuts) == 2 and "ssh client" in cuts[0] and "sshd session" in cuts[1], cuts
+    assert all("none of the 2 workers lost its connection" in line for line in cuts), cuts

@@ -51,6 +51,11 @@ class _Timeline:
                     return at - since
         return None
 
+    def kept(self, since: float, until: float, n: int) -> bool:
+        """No worker left between ``since`` and ``until`` (the relay resumed their connections)."""
+        with self.lock:
+            return all(connected >= n for at, connected in self.counts if since < at <= until)
+
 
 def _expected(i: int) -> str:
     return f"task {i} squared is {i * i}"
@@ -138,7 +143,12 @@ def _report(
         up = next((u for u in timeline.ups if u.at > at), None)
         back = timeline.workers_back(at, workers)
         fwd = f"forward back in {up.took:.2f} s" if up else "forward NOT back"
-        wk = f"all {workers} workers back within {back:.1f} s" if back is not None else "workers not all back"
+        if up is not None and timeline.kept(at, up.at + 2.0, workers):
+            wk = f"none of the {workers} workers lost its connection (the head relay resumed them)"
+        elif back is not None:
+            wk = f"all {workers} workers back within {back:.1f} s"
+        else:
+            wk = "workers not all back"
         print(f"demo: cut after {done} tasks ({how}): {fwd}; {wk}")
     print(f"demo: {'OK' if ok else 'FAILED'} in {elapsed:.1f} s")
     return 0 if ok else 1
