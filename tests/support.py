@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from wqsupervisor.config import Settings
 from wqsupervisor.harness.sandbox import debian_work_queue_path  # noqa: F401 - re-exported for the tests
 from wqsupervisor.process import pid_alive
 from wqsupervisor.wqserver import Task
@@ -351,3 +352,28 @@ def ssh_entry(alias: str, node: Any, *extra: str, known_hosts: Path | None = Non
         *(f"    {line}" for line in extra),
     ]
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def gone_supervisor(master: Any, settings: Settings) -> Iterator[int]:
+    """A supervisor whose agent is SIGKILLed once up, its head session SIGSTOPped (hung): yields that
+    session's pid, which is let go (SIGCONT, SIGKILL) at the end."""
+    from wqsupervisor import supervise
+
+    hung = None
+    try:
+        first = supervise(master, settings)
+        try:
+            assert first.wait_until_up(20)
+            hung = first.snapshot().masters[0].tunnel.remote_pid
+            assert hung is not None
+            os.kill(hung, signal.SIGSTOP)
+            os.kill(first._agent.pid, signal.SIGKILL)
+        finally:
+            first.close()
+        yield hung
+    finally:
+        if hung is not None and pid_alive(hung):
+            with contextlib.suppress(ProcessLookupError):  # SIGCONT may let it end first
+                os.kill(hung, signal.SIGCONT)
+                os.kill(hung, signal.SIGKILL)

@@ -41,11 +41,15 @@ def lab() -> Iterator[Lab]:
 
 
 class Run:
-    """A campus app with workers on node and a stream of tasks, checked at the end."""
+    """A campus app with workers on node and a stream of tasks, checked at the end.
+
+    Plain forwarding unless ``settings`` say otherwise: these tests are of the ssh session and its
+    port (who holds it, its reclaim, its resumption); the relay has its own (``RESUMABLE_FAULTS``).
+    """
 
     def __init__(self, lab: Lab, settings: dict | None = None) -> None:
         self.lab = lab
-        self.app = CampusApp(lab, REMOTE_PORT, settings)
+        self.app = CampusApp(lab, REMOTE_PORT, {"resume": False, **(settings or {})})
         self.app.wait_event("tunnel.up", 60)
         self.launchers = start_node_workers(lab, REMOTE_PORT, n=WORKERS)
         # The master takes workers in only from inside wait(), which it calls while it has tasks.

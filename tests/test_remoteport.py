@@ -6,7 +6,6 @@ They run each transport's way: a one-off ssh for OpenSSH, an exec channel for pa
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from wqsupervisor.harness.sandbox import HeadNode
 from wqsupervisor.process import pid_alive
 from wqsupervisor.remoteport import SESSION_NAMES, PortHolders, end_stale_session, inspect_port
 
-from support import free_port, holding
+from support import free_port, gone_supervisor, holding
 
 
 def _inspect(head: HeadNode, backend: str, rundir: Path, port: int) -> PortHolders:
@@ -122,26 +121,14 @@ def test_a_tunnel_whose_supervisor_is_gone_is_still_reclaimed(head, master):
     from wqsupervisor import StalePortReclaimed, supervise
 
     port = free_port()
-    first = supervise(master, head.settings(remote_port=port, keepalive_interval=1.0, resume=False))
-    hung = None
-    try:
-        assert first.wait_until_up(20)
-        hung = first.snapshot().masters[0].tunnel.remote_pid
-        os.kill(hung, signal.SIGSTOP)
-        os.kill(first._agent.pid, signal.SIGKILL)
-    finally:
-        first.close()
-    try:
+    with gone_supervisor(
+        master, head.settings(remote_port=port, keepalive_interval=1.0, resume=False)
+    ) as hung:
         events: list = []
-        with supervise(
-            master, head.settings(remote_port=port, resume=False), on_event=events.append
-        ) as second:
+        settings = head.settings(remote_port=port, resume=False)
+        with supervise(master, settings, on_event=events.append) as second:
             assert second.wait_until_up(60), second.failure
             assert [e.pid for e in events if isinstance(e, StalePortReclaimed)] == [hung]
-    finally:
-        if hung is not None and pid_alive(hung):
-            os.kill(hung, signal.SIGCONT)
-            os.kill(hung, signal.SIGKILL)
 
 
 def test_a_lease_line_gives_its_age_its_stamp_and_its_owner():

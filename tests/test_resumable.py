@@ -13,7 +13,6 @@ with its output.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -37,11 +36,11 @@ from wqsupervisor.wqserver import Task
 from support import (
     TunnelCuts,
     assert_exactly_once,
+    gone_supervisor,
     listening,
     ndcctools_bin,
     ndcctools_env,
     need_ndcctools,
-    pid_alive,
     relay_pids,
     run_tasks,
     wait_for,
@@ -265,21 +264,9 @@ def test_a_second_supervisor_on_a_live_relays_port_stops_and_names_the_first(hea
 def test_a_relay_whose_supervisor_is_gone_is_taken_over_by_the_next(head, master, remote_port):
     """The first supervisor is SIGKILLed with its head session hung (the relay keeps that carrier):
     the next one on the port is refused at first, retries, and takes the relay over, fresh."""
-    first = supervise(
-        master, head.settings(remote_port=remote_port, keepalive_interval=1.0, relay_linger=30.0)
-    )
-    hung = None
-    try:
-        assert first.wait_until_up(20)
-        tunnel = first.snapshot().masters[0].tunnel
-        assert tunnel.relay is not None, "resumption is on by default"
-        hung = tunnel.remote_pid
-        assert hung is not None
-        os.kill(hung, signal.SIGSTOP)
-        os.kill(first._agent.pid, signal.SIGKILL)
-    finally:
-        first.close()
-    try:
+    settings = head.settings(remote_port=remote_port, keepalive_interval=1.0, relay_linger=30.0)
+    assert settings.resume, "resumption is on by default"
+    with gone_supervisor(master, settings):
         events: list = []
         with supervise(master, head.settings(remote_port=remote_port), on_event=events.append) as second:
             assert second.wait_until_up(60), second.failure
@@ -287,11 +274,6 @@ def test_a_relay_whose_supervisor_is_gone_is_taken_over_by_the_next(head, master
             assert any("is gone" in why for why in waits), waits
             relay = second.snapshot().masters[0].tunnel.relay
             assert relay is not None and relay.resumptions == 0
-    finally:
-        if hung is not None and pid_alive(hung):
-            with contextlib.suppress(ProcessLookupError):  # SIGCONT may let it end first
-                os.kill(hung, signal.SIGCONT)
-                os.kill(hung, signal.SIGKILL)
 
 
 _NDCCTOOLS_APP = """
