@@ -21,7 +21,7 @@ drops what it already has, so nothing is lost or duplicated.
 """
 
 import collections
-from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from .wire import ACK, DATA, FIN, HEADER, MAX_PAYLOAD, Decoder, WireError, encode
 
@@ -127,6 +127,11 @@ class Mux:
     def __init__(self, opener: bool) -> None:
         self.opener = opener
         self.streams: Dict[int, Stream] = {}
+        # The streams that may have frames or acknowledgements to send: what output() looks at, so a
+        # message on one of many connections costs the same as on one.
+        self._active: Dict[int, Stream] = {}
+        self.room_changed: Set[int] = set()
+        """Streams whose :meth:`room` grew (acknowledged by the other end): the I/O layer reads them again."""
         self.events: List[Event] = []
         self.next_sid = 1
         self.max_seen = 0
@@ -142,7 +147,7 @@ class Mux:
         """A new local connection (head only); returns its stream id."""
         sid = self.next_sid
         self.next_sid += 1
-        self.streams[sid] = Stream(sid)
+        self.streams[sid] = self._active[sid] = Stream(sid)
         return sid
 
     def room(self, sid: int) -> int:
@@ -154,13 +159,16 @@ class Mux:
 
     def local_data(self, sid: int, data: bytes) -> None:
         """Bytes read from the stream's socket (kept as they are: pass bytes, not a reused buffer)."""
-        self.streams[sid].keep(data)
+        s = self.streams[sid]
+        s.keep(data)
+        self._active[sid] = s
 
     def local_eof(self, sid: int) -> None:
         """The stream's socket will give no more bytes."""
         s = self.streams.get(sid)
         if s is not None:
             s.eof = True
+            self._active[sid] = s
             self._check(s)
 
     def local_gone(self, sid: int) -> None:
@@ -172,19 +180,22 @@ class Mux:
         s.dead = True
         if s.fin_at is not None:
             s.fin_taken = True
+        self._active[sid] = s
         self._check(s)
 
     def taken(self, sid: int, n: int) -> None:
         """The stream's socket took ``n`` more bytes of what :attr:`events` delivered."""
         s = self.streams.get(sid)
-        if s is not None:
+        if s is not None and n:
             s.taken_bytes += n
+            self._active[sid] = s
 
     def took_fin(self, sid: int) -> None:
         """The stream's socket was told the other end ended (after all its bytes)."""
         s = self.streams.get(sid)
         if s is not None:
             s.fin_taken = True
+            self._active[sid] = s
             self._check(s)
 
     # -- the carrier ----------------------------------------------------------------------
@@ -193,6 +204,7 @@ class Mux:
         """The carrier's greeting is done: send everything unacknowledged again, and our acks."""
         self.attached = True
         self._ack_now = True
+        self._active = dict(self.streams)
         for s in self.streams.values():
             s.rewind()
             s.fin_sent = s.acked > s.read
@@ -210,6 +222,8 @@ class Mux:
         for sid in list(self.streams):
             self.events.append(("close", sid, b""))
         self.streams.clear()
+        self._active.clear()
+        self.room_changed.clear()
         self.max_seen = 0
 
     def control(self, kind: int, value: int = 0, payload: bytes = b"") -> None:
@@ -222,7 +236,7 @@ class Mux:
 
     def owes_acks(self) -> bool:
         """Some acknowledgement waits for a frame to ride with (arm a timer: :data:`ACK_DELAY`)."""
-        return any(s.ack_value != s.ack_sent for s in self.streams.values())
+        return any(s.ack_value != s.ack_sent for s in self._active.values())
 
     def feed(self, data: bytes, on_control: Callable[[int, int, bytes], None]) -> None:
         """Bytes from the carrier; ``on_control(kind, value, payload)`` takes every other frame, in order.
@@ -258,6 +272,7 @@ class Mux:
         if s is None or end <= s.recv_next:
             if s is not None and len(payload):
                 s.ack_sent = -1  # a replay of what we have: say so at once
+                self._active[sid] = s
             return
         if offset > s.recv_next:
             raise WireError("stream %d: a gap at %d (expected %d)" % (sid, offset, s.recv_next))
@@ -265,6 +280,7 @@ class Mux:
         s.recv_next = end
         if s.dead:
             s.taken_bytes += len(fresh)
+            self._active[sid] = s
         else:
             self.events.append(("data", sid, fresh))
 
@@ -273,6 +289,7 @@ class Mux:
         if s is None or s.fin_at is not None:
             if s is not None:
                 s.ack_sent = -1
+                self._active[sid] = s
             return
         if offset != s.recv_next:
             raise WireError("stream %d: end at %d, expected %d" % (sid, offset, s.recv_next))
@@ -291,11 +308,13 @@ class Mux:
         s.forget(data_acked)
         s.acked = value
         s.sent = max(s.sent, data_acked)
+        self.room_changed.add(sid)
         self._check(s)
 
     def _check(self, s: Stream) -> None:
         if s.done and s.ack_value == s.ack_sent and self.streams.get(s.sid) is s:
             del self.streams[s.sid]
+            self._active.pop(s.sid, None)
             self.events.append(("close", s.sid, b""))
 
     # -- what goes to the carrier ----------------------------------------------------------
@@ -317,7 +336,7 @@ class Mux:
             return []
         parts: List[Chunk] = list(self._control)
         self._control = []
-        streams = list(self.streams.values())
+        streams = list(self._active.values())
         # Owed acks ride with any frame that goes anyway; alone only when due.
         riding = bool(parts) or any(self._has_frames(s) for s in streams)
         for s in streams:
@@ -325,9 +344,9 @@ class Mux:
                 parts.append(encode(ACK, s.sid, s.ack_value))
                 s.ack_sent = s.ack_value
         self._ack_now = False
-        for s in streams:
+        if self.opener:
             # In id order: the agent takes an id below one it has seen for a finished stream.
-            if self.opener and not s.announced:
+            for s in sorted((s for s in streams if not s.announced), key=lambda s: s.sid):
                 parts.append(encode(DATA, s.sid, 0, b""))
                 s.announced = True
         if streams:
@@ -346,6 +365,8 @@ class Mux:
                 s.fin_sent = True
         for s in streams:
             self._check(s)
+            if not self._has_frames(s) and s.ack_value == s.ack_sent:
+                self._active.pop(s.sid, None)
         return parts
 
     def wants_output(self) -> bool:
@@ -354,7 +375,7 @@ class Mux:
             return False
         if self._control:
             return True
-        return any(self._has_frames(s) or self._ack_due(s) for s in self.streams.values())
+        return any(self._has_frames(s) or self._ack_due(s) for s in self._active.values())
 
     # -- figures ------------------------------------------------------------------------------
 

@@ -159,6 +159,7 @@ class Daemon:
         self.ack_at: Optional[float] = None
         self.stopping = False
         self._registered: Dict[int, int] = {}
+        self._dirty: Set[int] = set()  # worker sockets whose selector interest may have changed
 
     # -- the loop ---------------------------------------------------------------
 
@@ -185,7 +186,13 @@ class Daemon:
         self._close_all()
 
     def _interest(self) -> None:
-        for sid, sock in self.socks.items():
+        dirty = self._dirty | self.mux.room_changed
+        self._dirty = set()
+        self.mux.room_changed.clear()
+        for sid in dirty:
+            sock = self.socks.get(sid)
+            if sock is None:
+                continue
             mask = 0
             if sid not in self.read_done and self.mux.room(sid) > 0:
                 mask |= selectors.EVENT_READ
@@ -263,9 +270,11 @@ class Daemon:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sid = self.mux.open()
         self.socks[sid] = conn
+        self._dirty.add(sid)
 
     def _read_worker(self, sid: int) -> None:
         sock = self.socks[sid]
+        self._dirty.add(sid)
         try:
             data = sock.recv(min(READ_CHUNK, self.mux.room(sid)))
         except (BlockingIOError, InterruptedError):
@@ -284,6 +293,7 @@ class Daemon:
         sock = self.socks.get(sid)
         if not chunks or sock is None:
             return
+        self._dirty.add(sid)
         try:
             n = sock.sendmsg(list(itertools.islice(chunks, 64)))
         except (BlockingIOError, InterruptedError):

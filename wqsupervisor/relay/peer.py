@@ -147,6 +147,7 @@ class _Master(asyncio.Protocol):
             return
         self.transport.write(data)
         self.handed += len(data)
+        self.peer.unsettled.add(self.sid)
 
     def end(self) -> None:
         """The head's side ended (after every byte delivered)."""
@@ -156,15 +157,17 @@ class _Master(asyncio.Protocol):
             self.peer.mux.took_fin(self.sid)
             return
         self.eof_due = True
+        self.peer.unsettled.add(self.sid)
         self.refresh()
 
-    def refresh(self) -> None:
-        """Tell the mux what reached the master's socket (and the end, once it has)."""
+    def refresh(self) -> bool:
+        """Tell the mux what reached the master's socket (and the end, once it has); True: all told."""
         t = self.transport
         if t is None:
             if self.gone and self.eof_due:
+                self.eof_due = False
                 self.peer.mux.took_fin(self.sid)
-            return
+            return self.gone
         taken = self.handed - t.get_write_buffer_size()
         if taken > self.reported:
             self.peer.mux.taken(self.sid, taken - self.reported)
@@ -174,6 +177,7 @@ class _Master(asyncio.Protocol):
             if t.can_write_eof():
                 t.write_eof()
             self.peer.mux.took_fin(self.sid)
+        return taken == self.handed and not self.eof_due
 
     def close(self, abort: bool = False) -> None:
         """End the master connection: gracefully when its stream is done, at once when the relay ends."""
@@ -340,6 +344,8 @@ class RelayPeer:
         self.mux = Mux(opener=False)
         self.epoch = os.urandom(12).hex().encode()
         self._conns: dict[int, _Master] = {}
+        self.unsettled: set[int] = set()
+        """Master connections with bytes handed to their socket that the mux has not been told were taken."""
         self._carrier: Carrier | None = None
         self._kicked = False
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -408,8 +414,11 @@ class RelayPeer:
             carrier.close()
             return
         self._apply_events()
-        for conn in self._conns.values():
-            conn.resume()
+        for sid in self.mux.room_changed:
+            conn = self._conns.get(sid)
+            if conn is not None:
+                conn.resume()
+        self.mux.room_changed.clear()
         self.flush()
 
     def flush(self) -> None:
@@ -429,8 +438,10 @@ class RelayPeer:
         self._flush()
 
     def _flush(self) -> None:
-        for conn in self._conns.values():
-            conn.refresh()
+        for sid in list(self.unsettled):
+            conn = self._conns.get(sid)
+            if conn is None or conn.refresh():
+                self.unsettled.discard(sid)
         carrier = self._carrier
         if carrier is not None and self.mux.attached:
             while not carrier.paused and self.mux.wants_output():
@@ -540,6 +551,7 @@ class RelayPeer:
         """Drop the carrier and every master connection (the head relay is left to its linger)."""
         self.detach()
         conns, self._conns = list(self._conns.values()), {}
+        self.unsettled.clear()
         for conn in conns:
             conn.close(abort=True)
         if self._ack_timer is not None:
