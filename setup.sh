@@ -11,6 +11,7 @@ APT_PACKAGES=(
     iproute2 iptables procps psmisc util-linux   # the firewall lab, process checks, setpriv
     slurm-wlm munge                              # a real single-node Slurm for the scaling tests
     tmux                                         # the live view's terminal test
+    socat                                        # the benchmark's floor for two relay hops
     python3-venv
 )
 

@@ -14,7 +14,13 @@ accepts it as a master) and yields the 127.0.0.1 port a client connects to:
   (:class:`~wqsupervisor.paramiko_backend.ParamikoSession`);
 * ``wqsupervisor`` -- the supervised tunnel, the real engine (OpenSSH backend);
 * ``wqsupervisor two-hop`` -- that tunnel and the node launcher's own hop, the
-  path workers on compute nodes take (compared with the HOWTO's two hops).
+  path workers on compute nodes take (compared with the HOWTO's two hops);
+* ``resumable`` -- the supervised tunnel with the head relay and the agent on
+  the data path (the default);
+* ``socat hops`` -- the plain supervised tunnel with a ``socat`` relay at each
+  end (one on the head in front of the remote port, one on campus in front of
+  the master): the two user-space hops any resumable design adds, written in
+  C. What it costs is the floor for the relay.
 
 The load comes from a :class:`~.traffic.Client` in a process of its own (see
 :mod:`.traffic`); :class:`Bed` holds a head node, both ends and every path.
@@ -139,6 +145,36 @@ class SupervisedTwoHop:
         """Stop the hop, then the tunnel."""
         stop_node_hop(self.node)
         self.tunnel.close()
+
+
+class SocatHops:
+    """The plain supervised tunnel between two ``socat`` relays (TCP_NODELAY both ways), one per end."""
+
+    name = "socat hops"
+
+    def __init__(self, head: HeadNode, master_port: int) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.tunnel: Supervised | None = None
+        try:
+            campus = self._relay(master_port)
+            self.tunnel = Supervised(head, campus)
+            self.remote_port = self._relay(self.tunnel.remote_port)
+        except BaseException:
+            self.close()
+            raise
+
+    def _relay(self, to: int) -> int:
+        port = free_port()
+        listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay"
+        self.procs.append(start_node_hop(["socat", listen, f"TCP:127.0.0.1:{to},nodelay"], port, "socat"))
+        return port
+
+    def close(self) -> None:
+        """Stop both relays and the tunnel."""
+        for proc in self.procs:
+            terminate(proc, grace=2)
+        if self.tunnel is not None:
+            self.tunnel.close()
 
 
 class ParamikoTunnel:
@@ -289,6 +325,12 @@ PATHS: dict[str, PathSpec] = {
             "resumable",
             "wqsupervisor, resumable (the default: head relay on the data path)",
             _closing(lambda head, port: Supervised(head, port, backend="resumable")),
+            ("direct", "wqsupervisor", "socat hops"),
+        ),
+        PathSpec(
+            "socat hops",
+            "plain tunnel + a socat relay at each end (two user-space hops in C: the relay's floor)",
+            _closing(SocatHops),
             ("direct", "wqsupervisor"),
         ),
     )

@@ -1,11 +1,13 @@
 """How one supervised tunnel carries many workers: task rates by worker count, and what it costs.
 
 For 2, 8, 32 and 64 real workers, each round starts a fresh master and
-connects the workers either directly or through the supervised tunnel, in
-alternating order, and runs empty tasks and tasks with a 1 MB input (sent
-uncached to every task). The supervisor is a real agent process of its own,
-``python -m wqsupervisor attach`` (the engine the drop-in handle and ``run``
-use): its CPU time and resident memory, and its ssh's, are read from /proc
+connects the workers directly, through the supervised tunnel with plain
+forwarding (``--no-resume``), or through it with resumable forwarding (the
+default: the head relay and the agent on the data path), in rotating order,
+and runs empty tasks and tasks with a 1 MB input (sent uncached to every
+task). The supervisor is a real agent process of its own, ``python -m
+wqsupervisor attach`` (the engine the drop-in handle and ``run`` use): its CPU
+time and resident memory, its ssh's and the head relay's, are read from /proc
 while the tasks run. Every worker is on this machine, so the direct rate is
 the master's own limit with that many workers: where the supervised rate
 stops following it is where the tunnel is the limit.
@@ -37,14 +39,14 @@ from .taskrate import MB, input_files, rates
 
 COUNTS = (2, 8, 32, 64)
 SIZES = (("empty", 0, 400), ("1 MB", MB, 100))
-PATHS = ("direct", "wqsupervisor")
+PATHS = ("direct", "wqsupervisor", "resumable")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Attached:
     """``python -m wqsupervisor attach`` for one master: the agent as users run it, in its own process."""
 
-    def __init__(self, head: HeadNode, master_port: int) -> None:
+    def __init__(self, head: HeadNode, master_port: int, resume: bool) -> None:
         self.remote_port = free_port()
         argv = [
             sys.executable,
@@ -60,7 +62,7 @@ class Attached:
             "--remote-port",
             str(self.remote_port),
             "--allow-no-password",
-            "--no-resume",  # the figures are of the ssh connection; the relay has rows of its own in bench
+            "--resume" if resume else "--no-resume",
         ]
         self.proc = subprocess.Popen(
             owned_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -72,17 +74,25 @@ class Attached:
             raise
 
     def pids(self) -> dict[str, int]:
-        """The agent's pid and its ssh's."""
-        agent = self.proc.pid
-        for pid in descendants(agent):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as fh:
-                if fh.read().strip() == "ssh":
-                    return {"agent": agent, "ssh": pid}
-        return {"agent": agent}
+        """The agent's pid, its ssh's and the head relay's (the loopback head node is this machine)."""
+        found = {"agent": self.proc.pid}
+        for pid in descendants(self.proc.pid):
+            if _comm(pid) == "ssh":
+                found["ssh"] = pid
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and _comm(int(entry)) == "wqs-relay":
+                found["relay"] = int(entry)
+        return found
 
     def close(self) -> None:
         """Stop the agent (it closes its tunnel)."""
         terminate(self.proc, grace=10)
+
+
+def _comm(pid: int) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as fh:
+        return fh.read().strip()
+    return ""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -107,8 +117,8 @@ def _path(kind: str, head: HeadNode, n: int) -> Iterator[tuple[MasterProcess, At
         master = MasterProcess("debian", None)
         stack.callback(master.close)
         tunnel = None
-        if kind == "wqsupervisor":
-            tunnel = Attached(head, master.port)
+        if kind != "direct":
+            tunnel = Attached(head, master.port, resume=kind == "resumable")
             stack.callback(tunnel.close)
         port = master.port if tunnel is None else tunnel.remote_port
         stack.enter_context(workers(port, n))
@@ -128,8 +138,8 @@ def run(
     raw: dict[int, dict[str, dict[str, list[float]]]] = {
         n: {label: {p: [] for p in PATHS} for label, _, _ in sizes} for n in counts
     }
-    cost: dict[int, dict[str, list[dict[str, float]]]] = {
-        n: {label: [] for label, _, _ in sizes} for n in counts
+    cost: dict[int, dict[str, dict[str, list[dict[str, float]]]]] = {
+        n: {label: {p: [] for p in PATHS[1:]} for label, _, _ in sizes} for n in counts
     }
     with tempfile.TemporaryDirectory(prefix="wqs-bench-inputs-") as folder, HeadNode() as head:
         inputs = input_files(folder, sizes)
@@ -153,7 +163,7 @@ def run(
                                     f"{k}_cpu": (cpu_seconds(p) - before[k]) / wall for k, p in pids.items()
                                 }
                                 used.update({f"{k}_rss_mib": rss_mib(p) for k, p in pids.items()})
-                                cost[n][label].append(used)
+                                cost[n][label][kind].append(used)
                             progress(
                                 f"{n} workers, round {r + 1}/{rounds}, {kind}, {label}: "
                                 f"steady {figures['steady']:.1f} tasks/s"
@@ -161,14 +171,26 @@ def run(
     out: dict[str, Any] = {"machine": machine(), "rounds": rounds, "counts": list(counts), "table": []}
     for n in counts:
         for label, _, tasks in sizes:
-            compared = compare(raw[n][label], {"wqsupervisor": ("direct",)})
+            compared = compare(
+                raw[n][label], {"wqsupervisor": ("direct",), "resumable": ("direct", "wqsupervisor")}
+            )
             row: dict[str, Any] = {"workers": n, "inputs": label, "tasks": tasks, "paths": compared}
-            if cost[n][label]:
-                row["cost"] = {
-                    key: statistics.median_high(c[key] for c in cost[n][label]) for key in cost[n][label][0]
-                }
+            row["cost"] = {
+                kind: {key: statistics.median_high(c.get(key, 0.0) for c in got) for key in got[0]}
+                for kind, got in cost[n][label].items()
+                if got
+            }
             out["table"].append(row)
     return out
+
+
+def _ratio(paths: dict[str, Any], kind: str, to: str) -> str:
+    r = paths[kind]["ratios"][to]
+    return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def _cpu(cost: dict[str, float], *who: str) -> str:
+    return ", ".join(f"{100 * cost.get(f'{w}_cpu', 0):.0f}%" for w in who)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,18 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     result = run(rounds=args.rounds, counts=args.counts)
     save(result, args.out, "worker_count.json")
     print(
-        "| workers | inputs | direct tasks/s | supervised tasks/s | supervised / direct "
-        "| agent CPU | agent RSS | ssh CPU | ssh RSS |"
+        "| workers | inputs | direct tasks/s | plain tasks/s | plain / direct | resumable tasks/s "
+        "| resumable / direct | resumable / plain | plain: agent, ssh CPU | resumable: agent, ssh, "
+        "relay CPU | resumable: agent, ssh, relay RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in result["table"]:
-        d, w = row["paths"]["direct"]["figure"], row["paths"]["wqsupervisor"]["figure"]
-        c = row.get("cost", {})
-        ratio = row["paths"]["wqsupervisor"]["ratios"]["direct"]
+        paths, cost = row["paths"], row.get("cost", {})
+        plain, resumable = cost.get("wqsupervisor", {}), cost.get("resumable", {})
+
+        rss = ", ".join(f"{resumable.get(f'{w}_rss_mib', 0):.0f}" for w in ("agent", "ssh", "relay"))
         print(
-            f"| {row['workers']} | {row['inputs']} | {d['median']:.0f} | {w['median']:.0f} | "
-            f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f}) | "
-            f"{100 * c.get('agent_cpu', 0):.1f}% | {c.get('agent_rss_mib', 0):.0f} MiB | "
-            f"{100 * c.get('ssh_cpu', 0):.1f}% | {c.get('ssh_rss_mib', 0):.0f} MiB |"
+            f"| {row['workers']} | {row['inputs']} | {paths['direct']['figure']['median']:.0f} | "
+            f"{paths['wqsupervisor']['figure']['median']:.0f} | {_ratio(paths, 'wqsupervisor', 'direct')} | "
+            f"{paths['resumable']['figure']['median']:.0f} | {_ratio(paths, 'resumable', 'direct')} | "
+            f"{_ratio(paths, 'resumable', 'wqsupervisor')} | {_cpu(plain, 'agent', 'ssh')} | "
+            f"{_cpu(resumable, 'agent', 'ssh', 'relay')} | {rss} MiB |"
         )
     return 0
