@@ -5,7 +5,8 @@ From OpenSSH 9.8 a connection is served by ``sshd-session`` processes (a root
 sshd penalises addresses whose connections leave before authenticating. The
 ``newer`` cases need such an sshd, which Debian bookworm (and so CI) does not
 ship: they run against ``$WQS_SSHD`` or ``/opt/openssh-new/sbin/sshd`` when
-that is OpenSSH 9.8 or later, and skip only when there is none.
+that is OpenSSH 9.8 or later, and skip only when there is none. They are of
+plain sessions (``resume=False``): the relay has its own, in test_resumable.py.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _on_head(head: HeadNode, port: int, call: Callable[[HeadRunner], Awaitable[T
     """``call`` with the head's command runner (the default transport's, as the tunnel has it)."""
 
     async def body() -> T:
-        sessions = sessions_for(head.settings(remote_port=port))
+        sessions = sessions_for(head.settings(remote_port=port, resume=False))
         with tempfile.TemporaryDirectory() as rundir:
             await sessions.prepare(rundir, "t")
             return await call(sessions.run_on_head)
@@ -183,7 +184,9 @@ def test_a_hung_session_is_reclaimed_and_the_forward_comes_back(sshd_build, mast
     with HeadNode(user=user) as head:
         hung: list[int] = []
         try:
-            with supervise(master, head.settings(remote_port=port), on_event=events.append) as sup:
+            with supervise(
+                master, head.settings(remote_port=port, resume=False), on_event=events.append
+            ) as sup:
                 assert sup.wait_until_up(30), sup.failure
                 session = sup.snapshot().masters[0].tunnel.remote_pid
                 assert session is not None and head.proc is not None
@@ -243,7 +246,7 @@ def test_waiting_for_the_head_costs_no_penalty_on_a_newer_sshd(monkeypatch):
     with HeadNode() as head:
 
         async def probe_for_a_while() -> None:
-            sessions = sessions_for(head.settings())
+            sessions = sessions_for(head.settings(resume=False))
             with pytest.raises(TimeoutError):  # the head answers all along: nothing to wake up for
                 await asyncio.wait_for(head_returns(sessions, SystemClock()), 20)
 
@@ -268,14 +271,16 @@ def test_an_unprivileged_head_users_tunnels_know_each_other_by_their_leases(head
 
     head, port = head_for_user, free_port()
     events: list[object] = []
-    first = supervise(master, head.settings(remote_port=port, keepalive_interval=1.0), on_event=events.append)
+    first = supervise(
+        master, head.settings(remote_port=port, keepalive_interval=1.0, resume=False), on_event=events.append
+    )
     hung = None
     try:
         assert first.wait_until_up(30), first.failure
         session = first.snapshot().masters[0].tunnel.remote_pid
         assert session is not None
         with WorkQueueServer(name="wqs-second") as other:  # never in wait(): it answers no probe
-            second = supervise(other, head.settings(remote_port=port, start_attempts=2))
+            second = supervise(other, head.settings(remote_port=port, start_attempts=2, resume=False))
             try:
                 with pytest.raises(WQSupervisorError) as failed:
                     second.wait_until_up(30)
@@ -292,7 +297,7 @@ def test_an_unprivileged_head_users_tunnels_know_each_other_by_their_leases(head
         first.close()
     try:
         seen: list[object] = []
-        with supervise(master, head.settings(remote_port=port), on_event=seen.append) as third:
+        with supervise(master, head.settings(remote_port=port, resume=False), on_event=seen.append) as third:
             assert third.wait_until_up(60), third.failure
             assert [e.pid for e in seen if isinstance(e, StalePortReclaimed)] == [hung]
     finally:

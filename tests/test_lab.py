@@ -295,9 +295,10 @@ def test_node_hop_killed_is_restored(lab):
     assert not run.events("tunnel.down"), "the campus tunnel was not involved"
 
 
-def test_a_busy_application_is_not_a_fault(lab):
+@pytest.mark.parametrize("resume", [False, True], ids=["plain", "resumable"])
+def test_a_busy_application_is_not_a_fault(lab, resume):
     """The application stays out of wait() for 60 s: no stall, no restart, nothing lost."""
-    run = Run(lab)
+    run = Run(lab, {"resume": resume})
     run.app.send("busy 60")
     run.app.wait_for(
         lambda: run.app._replies and run.app._replies[-1].get("kind") == "idle",
