@@ -102,7 +102,14 @@ def test_head_node_workers_do_the_tasks_and_end_with_the_supervisor(head, master
     """Head-node workers (exec channels, or ssh sessions) do the tasks and end on the head with a SIGKILLed supervisor."""
     remote_port = free_port()
     workdir = Path.home() / ".wqsupervisor" / str(remote_port)
-    options = ["--workers=ssh", "--max-workers=2", "--scale-cooldown=0.5", "--idle-time=30"]
+    # With OpenSSH the head relay holds the port: a SIGKILLed supervisor leaves it for its linger.
+    options = [
+        "--workers=ssh",
+        "--max-workers=2",
+        "--scale-cooldown=0.5",
+        "--idle-time=30",
+        "--relay-linger=5",
+    ]
     proc, lines = _supervise(head, master, tmp_path, remote_port, *options, backend=backend)
     try:
         wait_for(lambda: _events(lines, "tunnel.up"), 30, "the tunnel to be up")
@@ -115,7 +122,9 @@ def test_head_node_workers_do_the_tasks_and_end_with_the_supervisor(head, master
         proc.wait()
         wait_for(lambda: not processes_matching(str(workdir)), 30, "the head-node jobs to end")
         wait_for(
-            lambda: not processes_matching(f"127.0.0.1 {remote_port}"), 30, "the head-node workers to end"
+            lambda: not processes_matching(f"127.0.0.1 {remote_port}"),
+            30,
+            "the head-node workers (and the head relay, after its linger) to end",
         )
     finally:
         _finish(proc)

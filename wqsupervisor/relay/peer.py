@@ -30,6 +30,8 @@ __all__ = ["Carrier", "RelayEnded", "RelayPeer", "RelayRefused", "RelayStats"]
 
 PIPE_SIZE = 1024 * 1024
 CARRIER_HIGH = 1024 * 1024
+ABANDON_AFTER = 5.0
+"""Seconds a connection whose head side ended waits for the master to take it, then is dropped."""
 
 
 class RelayEnded(Exception):
@@ -156,9 +158,22 @@ class _Master(asyncio.Protocol):
             self._gone()
             self.peer.mux.took_fin(self.sid)
             return
+        if self.transport is None and not self.gone:
+            # Ended before the master took the connection: a master out of wait() accepts none, and
+            # a probe that gave up would wait in its backlog. A half-close that waits for an answer
+            # is given ABANDON_AFTER seconds (Work Queue and TaskVine clients never half-close).
+            asyncio.get_running_loop().call_later(ABANDON_AFTER, self._abandon)
         self.eof_due = True
         self.peer.unsettled.add(self.sid)
         self.refresh()
+
+    def _abandon(self) -> None:
+        if self.transport is None and not self.gone:
+            if self.connecting is not None:
+                self.connecting.cancel()
+            self.waiting = []
+            self._gone()
+            self.refresh()
 
     def refresh(self) -> bool:
         """Tell the mux what reached the master's socket (and the end, once it has); True: all told."""
