@@ -80,9 +80,15 @@ class Attached:
             if _comm(pid) == "ssh":
                 found["ssh"] = pid
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and _comm(int(entry)) == "wqs-relay":
+            if entry.isdigit() and _comm(int(entry)) == "wqs-relay" and self._serves(int(entry)):
                 found["relay"] = int(entry)
         return found
+
+    def _serves(self, pid: int) -> bool:
+        """The relay's command line ends with its bind address, port and linger: this tunnel's port?"""
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return str(self.remote_port).encode() in fh.read().split(b"\0")
+        return False
 
     def close(self) -> None:
         """Stop the agent (it closes its tunnel)."""
