@@ -348,7 +348,7 @@ class RemotePort:
         if now is not None and now.stamp != lease.stamp:
             return True
         # Its supervisor is gone or cut off: the session is stale once the lease has run out.
-        await asyncio.sleep(max(0.0, 3 * lease.owner.keepalive + 5 - lease.age - waited) + 0.5)
+        await asyncio.sleep(max(0.0, lease.owner.grace - lease.age - waited) + 0.5)
         return False
 
     async def owner(self) -> MasterIdentity | None:

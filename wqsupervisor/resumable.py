@@ -31,7 +31,7 @@ from .openssh import OpenSSHSession, OpenSSHSessions, remote_argv, spawn, tunnel
 from .protocol.snapshot import RelaySnapshot
 from .relay import program
 from .relay.peer import Carrier, RelayEnded, RelayPeer, RelayRefused, RelayStats
-from .session import FailureKind, Owner, SessionEnded, SessionFailed, SessionFailure
+from .session import Owner, SessionEnded, SessionFailed, SessionFailure
 from .target import SshTarget
 
 __all__ = ["ResumableSession", "ResumableSessions"]
@@ -128,17 +128,8 @@ class ResumableSession(OpenSSHSession):
         if isinstance(refused, RelayRefused):
             owner = Owner.parse(refused.owner)
             if owner is not None and owner.gone():
-                # Its session still hangs on the head; the relay lets us in once that has been silent
-                # for three pings and 5 s: a restart after the backoff, not a failure for good.
-                return SessionFailure(
-                    FailureKind.PORT_OWNED,
-                    f"the relay on {self.target.destination} still serves a wqsupervisor that is gone "
-                    f"({owner.describe()})",
-                    f"it takes this one once that one's session has been silent for "
-                    f"{3 * owner.keepalive + 5:g} s",
-                    permanent=False,
-                    waits=True,
-                )
+                # Its session still hangs on the head: a restart after the backoff, not a failure for good.
+                return SessionFailure.owner_gone(f"the relay on {self.target.destination}", owner)
             return SessionFailure.port_owned(
                 f"the remote port on {self.target.destination}",
                 "relay",

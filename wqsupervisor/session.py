@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .errors import TunnelError
+from .process import pid_alive
 
 if TYPE_CHECKING:
     from .protocol.snapshot import RelaySnapshot
@@ -79,19 +80,16 @@ class Owner:
 
     def gone(self) -> bool:
         """A supervisor of this host whose process has ended (one elsewhere cannot be told)."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-        return False
+        return self.host == socket.gethostname() and not pid_alive(self.pid)
+
+    @property
+    def grace(self) -> float:
+        """Seconds of silence after which the supervisor counts as gone: three pings and a little."""
+        return 3 * self.keepalive + 5
 
     def expired(self, silent_for: float) -> bool:
-        """Silent longer than three pings (and a little): the supervisor is gone or cut off."""
-        return silent_for > 3 * self.keepalive + 5
+        """Silent longer than :attr:`grace`: the supervisor is gone or cut off."""
+        return silent_for > self.grace
 
     def describe(self) -> str:
         """``host H, pid N, since T``."""
@@ -182,6 +180,18 @@ class SessionFailure:
             f"{where} is held by another wqsupervisor's {by} ({owner})",
             "give each master its own --remote-port, or stop that supervisor",
             permanent=True,
+        )
+
+    @classmethod
+    def owner_gone(cls, where: str, owner: Owner) -> SessionFailure:
+        """``where`` still serves a supervisor of this host that is gone; it takes another once that
+        one has been silent for its :attr:`Owner.grace`, so this is retried (``waits``)."""
+        return cls(
+            FailureKind.PORT_OWNED,
+            f"{where} still serves a wqsupervisor that is gone ({owner.describe()})",
+            f"it takes this one once that one's session has been silent for {owner.grace:g} s",
+            permanent=False,
+            waits=True,
         )
 
     @classmethod
