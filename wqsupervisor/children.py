@@ -35,6 +35,15 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def comm(pid: int) -> str:
+    """The name of process ``pid`` (/proc/PID/comm), "" when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (not ``pid`` itself)."""
     tree = _children()

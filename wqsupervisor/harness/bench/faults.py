@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...children import descendants
+from ...children import comm, descendants
 from ...process import pid_alive
 from ..common import machine, save, summary
 from ..lab import Lab
@@ -91,16 +91,8 @@ class _Tool:
             pid = self.app.snapshot().masters[0].tunnel.ssh_pid
             return int(pid) if pid else None
         autossh = self.app.ready["autossh_pid"] if self.app.ready else None
-        kids = [p for p in descendants(int(autossh or 0)) if _comm(p) == "ssh"] if autossh else []
+        kids = [p for p in descendants(int(autossh or 0)) if comm(p) == "ssh"] if autossh else []
         return kids[0] if kids else None
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
 
 
 Fault = tuple[Callable[[Lab, list[_Tool]], None], bool]

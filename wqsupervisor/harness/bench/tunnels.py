@@ -9,10 +9,9 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from ...children import descendants
+from ...children import comm, descendants
 from ...master import MasterInfo
 from ...process import owned_argv, terminate
 from ...runapp import EngineThread
@@ -113,20 +112,13 @@ class PlainSsh:
     def ssh_pid(self) -> int:
         if self.name != "autossh":
             return self.proc.pid
-        kids = [p for p in descendants(self.proc.pid) if _comm(p) == "ssh"]
+        kids = [p for p in descendants(self.proc.pid) if comm(p) == "ssh"]
         if not kids:
             raise RuntimeError("autossh has no ssh child")
         return kids[0]
 
     def close(self) -> None:
         terminate(self.proc, grace=3)
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _listening(port: int) -> bool:

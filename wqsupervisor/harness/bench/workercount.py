@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ...children import descendants
+from ...children import comm, descendants
 from ...process import owned_argv, terminate
 from ...wqserver import free_port
 from ..common import machine, save
@@ -77,10 +77,10 @@ class Attached:
         """The agent's pid, its ssh's and the head relay's (the loopback head node is this machine)."""
         found = {"agent": self.proc.pid}
         for pid in descendants(self.proc.pid):
-            if _comm(pid) == "ssh":
+            if comm(pid) == "ssh":
                 found["ssh"] = pid
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and _comm(int(entry)) == "wqs-relay" and self._serves(int(entry)):
+            if entry.isdigit() and comm(int(entry)) == "wqs-relay" and self._serves(int(entry)):
                 found["relay"] = int(entry)
         return found
 
@@ -93,12 +93,6 @@ class Attached:
     def close(self) -> None:
         """Stop the agent (it closes its tunnel)."""
         terminate(self.proc, grace=10)
-
-
-def _comm(pid: int) -> str:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as fh:
-        return fh.read().strip()
-    return ""
 
 
 def cpu_seconds(pid: int) -> float:
