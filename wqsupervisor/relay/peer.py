@@ -293,11 +293,9 @@ class Carrier:
             else:
                 loop.remove_writer(fd)
             self._writer = want
-        paused = self._out_bytes > CARRIER_HIGH
-        if self.paused and not paused:
-            self.paused = False
+        was, self.paused = self.paused, self._out_bytes > CARRIER_HIGH
+        if was and not self.paused:
             self.peer.kick()
-        self.paused = paused
 
     def _close_out(self) -> None:
         fd, self._out_fd = self._out_fd, None
