@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -394,7 +395,7 @@ def test_run_supervises_a_script_that_imports_the_binding_itself(head, remote_po
 def test_the_demo_cuts_the_tunnel_twice_and_no_worker_notices():
     """The README's first command: both cuts (ssh killed, then the head's session) heal with every task
     back once and right, and under resumption (the default) no worker loses its connection."""
-    argv = cli("demo", "--tasks", "60", "--cuts", "2")
+    argv = cli("demo", "--tasks", "60", "--cuts", "2", "--log-format", "json")
     done = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
@@ -402,3 +403,8 @@ def test_the_demo_cuts_the_tunnel_twice_and_no_worker_notices():
     cuts = [line for line in lines if line.startswith("demo: cut after")]
     assert len(cuts) == 2 and "ssh client" in cuts[0] and "sshd session" in cuts[1], cuts
     assert all("none of the 2 workers lost its connection" in line for line in cuts), cuts
+    # Each worker joined once: the handle's last snapshot as it closes (work_queue_server's
+    # status, which has no totals) is not taken for a new master that two workers joined.
+    events = [json.loads(line) for line in (done.stdout + done.stderr).splitlines() if line.startswith("{")]
+    joined = [e["count"] for e in events if e.get("event") == "workers.joined"]
+    assert sum(joined) == 2, joined

@@ -69,3 +69,17 @@ def test_no_change_no_event():
     w.observe(s(2, joined=2), 0, 0)
     assert w.observe(s(2, joined=2), 1, 1) == []
     assert not any(isinstance(e, (WorkersLost, WorkerCountChanged)) for e in w.observe(s(2, joined=2), 2, 2))
+
+
+def test_a_snapshot_without_totals_is_diffed_by_the_connected_count():
+    """A source without the cumulative counters (work_queue_server's status, read as the
+    handle closes) is not a restarted master: no second join of workers already counted."""
+    w = WorkerWatch(source="m")
+    w.observe(s(2, joined=2), 0, 0)
+    assert w.observe(s(2), 1, 1) == []
+    assert names(w.observe(s(1), 2, 2)) == [("WorkersLost", 1, 1), ("WorkerCountChanged", None, 1)]
+    # The totals carried on: the next snapshot with counters diffs against them.
+    assert names(w.observe(s(2, joined=3, removed=1), 3, 3)) == [
+        ("WorkersJoined", 1, 2),
+        ("WorkerCountChanged", None, 2),
+    ]

@@ -8,7 +8,7 @@ that came and went between two samples is still seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .events import AllWorkersLost, Event, WorkerCountChanged, WorkersJoined, WorkersLost
 from .master import MasterStats
@@ -45,11 +45,22 @@ class WorkerWatch:
                     )
                 ]
             return []
+        delta = stats.workers_connected - prev.workers_connected
+        if not (stats.workers_joined or stats.workers_removed) and (prev.workers_joined or prev.workers_removed):
+            # No totals in this snapshot: a source that does not count workers
+            # (work_queue_server's status, read by the handle as it closes), or
+            # a new master that no worker has joined yet. Only the connected
+            # count says anything; carry the totals on with it.
+            stats = replace(
+                stats,
+                workers_joined=prev.workers_joined + max(delta, 0),
+                workers_removed=prev.workers_removed + max(-delta, 0),
+            )
+            self.previous = stats
         if stats.workers_joined < prev.workers_joined or stats.workers_removed < prev.workers_removed:
             # A different master (restarted) behind the same port: start over.
             self.previous = None
             return self.observe(stats, now, wall)
-        delta = stats.workers_connected - prev.workers_connected
         joined = stats.workers_joined - prev.workers_joined
         removed = stats.workers_removed - prev.workers_removed
         if not (joined or removed):
