@@ -65,7 +65,7 @@ def test_run_supervises_an_unmodified_script_and_passes_its_exit_status(head, re
     assert "25 tasks done" in out
     summary = err.strip().splitlines()[-1]
     assert summary.startswith("wqsupervisor: squares.py exited with status 7"), summary
-    assert "tasks done 25" in summary
+    assert "tasks done 25/25 at the master's last status" in summary, summary
 
 
 def test_run_sets_argv_as_if_run_directly(head, remote_port, tmp_path):

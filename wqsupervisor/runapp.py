@@ -326,7 +326,11 @@ def summary_line(
             text += f" (worst recovery {max(tunnel.recoveries):.2f} s)"
         if error:
             text += f", error: {error}"
-        text += f", workers peak {entry.workers.peak}, tasks done {entry.tasks.done}"
+        # The counts are the master's last status answer: under attach, or with a master in a
+        # child process, one taken before its last results (the handle's own last read is exact).
+        tasks = entry.tasks
+        done = f"{tasks.done}/{tasks.submitted}" if tasks.submitted else str(tasks.done)
+        text += f", workers peak {entry.workers.peak}, tasks done {done} at the master's last status"
         parts.append(text)
     if len(parts) == 1:
         parts.append("no master was created")
