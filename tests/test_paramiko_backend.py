@@ -64,6 +64,23 @@ def test_allocated_port_and_refused_probe(head, master):
     drive(body)
 
 
+def test_a_head_command_that_writes_much_to_stderr_ends(head, remote_port):
+    """Both streams are read as they come: 3 MB on stderr (more than the channel's window) before the
+    first byte on stdout does not stall the command until its timeout."""
+
+    async def body() -> None:
+        session = await _session(paramiko_settings(head, remote_port), None)
+        try:
+            await asyncio.wait_for(session.established(), 10)
+            command = "head -c 3000000 /dev/zero | tr '\\0' x >&2; echo done"
+            ran = await session.run(command, b"", 20)
+        finally:
+            await session.close()
+        assert (ran.status, ran.out.strip(), len(ran.err)) == (0, "done", 3000000), ran.err[-300:]
+
+    drive(body)
+
+
 def test_failed_start_and_close_while_connecting_leave_nothing(head, remote_port, tmp_path):
     """A refused host key and a close() in the middle of connecting both end cleanly, and say why."""
 

@@ -23,10 +23,12 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import shlex
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -301,10 +303,39 @@ def authenticate(transport: Any, cfg: HostConfig, notes: MutableSequence[str]) -
     )
 
 
+_DRAIN_CHUNK = 65536
+
+
+def drain_channel(chan: Any, deadline: float | None, out: bytearray | None, err: bytearray | None) -> bool:
+    """Read both streams of ``chan`` (into ``out`` and ``err``, or nowhere) until end of file;
+    False when ``deadline`` came first.
+
+    Both are read as they come: a command that writes much to one of them must
+    not fill the channel's window while we wait on the other.
+    """
+    while True:
+        if chan.recv_stderr_ready():
+            data = chan.recv_stderr(_DRAIN_CHUNK)
+            if err is not None:
+                err += data
+        elif chan.recv_ready():
+            data = chan.recv(_DRAIN_CHUNK)
+            if out is not None:
+                out += data
+        elif chan.eof_received or chan.closed:
+            return True
+        else:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            select.select([chan], [], [], left)
+
+
 def exec_command(transport: Any, command: str, stdin: bytes, timeout: float) -> tuple[int, str, str]:
     """Run ``command`` on an exec channel of ``transport``, ``stdin`` then end of file; (status, out, err).
 
-    Each read and write waits at most ``timeout`` (``socket.timeout`` past it);
+    Writing waits at most ``timeout`` (``socket.timeout`` past it), and so do
+    reading both streams to their end and the exit status (``TimeoutError``);
     the status is -1 when the command ended without one (killed by a signal).
     """
     chan = transport.open_session(timeout=timeout)
@@ -314,12 +345,9 @@ def exec_command(transport: Any, command: str, stdin: bytes, timeout: float) -> 
         if stdin:
             chan.sendall(stdin)
         chan.shutdown_write()
-        out = bytearray()
-        while data := chan.recv(65536):
-            out += data
-        err = bytearray()
-        while chan.recv_stderr_ready():
-            err += chan.recv_stderr(65536)
+        out, err = bytearray(), bytearray()
+        if not drain_channel(chan, time.monotonic() + timeout, out, err):
+            raise TimeoutError(f"{command!r} did not end within {timeout:g} s")
         if not chan.status_event.wait(timeout):
             raise TimeoutError(f"no exit status from {command!r} within {timeout:g} s")
         status = chan.exit_status

@@ -46,7 +46,8 @@ class WorkerWatch:
                 ]
             return []
         delta = stats.workers_connected - prev.workers_connected
-        if not (stats.workers_joined or stats.workers_removed) and (prev.workers_joined or prev.workers_removed):
+        no_totals = not (stats.workers_joined or stats.workers_removed)
+        if no_totals and (prev.workers_joined or prev.workers_removed):
             # No totals in this snapshot: a source that does not count workers
             # (work_queue_server's status, read by the handle as it closes), or
             # a new master that no worker has joined yet. Only the connected

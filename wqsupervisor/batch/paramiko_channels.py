@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 import time
 from typing import Any
 
 import paramiko
 
+from ..paramiko_connect import drain_channel
 from ..paramiko_threads import SessionThreads
 from .base import SSH_FAILED, Completed
 
@@ -46,7 +46,7 @@ def exec_blocking(
             chan.sendall(stdin)
         chan.shutdown_write()
         out, err = bytearray(), bytearray()
-        if not _drain(chan, deadline, out, err):
+        if not drain_channel(chan, deadline, out, err):
             return timed_out(program, timeout)
         if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
             return timed_out(program, timeout)
@@ -68,31 +68,6 @@ def timed_out(program: str, timeout: float) -> Completed:
     """What a command cut at its timeout ends with."""
     # The program's name only, as SshRunner says it: the command line holds batch_env's values.
     return Completed(124, "", f"{program} timed out after {timeout:g} s on the head node", timed_out=True)
-
-
-def _drain(chan: Any, deadline: float | None, out: bytearray | None, err: bytearray | None) -> bool:
-    """Read both streams of ``chan`` (into ``out`` and ``err``, or nowhere) until end of file;
-    False when ``deadline`` came first.
-
-    Both are read as they come: a command that writes much to one of them must
-    not fill the channel's window while we wait on the other.
-    """
-    while True:
-        if chan.recv_stderr_ready():
-            data = chan.recv_stderr(_CHUNK)
-            if err is not None:
-                err += data
-        elif chan.recv_ready():
-            data = chan.recv(_CHUNK)
-            if out is not None:
-                out += data
-        elif chan.eof_received or chan.closed:
-            return True
-        else:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            select.select([chan], [], [], left)
 
 
 def close_channel(chan: Any) -> None:
@@ -158,7 +133,7 @@ class ChannelJob:
     def follow(self) -> None:
         """In a thread: read the channel until it ends, then record the exit status."""
         try:
-            _drain(self._chan, None, None, None)
+            drain_channel(self._chan, None, None, None)
             self._chan.status_event.wait(_STATUS_WAIT)
             status = int(self._chan.exit_status)
         except Exception:
