@@ -3,8 +3,9 @@
 Each round sends N x 64 MiB: once as N streams through one supervised tunnel
 (one ssh connection, N channels), once as one stream through each of N
 supervised tunnels to the same head node (N ssh connections), interleaved.
-Plain forwarding, so that only ssh is measured. Where the N connections carry
-more, spreading workers over several connections would pay.
+Plain forwarding, so that only ssh is measured, or with ``--resume`` resumable
+tunnels, each with its head relay. Where the N connections carry more,
+spreading workers over several connections would pay.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from .tunnels import Supervised
 MIB = 1024 * 1024
 
 
-def run(streams: int, rounds: int, mib: int = 64) -> dict[str, Any]:
-    """Aggregate MB/s of ``streams`` streams: one connection against one per stream."""
+def run(streams: int, rounds: int, mib: int = 64, resume: bool = False) -> dict[str, Any]:
+    """Aggregate MB/s of ``streams`` streams: one connection against one per stream (each
+    tunnel with a head relay of its own when ``resume``)."""
     size = mib * MIB
     raw: dict[str, list[float]] = {"one": [], "many": []}
     with Bed() as bed:
@@ -33,7 +35,7 @@ def run(streams: int, rounds: int, mib: int = 64) -> dict[str, Any]:
         clients: list[Client] = []
         try:
             for _ in range(streams):
-                tunnels.append(Supervised(bed.head, bed.server.port))
+                tunnels.append(Supervised(bed.head, bed.server.port, resume=resume))
                 clients.append(Client())
                 bed.client.bulk(tunnels[-1].remote_port, 8 * MIB)  # windows grown first
             for r in range(rounds):
@@ -61,6 +63,7 @@ def run(streams: int, rounds: int, mib: int = 64) -> dict[str, Any]:
         "machine": machine(),
         "streams": streams,
         "rounds": rounds,
+        "forwarding": "resumable" if resume else "plain",
         "one_connection": raw["one"],
         "connections": raw["many"],
         "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
@@ -73,14 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="bench-out")
+    parser.add_argument(
+        "--resume", action="store_true", help="resumable tunnels (a head relay each) instead of plain"
+    )
     args = parser.parse_args(argv)
-    results = [run(n, args.rounds) for n in args.streams]
+    results = [run(n, args.rounds, resume=args.resume) for n in args.streams]
     save({"runs": results}, args.out, "connections.json")
     for res in results:
         r, n = res["ratio"], res["streams"]
         one, many = statistics.median(res["one_connection"]), statistics.median(res["connections"])
         print(
-            f"{n} streams: one ssh connection {one:.0f} MB/s, {n} connections {many:.0f} MB/s, ratio "
+            f"{res['forwarding']}, {n} streams: one ssh connection {one:.0f} MB/s, "
+            f"{n} connections {many:.0f} MB/s, ratio "
             f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}, n={res['rounds']})"
         )
     return 0
