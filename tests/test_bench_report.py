@@ -172,6 +172,28 @@ def test_task_targets_are_judged_on_median_steady_ratios():
     assert [t["met"] for t in missed] == [False, True, True, False]
 
 
+def test_bulk_and_echo_targets_judge_the_tunnel_against_its_cipher_and_the_relay_against_plain():
+    """Bulk: supervised >= 0.95 of ssh -R with the same cipher, resumable >= 0.8 of plain;
+    echo p50: resumable at most 1.3x plain. Paths not measured give no target."""
+    paths = {
+        "wqsupervisor": {"ratios": {"ssh -R aes128-gcm": _s(0.96, 0.9, 1.1)}},
+        "resumable": {"ratios": {"wqsupervisor": _s(0.62, 0.59, 0.65)}},
+    }
+    judged = [(t["text"], t["met"]) for t in suite.bulk_targets(paths)]
+    assert judged == [
+        ("bulk: supervised / ssh -R with its cipher >= 0.95", True),
+        ("bulk: resumable / plain >= 0.8", False),
+    ]
+    assert suite.bulk_targets({"wqsupervisor": paths["wqsupervisor"]})[0]["value"] == "0.96 (0.90-1.10, n=3)"
+    echo = suite.ratio_target(
+        "echo p50: resumable / plain", paths["resumable"], "wqsupervisor", 1.3, most=True
+    )
+    assert (echo["text"], echo["met"]) == ("echo p50: resumable / plain <= 1.3", True)
+    slow = {"ratios": {"wqsupervisor": _s(2.4, 2.3, 3.1)}}
+    assert not suite.ratio_target("echo", slow, "wqsupervisor", 1.3, most=True)["met"]
+    assert not suite.ratio_target("bulk", {"ratios": {}}, "wqsupervisor", 0.8)["met"]
+
+
 def test_command_line_names_the_way_it_was_started():
     """The recorded command is the one to type again."""
     assert (

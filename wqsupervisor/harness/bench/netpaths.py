@@ -313,7 +313,8 @@ PATHS: dict[str, PathSpec] = {
             "wqsupervisor",
             "wqsupervisor, plain forwarding (OpenSSH, prefers aes128-gcm, --no-resume)",
             _closing(Supervised),
-            ("direct", "ssh -R"),
+            # Against ssh as users run it, and against ssh with the cipher we pick (what the tunnel adds).
+            ("direct", "ssh -R", "ssh -R aes128-gcm"),
         ),
         PathSpec(
             "wqsupervisor two-hop",

@@ -144,6 +144,8 @@ def markdown(results: Mapping[str, Any]) -> str:
             vs_direct, vs_own = _ratio_cells(entry)
             rows.append([_label(bulk, key), fmt_summary(entry["figure"]), vs_direct, vs_own])
         out += [*_table(["path", "MB/s", "/ direct", "/ its comparator"], rows), ""]
+        if bulk.get("targets"):
+            out += [*_targets(bulk), ""]
     conc = results.get("concurrency")
     if conc:
         out += [
@@ -176,6 +178,8 @@ def markdown(results: Mapping[str, Any]) -> str:
                 [_label(lat, key), fmt_summary(p50["figure"]), fmt_summary(p99["figure"]), vs_direct, vs_own]
             )
         out += [*_table(["path", "p50 us", "p99 us", "p50 / direct", "p50 / its comparator"], rows), ""]
+        if lat.get("targets"):
+            out += [*_targets(lat), ""]
     tasks = results.get("tasks")
     if tasks:
         out += _tasks_markdown(tasks)
@@ -227,13 +231,16 @@ def _tasks_markdown(tasks: Mapping[str, Any]) -> list[str]:
         ],
         rows,
     )
-    out.append("")
-    for target in tasks.get("targets", []):
-        out.append(
-            f"- target: {target['text']}: {target['value']} -> {'met' if target['met'] else 'NOT met'}"
-        )
-    out.append("")
+    out += ["", *_targets(tasks), ""]
     return out
+
+
+def _targets(section: Mapping[str, Any]) -> list[str]:
+    """One line per target of a section: the ratio and whether it is met."""
+    return [
+        f"- target: {target['text']}: {target['value']} -> {'met' if target['met'] else 'NOT met'}"
+        for target in section.get("targets", [])
+    ]
 
 
 def _recovery_markdown(rec: Mapping[str, Any]) -> list[str]:

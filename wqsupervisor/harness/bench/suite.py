@@ -160,13 +160,44 @@ def run_bulk(bed: Bed, plan: Plan, progress: Progress) -> dict[str, Any]:
             rate = bed.client.bulk(bed.port(key), plan.bulk_mib * MIB)
             raw[key].append(rate)
             progress(f"bulk {r + 1}/{plan.reps} {key}: {rate:.0f} MB/s")
+    paths = report.compare(raw, _comparators(keys))
     return {
         "mib": plan.bulk_mib,
         "reps": plan.reps,
         "labels": labels(bed.default_cipher),
         "default_cipher": bed.default_cipher,
-        "paths": report.compare(raw, _comparators(keys)),
+        "paths": paths,
+        "targets": bulk_targets(paths),
     }
+
+
+def ratio_target(
+    text: str, entry: dict[str, Any], comparator: str, bound: float, most: bool = False
+) -> dict[str, Any]:
+    """A target on a path's ratio to one of its comparators: at least ``bound`` (at most, ``most``)."""
+    ratio = entry.get("ratios", {}).get(comparator, {})
+    median = ratio.get("median")
+    met = median is not None and (median <= bound if most else median >= bound)
+    return {
+        "text": f"{text} {'<=' if most else '>='} {bound:g}",
+        "value": report.fmt_ratio(ratio),
+        "met": met,
+    }
+
+
+def bulk_targets(paths: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issues' bulk targets: the supervised tunnel at least 0.95 of ssh with the same cipher, the
+    relay at least 0.8 of plain forwarding."""
+    out = []
+    if "wqsupervisor" in paths:
+        out.append(
+            ratio_target(
+                "bulk: supervised / ssh -R with its cipher", paths["wqsupervisor"], "ssh -R aes128-gcm", 0.95
+            )
+        )
+    if "resumable" in paths:
+        out.append(ratio_target("bulk: resumable / plain", paths["resumable"], "wqsupervisor", 0.8))
+    return out
 
 
 def run_concurrency(bed: Bed, plan: Plan, progress: Progress) -> dict[str, Any]:
@@ -211,6 +242,11 @@ def run_latency(bed: Bed, plan: Plan, progress: Progress) -> dict[str, Any]:
         "reps": plan.reps,
         "labels": labels(bed.default_cipher),
         "paths": {k: {"p50_us": by50[k], "p99_us": by99[k]} for k in keys},
+        "targets": (
+            [ratio_target("echo p50: resumable / plain", by50["resumable"], "wqsupervisor", 1.3, most=True)]
+            if "resumable" in by50
+            else []
+        ),
     }
 
 
@@ -220,33 +256,35 @@ def task_targets(tasks: dict[str, Any]) -> list[dict[str, Any]]:
     sizes = tasks["sizes"]
     empty = sizes.get("empty", {}).get("paths", {}).get("wqsupervisor")
     if empty:
-        out.append(_target("supervised / direct, steady rate, empty tasks", empty, "direct", 0.75))
+        out.append(
+            ratio_target("supervised / direct, steady rate, empty tasks", empty["steady"], "direct", 0.75)
+        )
     for label, block in sizes.items():
         entry = block["paths"].get("wqsupervisor")
         if not entry or "ssh -N -R" not in entry["steady"]["ratios"]:
             continue
-        out.append(_target(f"supervised / ssh -N -R, steady rate, {label} inputs", entry, "ssh -N -R", 1.0))
+        out.append(
+            ratio_target(
+                f"supervised / ssh -N -R, steady rate, {label} inputs", entry["steady"], "ssh -N -R", 1.0
+            )
+        )
     resumable = {label: block["paths"].get(taskrate.RESUMABLE) for label, block in sizes.items()}
     if resumable.get("empty"):
         out.append(
-            _target("resumable / direct, steady rate, empty tasks", resumable["empty"], "direct", 0.70)
+            ratio_target(
+                "resumable / direct, steady rate, empty tasks", resumable["empty"]["steady"], "direct", 0.70
+            )
         )
     if resumable.get("1 MB"):
         out.append(
-            _target(
-                "resumable / supervised, steady rate, 1 MB inputs", resumable["1 MB"], "wqsupervisor", 0.9
+            ratio_target(
+                "resumable / supervised, steady rate, 1 MB inputs",
+                resumable["1 MB"]["steady"],
+                "wqsupervisor",
+                0.9,
             )
         )
     return out
-
-
-def _target(text: str, entry: dict[str, Any], comparator: str, floor: float) -> dict[str, Any]:
-    ratio = entry["steady"]["ratios"].get(comparator, {})
-    return {
-        "text": f"{text} >= {floor:g}",
-        "value": report.fmt_ratio(ratio),
-        "met": ratio.get("median") is not None and ratio["median"] >= floor,
-    }
 
 
 def run_tasks(plan: Plan, progress: Progress) -> dict[str, Any]:
