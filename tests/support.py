@@ -147,6 +147,16 @@ def drive(body: Callable[[], Awaitable[None]]) -> None:
     assert _fds() <= fds, f"descriptors left: {sorted(_fds() - fds)}"
 
 
+def lab_relays(lab: Any, host: str) -> list[int]:
+    """Head relay daemons (named ``wqs-relay``) in the lab namespace ``host``."""
+    found = []
+    for pid in lab.pids(host):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == "wqs-relay":
+                found.append(pid)
+    return found
+
+
 def relay_pids(port: int) -> list[int]:
     """Head relay daemons (named ``wqs-relay``) serving ``port``, by their process name and arguments.
 

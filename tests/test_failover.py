@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from wqsupervisor.harness.bench.failover import REMOTE_PORT, stop_first_head, two_head_run
-from wqsupervisor.harness.lab import HEAD2_ALIAS, NODE, Lab
+from wqsupervisor.harness.lab import HEAD, HEAD2_ALIAS, HEAD_CAMPUS_IP, NODE, ROUTER, Lab
 from wqsupervisor.harness.labapps import CampusApp, node_logs, start_node_workers
 
-from support import root_lab
+from support import lab_relays, root_lab
 
 pytestmark = pytest.mark.lab
 TASKS = 300
@@ -101,3 +101,47 @@ def test_a_hop_to_a_head_without_the_tunnel_moves_to_the_head_with_it(two_heads)
     assert not left, (
         f"something outlived the node launcher: {[Path(f'/proc/{p}/cmdline').read_bytes() for p in left]}"
     )
+
+
+def test_the_relay_left_on_a_head_cut_off_from_campus_is_ended_when_it_answers_again(two_heads):
+    """Campus loses headnode alone (its compute node still reaches it) and the tunnel's ssh dies: the tunnel
+    moves to headnode2, while headnode's relay holds the workers for a supervisor that went elsewhere. Once
+    headnode answers again the supervisor ends that relay (tunnel.relay_released): the workers come over
+    to headnode2 and every task comes back once."""
+    lab = two_heads
+    cut = [
+        ["FORWARD", "-d", HEAD_CAMPUS_IP, "-j", "DROP"],
+        ["FORWARD", "-s", HEAD_CAMPUS_IP, "-j", "DROP"],
+    ]
+    with two_head_run(lab, TASKS) as app:
+        assert app.snapshot().masters[0].tunnel.resume_off is None, "resumption is on with several heads"
+        held = lab_relays(lab, HEAD)
+        assert len(held) == 1, "the relay on headnode holds the node workers' connections"
+        pid = app.snapshot().masters[0].tunnel.ssh_pid
+        assert pid is not None
+        started = time.time()
+        for rule in cut:
+            lab.sh(lab.ns[ROUTER], "iptables -I " + " ".join(rule))
+        try:
+            os.kill(pid, signal.SIGKILL)
+            moved = app.wait_event("tunnel.moved", 60, after=started)
+            assert moved["to"] == HEAD2_ALIAS, moved
+            app.wait_event("tunnel.up", 60, after=moved["at"])
+            time.sleep(3)
+            assert lab_relays(lab, HEAD) == held, "headnode's relay waits while campus cannot reach it"
+            assert not app.named("tunnel.relay_released", started)
+        finally:
+            for rule in cut:
+                lab.sh(lab.ns[ROUTER], "iptables -D " + " ".join(rule))
+        healed = time.time()
+        released = app.wait_event("tunnel.relay_released", 60, after=healed)
+        assert released["head"] == "headnode", released
+        deadline = time.monotonic() + 10
+        while lab_relays(lab, HEAD) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not lab_relays(lab, HEAD), "the relay left on headnode was not ended"
+        app.wait_done(TASKS, 300)
+        assert app.snapshot().masters[0].tunnel.via == HEAD2_ALIAS
+        assert sorted(app.results, key=int) == [str(i) for i in range(TASKS)]
+        for tag, outputs in app.results.items():
+            assert outputs == [f"out-{tag}"], (tag, outputs)

@@ -10,7 +10,6 @@ agent must not leak file descriptors. Timings are measured by
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -25,7 +24,7 @@ from wqsupervisor.harness.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, ROUTER, Lab,
 from wqsupervisor.harness.labapps import CampusApp, start_node_workers
 from wqsupervisor.protocol import TunnelSnapshot
 
-from support import persistent_fds, root_lab
+from support import lab_relays, persistent_fds, root_lab
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
@@ -329,16 +328,6 @@ def test_the_supervisor_socket_options(lab):
 # -- resumable forwarding: the same faults cost no worker and no task ------------------------------
 
 
-def _relays(lab: Lab) -> list[int]:
-    """Head relay daemons in the head's namespace."""
-    found = []
-    for pid in lab.pids(HEAD):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
-            if f.read().strip() == "wqs-relay":
-                found.append(pid)
-    return found
-
-
 def _hang_session(run: Run) -> None:
     hung = run.tunnel().remote_pid
     run.lab.stop_session(hung)
@@ -374,19 +363,19 @@ def test_resumable_tunnel_faults_cost_no_worker_and_no_task(lab, fault):
     """Each fault under a resumable tunnel: no worker removed, no task sent twice, the relay gone after close."""
     run = Run(lab, {"backend": "resumable"})
     assert run.tunnel().resume_off is None, run.tunnel().resume_off
-    relays = _relays(lab)
+    relays = lab_relays(lab, HEAD)
     assert len(relays) == 1, "one head relay holds the workers' connections"
     RESUMABLE_FAULTS[fault](run)
     run.app.wait_for(lambda: run.tunnel().state.value == "up", 90, "the tunnel to be up again")
     if fault != "link-down-90s":
         run.app.wait_event("tunnel.relay_reattached", 60, after=run.started)
         assert run.tunnel().relay.resumptions >= 1
-    assert _relays(lab) == relays, "the same head relay carried the tunnel through the fault"
+    assert lab_relays(lab, HEAD) == relays, "the same head relay carried the tunnel through the fault"
     run.finish()
     stats = run.app.latest_stats()
     assert run.workers_removed() == 0, "a worker lost its connection"
     assert stats["tasks_dispatched"] == stats["tasks_submitted"] == TASKS, "a task was sent twice"
     deadline = time.monotonic() + 10
-    while _relays(lab) and time.monotonic() < deadline:
+    while lab_relays(lab, HEAD) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _relays(lab), "the head relay outlived close()"
+    assert not lab_relays(lab, HEAD), "the head relay outlived close()"

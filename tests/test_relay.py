@@ -216,6 +216,7 @@ def test_the_head_program_parses_as_python_3_6():
         "collections",
         "errno",
         "fcntl",
+        "hashlib",
         "itertools",
         "os",
         "selectors",
@@ -366,6 +367,28 @@ async def _relay(
 
 def _run(body: Callable[[], Any]) -> None:
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_login_nodes_that_share_a_home_keep_their_relays_apart(tmp_path):
+    """The relay's socket lives in the home directory, which login nodes often share: another host (here
+    another network namespace, as the lab's second head is) names its socket differently, so one head's
+    relay never attaches to nor unlinks the other's. The same host names it the same every time."""
+    import subprocess
+    import sys
+
+    code = "from wqsupervisor.relay.headmain import socket_path; print(socket_path('127.0.0.1', 10001))"
+    env = {**os.environ, "HOME": str(tmp_path)}
+
+    def path(*prefix: str) -> str:
+        done = subprocess.run([*prefix, sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    here, again, elsewhere = path(), path(), path("unshare", "--net")
+    assert here == again
+    assert here != elsewhere
+    assert os.path.dirname(here) == os.path.dirname(elsewhere) == str(tmp_path / ".wqsupervisor" / "relay")
+    assert here.endswith("-10001.sock") and len(here.encode()) <= 107
 
 
 @pytest.mark.parametrize("python", _PYTHONS, ids=lambda p: "py36" if p == _PYTHON36 else "python3")

@@ -25,22 +25,15 @@ if TYPE_CHECKING:
     from .wqproto import Credentials
 
 
-SEVERAL_HEADS = (
-    "several head nodes: a relay left on a head the tunnel moves away from would hold its workers "
-    "for relay_linger; use backend='resumable' to have it anyway"
-)
-
-
 def _openssh(settings: Settings) -> SessionFactory:
     if settings.resume:
-        # The default. With several heads it stays off unless asked for by name (backend='resumable').
-        return _resumable(settings, off=SEVERAL_HEADS if settings.also_via else None)
+        return _resumable(settings)  # the default
     from .openssh import OpenSSHSessions
 
     return OpenSSHSessions(settings.ssh_target(), own_socket=settings.own_socket)
 
 
-def _resumable(settings: Settings, off: str | None = None) -> SessionFactory:
+def _resumable(settings: Settings) -> SessionFactory:
     from .resumable import ResumableSessions
 
     return ResumableSessions(
@@ -48,7 +41,6 @@ def _resumable(settings: Settings, off: str | None = None) -> SessionFactory:
         own_socket=settings.own_socket,
         python=settings.relay_python,
         linger=settings.relay_linger,
-        off=off,
     )
 
 

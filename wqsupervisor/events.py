@@ -183,6 +183,17 @@ class RelayReattached(Event):
 
 @_register
 @dataclass(frozen=True)
+class RelayReleased(Event):
+    """The head relay the tunnel left behind on ``head`` (it moved to another) was ended, ``after``
+    seconds after the move: the workers it held connect again, through the head the tunnel is on."""
+
+    name: ClassVar[str] = "tunnel.relay_released"
+    head: str = ""
+    after: float = 0.0
+
+
+@_register
+@dataclass(frozen=True)
 class ResumptionOff(Event):
     """Resumable forwarding was asked for but the head node cannot run the relay; plain forwarding."""
 

@@ -264,11 +264,24 @@ class ResumableSessions(OpenSSHSessions):
             head_pid=stats.head_pid,
         )
 
-    async def end_relay(self, timeout: float = 5.0) -> None:
-        """End the head relay even when no session is up (a tunnel closed while down, or failed)."""
+    @property
+    def holds_relay(self) -> bool:
+        """True when a relay of ours may be waiting on the head (started, not known to have ended)."""
+        return self._peer is not None and not self._peer.ended and self._remote_port is not None
+
+    async def forget_relay(self) -> None:
+        """The head relay could not be reached for its whole linger and has ended itself: close the
+        master connections it held (the master would keep their tasks on workers that are gone)."""
+        if self._peer is not None:
+            await self._peer.close()
+            self._peer.ended = True
+
+    async def end_relay(self, timeout: float = 5.0) -> bool:
+        """End the head relay even when no session is up (a tunnel closed while down, or failed, or
+        moved to another head); True when no relay of ours is left there."""
         peer = self._peer
         if peer is None or peer.ended or self._remote_port is None:
-            return
+            return True
         try:
             async with asyncio.timeout(min(timeout, self.target.connect_timeout)):
                 session = await self.start(
@@ -280,6 +293,7 @@ class ResumableSessions(OpenSSHSessions):
                     await session.close()
         except (TimeoutError, SessionEnded, SessionFailed, TunnelError, OSError) as exc:
             get_logger().warning("tunnel.relay_left", reason=str(exc) or type(exc).__name__)
+        return peer.ended
 
     async def start(self, *, master_port: int | None, remote_port: int, probes: str | None) -> OpenSSHSession:
         """A relay session for the tunnel's forward; a plain one to allocate or inspect a port, or off."""

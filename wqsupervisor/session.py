@@ -415,8 +415,23 @@ class Resumable(Protocol):
         """The relay's figures, None before its first session."""
         ...
 
-    async def end_relay(self) -> None:
-        """End the head relay now, through a session of its own if none is up (best effort, bounded)."""
+    @property
+    def holds_relay(self) -> bool:
+        """True when a relay of ours may be waiting on the head (started, not known to have ended)."""
+        ...
+
+    @property
+    def linger(self) -> float:
+        """How long the head relay waits for a session before it ends itself."""
+        ...
+
+    async def forget_relay(self) -> None:
+        """The head relay ended itself unreached (its linger passed): drop what was kept for it."""
+        ...
+
+    async def end_relay(self) -> bool:
+        """End the head relay now, through a session of its own if none is up (best effort, bounded);
+        True when no relay of ours is left on the head."""
         ...
 
 

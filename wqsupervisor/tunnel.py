@@ -19,6 +19,7 @@ connection reaches the head and the old session has had its chance to resume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from .errors import TunnelError
 from .events import (
     Event,
     RelayReattached,
+    RelayReleased,
     ResumptionOff,
     StalePortReclaimed,
     TunnelClosed,
@@ -67,6 +69,11 @@ from .target import SshTarget
 from .wqproto import NO_CREDENTIALS, Credentials
 
 __all__ = ["GRACE_CAPPED", "GRACE_UNCAPPED", "Tunnel", "TunnelOptions", "TunnelRecord"]
+
+
+# A relay left on a head the tunnel moved away from is ended once that head answers; tried again
+# at most this often (seconds) while it does not.
+RELEASE_RETRY_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,11 @@ class Tunnel:
         # Every head node it may use, in order (see wqsupervisor.heads); it is on the first.
         self._heads = [(target, sessions), *fallbacks]
         self._on = Heads(len(self._heads))
+        self._at = 0  # the index in _heads of the head it is on
         self._prepared = {0}
+        # Heads it moved away from whose relay may still hold workers: each is ended from here
+        # as soon as its head can be reached again (see _release).
+        self._left_behind: dict[int, asyncio.Task[None]] = {}
         self.record = TunnelRecord()
         self.failure: TunnelError | None = None
         self.up_event = asyncio.Event()
@@ -254,6 +265,7 @@ class Tunnel:
         if isinstance(self._sessions, Resumable):
             # The session may have been down: the head relay must not wait out its linger.
             await self._sessions.end_relay()
+        await self._end_left_behind()
         if self._finished:
             self._closed()
 
@@ -339,13 +351,61 @@ class Tunnel:
 
     async def _move(self, move: Move) -> None:
         """Go on to another head node: its transport and its remote port (the restart backoff carries on)."""
-        left = self.target.destination
+        left, left_at = self.target.destination, self._at
+        back = self._left_behind.pop(move.to, None)
+        if back is not None:
+            # Going back to a head whose relay was left waiting: reattach it, do not end it.
+            back.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await back
+        if isinstance(self._sessions, Resumable) and self._sessions.holds_relay:
+            self._left_behind[left_at] = asyncio.create_task(
+                self._release(left_at, self._clock.monotonic()), name=f"release-{left}"
+            )
+        self._at = move.to
         self.target, self._sessions = self._heads[move.to]
         self._port = self._remote_port()
         self._emit(TunnelMoved, left=left, to=self.target.destination, why=move.why)
         if move.to not in self._prepared:
             await self._sessions.prepare(self._rundir, str(self.master.port))
             self._prepared.add(move.to)
+
+    async def _release(self, index: int, moved_at: float) -> None:
+        """End the relay left on head ``index`` once that head can be reached again.
+
+        The workers it holds wait for a supervisor that went elsewhere: ended,
+        their connections close and they connect again, through the head the
+        tunnel is on now. A head that stays out of reach keeps its relay until
+        the relay's own linger ends it; trying is given up then, and the master
+        connections kept for its workers are closed.
+        """
+        target, sessions = self._heads[index]
+        assert isinstance(sessions, Resumable)
+        wait = 1.0
+        while self._clock.monotonic() - moved_at < sessions.linger:
+            # Cancelled mid-attempt (the tunnel went back to that head), the attempt's own session
+            # may still end the relay: its workers then connect again, their running tasks retried.
+            if await sessions.end_relay():
+                self._emit(
+                    RelayReleased, head=target.destination, after=round(self._clock.monotonic() - moved_at, 3)
+                )
+                return
+            await self._clock.sleep(wait)
+            wait = min(wait * 2, RELEASE_RETRY_MAX)
+        # Out of reach for the whole linger: the relay has ended itself, and its workers with it.
+        await sessions.forget_relay()
+
+    async def _end_left_behind(self) -> None:
+        """close(): end every relay left on another head now, as far as each can be reached."""
+        tasks, self._left_behind = list(self._left_behind.items()), {}
+        for _index, task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for index, _task in tasks:
+            sessions = self._heads[index][1]
+            if isinstance(sessions, Resumable):
+                await sessions.end_relay()
 
     def _fail(self, exc: TunnelError) -> None:
         self.failure = exc

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import hashlib
 import itertools
 import os
 import selectors
@@ -51,9 +52,21 @@ def relay_dir() -> str:
 
 
 def socket_path(bind: str, port: int) -> str:
-    """The daemon's unix socket for one remote port."""
-    # "v2": an attacher hands over its pipes; a relay of the first kind expected frames on the socket.
-    return os.path.join(relay_dir(), "%s-%d.v2.sock" % (bind, port))
+    """The daemon's unix socket for one remote port of this host.
+
+    Login nodes often share the home directory, where the sockets live: the
+    relay of one login node must not find (nor unlink) another's socket, so
+    the name holds a digest of the hostname and the network namespace (which
+    tells apart hosts that share a hostname, as containers do), with the bind
+    address and the protocol's version ("v2": an attacher hands over its
+    pipes). It stays short: a unix socket's path has at most 107 bytes.
+    """
+    try:
+        netns = os.readlink("/proc/self/ns/net")
+    except OSError:
+        netns = ""
+    key = " ".join((socket.gethostname(), netns, bind, "v2"))
+    return os.path.join(relay_dir(), "%s-%d.sock" % (hashlib.sha256(key.encode()).hexdigest()[:10], port))
 
 
 def _name_process() -> None:

@@ -491,6 +491,7 @@ class RelayPeer:
                 if self._lost_at is not None:
                     self.last_took = now - self._lost_at
             self._lost_at = None
+            self.ended = False  # a relay answered: there is one on the head again
             self.mux.attach()
             self.kick()
             if self._welcome is not None and not self._welcome.done():
