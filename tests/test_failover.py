@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from wqsupervisor.harness.bench.failover import REMOTE_PORT, stop_first_head, two_head_run
+from wqsupervisor.harness.bench.failover import REMOTE_PORT, WORKERS, stop_first_head, two_head_run
 from wqsupervisor.harness.lab import HEAD, HEAD2_ALIAS, HEAD_CAMPUS_IP, NODE, ROUTER, Lab
 from wqsupervisor.harness.labapps import CampusApp, node_logs, start_node_workers
 
@@ -41,6 +41,12 @@ def test_the_first_head_stopping_moves_the_tunnel_and_the_workers_to_the_second(
         seen = stop_first_head(lab, app, workers_within=15)
         assert (seen["moved"]["left"], seen["moved"]["to"]) == ("headnode", HEAD2_ALIAS), seen
         assert app.snapshot().masters[0].tunnel.via == HEAD2_ALIAS
+        # The connections the first head's relay had kept open to the master are let go once the
+        # tunnel is up on the second: the master counts only the two live workers (it would keep
+        # the others, and their tasks, until its own keepalive gave up on them).
+        app.wait_for(
+            lambda: app.latest_stats()["workers_connected"] == WORKERS, 20, "only the live workers connected"
+        )
         app.wait_done(TASKS, 300)
         assert sorted(app.results, key=int) == [str(i) for i in range(TASKS)]
         for tag, outputs in app.results.items():

@@ -269,12 +269,11 @@ class ResumableSessions(OpenSSHSessions):
         """True when a relay of ours may be waiting on the head (started, not known to have ended)."""
         return self._peer is not None and not self._peer.ended and self._remote_port is not None
 
-    async def forget_relay(self) -> None:
-        """The head relay could not be reached for its whole linger and has ended itself: close the
-        master connections it held (the master would keep their tasks on workers that are gone)."""
+    async def let_go(self) -> None:
+        """Close the master connections kept for the relay's workers (the tunnel is up on another
+        head: they are lost to us); the relay itself waits for :meth:`end_relay` or its linger."""
         if self._peer is not None:
             await self._peer.close()
-            self._peer.ended = True
 
     async def end_relay(self, timeout: float = 5.0) -> bool:
         """End the head relay even when no session is up (a tunnel closed while down, or failed, or

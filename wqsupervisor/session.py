@@ -425,8 +425,8 @@ class Resumable(Protocol):
         """How long the head relay waits for a session before it ends itself."""
         ...
 
-    async def forget_relay(self) -> None:
-        """The head relay ended itself unreached (its linger passed): drop what was kept for it."""
+    async def let_go(self) -> None:
+        """Close the master connections kept for the relay's workers; the relay is left waiting."""
         ...
 
     async def end_relay(self) -> bool:

@@ -371,16 +371,23 @@ class Tunnel:
             self._prepared.add(move.to)
 
     async def _release(self, index: int, moved_at: float) -> None:
-        """End the relay left on head ``index`` once that head can be reached again.
+        """Let go of the relay left on head ``index``, and end it once that head answers again.
 
-        The workers it holds wait for a supervisor that went elsewhere: ended,
-        their connections close and they connect again, through the head the
-        tunnel is on now. A head that stays out of reach keeps its relay until
-        the relay's own linger ends it; trying is given up then, and the master
-        connections kept for its workers are closed.
+        Until the tunnel is up on another head it may still come back to this
+        one (when campus itself is cut off, every head is out of reach and it
+        goes back to the one its workers use): the relay and the master
+        connections kept for its workers stay. Once it is up elsewhere, those
+        workers are lost to this supervisor: the master connections kept for
+        them close (the master retries their tasks now, not at its keepalive),
+        and the relay is ended as soon as its head can be reached, so that any
+        worker it still holds connects again through the head the tunnel is
+        on. A head that stays out of reach keeps its relay until the relay's
+        own linger ends it; trying is given up then.
         """
         target, sessions = self._heads[index]
         assert isinstance(sessions, Resumable)
+        await self.up_event.wait()
+        await sessions.let_go()
         wait = 1.0
         while self._clock.monotonic() - moved_at < sessions.linger:
             # Cancelled mid-attempt (the tunnel went back to that head), the attempt's own session
@@ -392,8 +399,6 @@ class Tunnel:
                 return
             await self._clock.sleep(wait)
             wait = min(wait * 2, RELEASE_RETRY_MAX)
-        # Out of reach for the whole linger: the relay has ended itself, and its workers with it.
-        await sessions.forget_relay()
 
     async def _end_left_behind(self) -> None:
         """close(): end every relay left on another head now, as far as each can be reached."""
