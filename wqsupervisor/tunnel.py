@@ -386,19 +386,22 @@ class Tunnel:
         """
         target, sessions = self._heads[index]
         assert isinstance(sessions, Resumable)
-        await self.up_event.wait()
-        await sessions.let_go()
-        wait = 1.0
-        while self._clock.monotonic() - moved_at < sessions.linger:
-            # Cancelled mid-attempt (the tunnel went back to that head), the attempt's own session
-            # may still end the relay: its workers then connect again, their running tasks retried.
-            if await sessions.end_relay():
-                self._emit(
-                    RelayReleased, head=target.destination, after=round(self._clock.monotonic() - moved_at, 3)
-                )
-                return
-            await self._clock.sleep(wait)
-            wait = min(wait * 2, RELEASE_RETRY_MAX)
+        try:
+            await self.up_event.wait()
+            await sessions.let_go()
+            wait = 1.0
+            while self._clock.monotonic() - moved_at < sessions.linger:
+                # Cancelled mid-attempt (the tunnel went back to that head), the attempt's own session
+                # may still end the relay: its workers then connect again, their running tasks retried.
+                if await sessions.end_relay():
+                    after = round(self._clock.monotonic() - moved_at, 3)
+                    self._emit(RelayReleased, head=target.destination, after=after)
+                    return
+                await self._clock.sleep(wait)
+                wait = min(wait * 2, RELEASE_RETRY_MAX)
+        except Exception:
+            # A bug of ours: say so; the relay is left to its linger, the tunnel carries on.
+            get_logger().exception("tunnel.release_crashed", source=self.label, head=target.destination)
 
     async def _end_left_behind(self) -> None:
         """close(): end every relay left on another head now, as far as each can be reached."""
