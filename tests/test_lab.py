@@ -28,7 +28,7 @@ from support import lab_relays, persistent_fds, root_lab
 
 pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
-TASKS = 240
+TASKS = 160
 WORKERS = 2
 
 
