@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+from wqsupervisor.children import comm
 from wqsupervisor.config import Settings
 from wqsupervisor.harness.sandbox import debian_work_queue_path  # noqa: F401 - re-exported for the tests
 from wqsupervisor.process import pid_alive
+from wqsupervisor.remoteport import RELAY_NAME
 from wqsupervisor.wqserver import Task
 
 T = TypeVar("T")
@@ -149,12 +151,7 @@ def drive(body: Callable[[], Awaitable[None]]) -> None:
 
 def lab_relays(lab: Any, host: str) -> list[int]:
     """Head relay daemons (named ``wqs-relay``) in the lab namespace ``host``."""
-    found = []
-    for pid in lab.pids(host):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
-            if f.read().strip() == "wqs-relay":
-                found.append(pid)
-    return found
+    return [pid for pid in lab.pids(host) if comm(pid) == RELAY_NAME]
 
 
 def relay_pids(port: int) -> list[int]:
@@ -164,12 +161,9 @@ def relay_pids(port: int) -> list[int]:
     """
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or comm(int(entry)) != RELAY_NAME:
             continue
         try:
-            with open(f"/proc/{entry}/comm") as f:
-                if f.read().strip() != "wqs-relay":
-                    continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
         except OSError:
