@@ -245,20 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     save(result, args.out, "scaling.json")
     for tool, figures in result["tools"].items():
         first, reaction, jobs = figures["first_task_s"], figures["reaction_s"], figures["jobs_per_task"]
-        looked = ""
+        detail = ""
         if figures["submitted_s"]["n"]:
             sub = figures["submitted_s"]
-            looked = (
+            detail = (
                 f"; sbatch returned after {sub['median']:.3f} s (min {sub['min']:.3f}, max {sub['max']:.3f})"
             )
         if tool != "wqsupervisor" and reaction["n"]:
-            looked = (
+            detail = (
                 f"; {reaction['median']:.2f} s once it looked "
                 f"(min {reaction['min']:.2f}, max {reaction['max']:.2f})"
             )
         print(
             f"{tool:19s} first task {first['median']:.2f} s "
-            f"(min {first['min']:.2f}, max {first['max']:.2f}){looked}; "
+            f"(min {first['min']:.2f}, max {first['max']:.2f}){detail}; "
             f"jobs per task {jobs['median']:.3f} "
             f"(min {jobs['min']:.3f}, max {jobs['max']:.3f}), n={jobs['n']}"
         )
