@@ -149,9 +149,9 @@ def drive(body: Callable[[], Awaitable[None]]) -> None:
     assert _fds() <= fds, f"descriptors left: {sorted(_fds() - fds)}"
 
 
-def lab_relays(lab: Any, host: str) -> list[int]:
-    """Head relay daemons (named ``wqs-relay``) in the lab namespace ``host``."""
-    return [pid for pid in lab.pids(host) if comm(pid) == RELAY_NAME]
+def lab_relays(lab: Any, host: str, name: str = RELAY_NAME) -> list[int]:
+    """Head relay daemons (named ``wqs-relay``; hop daemons: ``wqs-hop``) in the lab namespace ``host``."""
+    return [pid for pid in lab.pids(host) if comm(pid) == name]
 
 
 def relay_pids(port: int) -> list[int]:

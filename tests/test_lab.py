@@ -10,6 +10,7 @@ agent must not leak file descriptors. Timings are measured by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,12 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from wqsupervisor.harness.lab import CAMPUS, CAMPUS_IP, HEAD, NODE, ROUTER, Lab, remove_remains
-from wqsupervisor.harness.labapps import CampusApp, start_node_workers
+from wqsupervisor.harness.labapps import CampusApp, node_logs, start_node_workers
 from wqsupervisor.protocol import TunnelSnapshot
+from wqsupervisor.relay.headmain import HOP_PROCESS_NAME
 
 from support import lab_relays, persistent_fds, root_lab
 
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.lab
 REMOTE_PORT = 10001
 TASKS = 160
 WORKERS = 2
+HOP_NAME = HOP_PROCESS_NAME.decode()
 
 
 @pytest.fixture
@@ -46,11 +50,11 @@ class Run:
     port (who holds it, its reclaim, its resumption); the relay has its own (``RESUMABLE_FAULTS``).
     """
 
-    def __init__(self, lab: Lab, settings: dict | None = None) -> None:
+    def __init__(self, lab: Lab, settings: dict | None = None, resume_hop: bool = False) -> None:
         self.lab = lab
         self.app = CampusApp(lab, REMOTE_PORT, {"resume": False, **(settings or {})})
         self.app.wait_event("tunnel.up", 60)
-        self.launchers = start_node_workers(lab, REMOTE_PORT, n=WORKERS)
+        self.launchers = start_node_workers(lab, REMOTE_PORT, n=WORKERS, resume_hop=resume_hop)
         # The master takes workers in only from inside wait(), which it calls while it has tasks.
         self.app.submit(TASKS, "sleep 0.2; echo out-{i}")
         self.app.wait_workers(WORKERS, 90)
@@ -378,4 +382,53 @@ def test_resumable_tunnel_faults_cost_no_worker_and_no_task(lab, fault):
     deadline = time.monotonic() + 10
     while lab_relays(lab, HEAD) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert not lab_relays(lab, HEAD), "the head relay outlived close()"
+
+
+def _node_relay_ssh(lab: Lab) -> list[int]:
+    """The ssh processes the node relays run (their remote command starts a hop daemon)."""
+    found = []
+    for pid in lab.pids(NODE):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv and argv[0].endswith(b"ssh") and any(b" hop 127.0.0.1 " in a for a in argv):
+                found.append(pid)
+    return found
+
+
+def test_resumable_hops_keep_their_workers_through_a_head_sshd_restart(lab):
+    """Node relays: their ssh killed, then the head's sshd restarted with every session; no worker lost.
+
+    The sshd restart ends the tunnel's session and every hop's: the head relay and the hop daemons
+    hold both sides of the workers' connections, the tunnel and the node relays start new sessions
+    and reattach, and every task comes back once with no worker removed.
+    """
+    run = Run(lab, {"backend": "resumable"}, resume_hop=True)
+    assert not lab.node_hops(), "the node relays run the hops, not ssh -L"
+    hops = lab_relays(lab, HEAD, HOP_NAME)
+    assert len(hops) == WORKERS, f"one hop daemon per node relay on the head: {hops}"
+    relays = lab_relays(lab, HEAD)
+    first = _node_relay_ssh(lab)
+    assert len(first) == WORKERS, first
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    run.app.wait_for(lambda: len(set(_node_relay_ssh(lab)) - set(first)) == WORKERS, 30, "new hop sessions")
+    done = run.app.latest_stats().get("tasks_done", 0)
+    run.app.wait_done(done + 5, 60)
+    lab.restart_sshd(down_for=2.0)
+    run.app.wait_event("tunnel.relay_reattached", 60, after=run.started)
+    done = run.app.latest_stats().get("tasks_done", 0)
+    run.app.wait_done(min(TASKS, done + 5), 60)
+    assert lab_relays(lab, HEAD, HOP_NAME) == hops, "the same hop daemons carried the hops through"
+    assert lab_relays(lab, HEAD) == relays, "the same head relay carried the tunnel through"
+    logs = node_logs(lab, chars=1_000_000)
+    assert logs.count("hop resumed") >= 2 * WORKERS, logs
+    run.finish()
+    stats = run.app.latest_stats()
+    assert run.workers_removed() == 0, "a worker lost its connection:\n" + node_logs(lab)
+    assert stats["tasks_dispatched"] == stats["tasks_submitted"] == TASKS, "a task was sent twice"
+    deadline = time.monotonic() + 10
+    while (lab_relays(lab, HEAD, HOP_NAME) or lab_relays(lab, HEAD)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not lab_relays(lab, HEAD, HOP_NAME), "a hop daemon outlived its node relay"
     assert not lab_relays(lab, HEAD), "the head relay outlived close()"

@@ -226,6 +226,8 @@ def test_the_head_program_parses_as_python_3_6():
         "sys",
         "time",
         "typing",
+        "shlex",
+        "subprocess",
         "ctypes",
     }, imported
 

@@ -77,6 +77,12 @@ class Settings:
     relay_python: str = _setting(
         "python3", "the head node's Python (3.6 or later) for the relay", metavar="PATH"
     )
+    resume_hop: bool = _setting(
+        False,
+        "the compute nodes' hops resume too: a relay on the node (its python3, the same path as "
+        "the head's) holds the worker's connection while the hop's ssh restarts (a plain hop where "
+        "the node has no usable Python, with several head nodes, or for TaskVine)",
+    )
     own_socket: bool = _setting(
         True,
         "open the TCP connection ourselves and hand it to ssh (retransmission cap, TCP_INFO); "

@@ -476,6 +476,8 @@ async def build_tracker(
         idle_timeout=max(1, round(settings.idle_time)),
         ssl=settings.ssl,
         peer_transfers=kind.peer_transfers,
+        resume_hop=settings.resume_hop,
+        python=settings.relay_python,
     )
     password = read_password(settings.password_file) if settings.password_file else None
     if isinstance(system, Factory):

@@ -28,6 +28,18 @@ The script keeps that hop alive and runs ``work_queue_worker`` through it:
   the address the head node sees the hop come from (``$SSH_CONNECTION``: the
   node's address on the cluster's network, where the other nodes are).
 
+With ``resume_hop`` the hop resumes, as the tunnel does: where the node has
+a ``python3`` (3.6 or later), the script runs a *node relay* (the program the
+tunnel sends to the head node, see :mod:`wqsupervisor.relay.headmain`)
+that holds the worker's connection on the node and runs the hop's ssh
+itself; that session runs a hop daemon on the head node which holds the
+connection to the tunnel's port. When the hop's ssh or its session dies
+(the head's sshd restarted with its sessions), the relay starts another
+and both ends replay what the other had not acknowledged: the worker keeps
+its connection and its tasks. A node without that Python, several head
+nodes, or TaskVine's peer transfers (they need the node's address as the
+head sees it) get the plain hop.
+
 Without a hop (workers on the head node itself) the script runs the worker
 against ``127.0.0.1:REMOTE_PORT`` directly (and its transfer address,
 ``127.0.0.1``, is right for the other workers there). Everything it writes is
@@ -43,6 +55,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .relay.headmain import BOOTSTRAP, NODE_UP
+from .relay.program import source
+
 _TEMPLATE = r"""#!/bin/sh
 # wqsupervisor node launcher, generated: one work_queue_worker through an ssh -L hop
 # to the head node's forwarded Work Queue port. Do not edit; regenerate.
@@ -55,6 +70,8 @@ IDLE=%(idle)d
 MAX_BACKOFF=%(max_backoff)d
 REFUSED_MOVE=%(refused_move)d
 PEER=%(peer)d
+RESUME_HOP=%(resume_hop)d
+HOP_LINGER=%(hop_linger)d
 
 log() { printf '%%s wqs-node[%%s]: %%s\n' "$(date '+%%H:%%M:%%S')" "$$" "$*" >&2; }
 
@@ -71,10 +88,13 @@ MANY_HEADS=0
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/wqs-node.XXXXXX") || { log "cannot create a temporary directory"; exit 1; }
 echo $$ >"$tmp/owner.pid"
 hop_loop_pid=
+relay_pid=
 worker_pid=
 cleanup() {
     trap - EXIT INT TERM HUP
     [ -n "$worker_pid" ] && kill "$worker_pid" 2>/dev/null
+    # The node relay ends its hop daemon on the head first (at most 2 s), then exits.
+    [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null
     if [ -n "$hop_loop_pid" ]; then
         kill "$hop_loop_pid" 2>/dev/null
         [ -f "$tmp/hop.pid" ] && kill "$(cat "$tmp/hop.pid")" 2>/dev/null
@@ -177,6 +197,35 @@ free_port() {
     return 1
 }
 
+relay_program() {
+    cat <<'WQS_RELAY_PROGRAM'
+@@RELAY_PROGRAM@@WQS_RELAY_PROGRAM
+}
+
+start_relay() {
+    # A node relay that holds the worker's connection while the hop's ssh comes and goes (it runs
+    # that ssh itself, and restarts it with a backoff); 0 once it listens, on port $port.
+    command -v %(python)s >/dev/null 2>&1 || { log "no %(python)s on this node: a plain hop"; return 1; }
+    %(python)s -c 'import sys; sys.exit(sys.version_info < (3, 6))' 2>/dev/null ||
+        { log "%(python)s on this node is older than 3.6: a plain hop"; return 1; }
+    relay_program >"$tmp/relay.py" || return 1
+    %(python)s -c %(relay_boot)s %(relay_size)d node "$LOCAL_PORT" "$REMOTE_PORT" "$HOP_LINGER" \
+        %(python)s %(ssh)s %(hop_options)s %(ssh_args)s "$head" <"$tmp/relay.py" >"$tmp/relay.out" &
+    relay_pid=$!
+    i=0
+    while [ $i -lt 1500 ]; do
+        port=$(sed -n 's/^%(relay_up)s \([0-9]*\)$/\1/p' "$tmp/relay.out" 2>/dev/null)
+        [ -n "$port" ] && return 0
+        kill -0 "$relay_pid" 2>/dev/null || break
+        sleep 0.02
+        i=$((i + 1))
+    done
+    kill "$relay_pid" 2>/dev/null
+    relay_pid=
+    log "the node relay did not start: a plain hop"
+    return 1
+}
+
 hop_loop() {
     delay=1
     while :; do
@@ -205,7 +254,10 @@ hop_loop() {
     done
 }
 
-if [ "$HOP" = 1 ]; then
+if [ "$HOP" = 1 ] && [ "$RESUME_HOP" = 1 ] && [ "$MANY_HEADS" = 0 ] && [ "$PEER" = 0 ] && start_relay; then
+    log "node relay up: 127.0.0.1:$port -> $head:127.0.0.1:$REMOTE_PORT, resumable"
+    target_port=$port
+elif [ "$HOP" = 1 ]; then
     mkfifo "$tmp/keep" || exit 1
     exec 3<>"$tmp/keep"
     port=$LOCAL_PORT
@@ -333,6 +385,14 @@ class NodeLauncher:
     ssl: bool = False
     peer_transfers: bool = False
     """TaskVine's workers fetch files from each other: give each the node's own address for that."""
+    resume_hop: bool = False
+    """The hop resumes when its ssh dies (a node relay; where the node has ``python``, one head)."""
+    hop_linger: int = 120
+    """Seconds the hop daemon on the head holds the worker's connection for a node relay that went
+    away: long enough for the relay's backoff across a head sshd restart, short enough that the
+    master soon hears of a node that died."""
+    python: str = "python3"
+    """The node's and the head's Python (3.6 or later) for a resumable hop."""
     worker_args: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -358,7 +418,8 @@ class NodeLauncher:
 
     def script(self) -> str:
         """The launcher as POSIX ``sh`` text."""
-        return _TEMPLATE % {
+        program = source().decode()
+        text = _TEMPLATE % {
             "remote_port": self.remote_port,
             "local_port": self.local_port,
             "hop": 1 if self.via else 0,
@@ -375,7 +436,15 @@ class NodeLauncher:
             "refused_move": self.refused_move,
             "peer": 1 if self.peer_transfers else 0,
             "measure_disk": 1 if self.disk_mb is None else 0,
+            "resume_hop": 1 if self.resume_hop else 0,
+            "hop_linger": self.hop_linger,
+            "python": shlex.quote(self.python),
+            "relay_boot": shlex.quote(BOOTSTRAP),
+            "relay_size": len(source()),
+            "relay_up": NODE_UP,
         }
+        # The program goes in last, as it is (it has % signs); a quoted here-document expands nothing.
+        return text.replace("@@RELAY_PROGRAM@@", program if self.resume_hop else "")
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the script with mode 0700, atomically (no half-written file is ever seen)."""

@@ -98,6 +98,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "remote_bind": lambda name, value: check.word(name, value, "an address"),
     "backend": _one_of(BACKEND_NAMES, "backend"),
     "resume": check.switch,
+    "resume_hop": check.switch,
     "relay_linger": _seconds(),
     "relay_python": check.program,
     "own_socket": check.switch,

@@ -274,6 +274,7 @@ def start_node_workers(
     also_via: Sequence[str] = (),
     worker: str = "work_queue_worker",
     peer_transfers: bool = False,
+    resume_hop: bool = False,
 ) -> list[subprocess.Popen[Any]]:
     """n node launchers on ``node``, each an ssh -L hop to ``via`` (or to ``also_via``) and a worker
     (``worker``; a TaskVine one with ``peer_transfers``, see :class:`~wqsupervisor.launcher.NodeLauncher`)."""
@@ -291,6 +292,7 @@ def start_node_workers(
         worker=worker,
         peer_transfers=peer_transfers,
         worker_args=tuple(extra),
+        resume_hop=resume_hop,
     )
     script = launcher.write(lab.root / f"launch-{remote_port}.sh")
     procs = []

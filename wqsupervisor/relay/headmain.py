@@ -11,6 +11,14 @@ writes the session's pipes itself, nothing is copied twice) and waits. The
 whichever attacher is current (:class:`Mux`). When the session dies the
 attacher dies with it; the daemon waits ``linger`` seconds for the next one,
 then closes its workers' connections and exits.
+
+The same program also resumes a compute node's hop to the head (``node``
+and ``hop``): on the node, :class:`NodeRelay` holds the worker's connection
+and starts the hop's ssh itself, whose session runs the attacher of a
+*hop daemon* on the head; that daemon opens one connection to the tunnel's
+port per stream the node opens (:class:`Daemon` with ``connect``). When the
+hop's ssh or its session dies, the node starts another and both ends replay,
+as the tunnel's relay and the agent do.
 """
 
 import collections
@@ -21,9 +29,11 @@ import hashlib
 import itertools
 import os
 import selectors
+import shlex
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
@@ -38,6 +48,25 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031  # fcntl's name for it arrived in Python 3.10
 FD_SIZE = struct.calcsize("i")
 PROCESS_NAME = b"wqs-relay"
+HOP_PROCESS_NAME = b"wqs-hop"
+NODE_UP = "wqs-node-relay-up"
+HOP_KEEPALIVE = 5.0
+HOP_MAX_DELAY = 30.0
+
+# What a session runs to start this program (its text follows on stdin): reads exactly N bytes
+# with os.read (a buffered read could swallow the frames that follow) and runs them, with the
+# text itself as SOURCE (a node relay sends it on to the head).
+BOOTSTRAP = (
+    "import os,sys\n"
+    "n=int(sys.argv[1])\n"
+    "b=b''\n"
+    "while len(b)<n:\n"
+    " c=os.read(0,n-len(b))\n"
+    " if not c:\n"
+    "  sys.exit(3)\n"
+    " b+=c\n"
+    "exec(compile(b,'wqs-relay','exec'),{'__name__':'wqs_relay','SOURCE':b})\n"
+)
 
 
 def relay_dir() -> str:
@@ -51,7 +80,7 @@ def relay_dir() -> str:
     return path
 
 
-def socket_path(bind: str, port: int) -> str:
+def socket_path(bind: str, port: int, role: str = "") -> str:
     """The daemon's unix socket for one remote port of this host.
 
     Login nodes often share the home directory, where the sockets live: the
@@ -60,30 +89,31 @@ def socket_path(bind: str, port: int) -> str:
     tells apart hosts that share a hostname, as containers do), with the bind
     address and the protocol's version ("v2": an attacher hands over its
     pipes). It stays short: a unix socket's path has at most 107 bytes.
+    ``role`` names a hop daemon (``hop KEY``: one per node relay) apart from the tunnel's relay.
     """
     try:
         netns = os.readlink("/proc/self/ns/net")
     except OSError:
         netns = ""
-    key = " ".join((socket.gethostname(), netns, bind, "v2"))
+    key = " ".join((socket.gethostname(), netns, bind, "v2") + ((role,) if role else ()))
     return os.path.join(relay_dir(), "%s-%d.sock" % (hashlib.sha256(key.encode()).hexdigest()[:10], port))
 
 
-def _name_process() -> None:
+def _name_process(name: bytes = PROCESS_NAME) -> None:
     # The head's holder script reads /proc/PID/comm: this name tells our relay
     # from a foreign program on the port (and from a stale sshd session).
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(15, PROCESS_NAME, 0, 0, 0)
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)
     except Exception:  # noqa: S110 -- a name is a convenience, not a requirement
         pass
 
 
 class Carrier:
-    """The current session's stdin and stdout (handed over by its attacher), and the attacher's socket."""
+    """The current session's stdin and stdout, and the attacher's socket (None: our own ssh's pipes)."""
 
-    def __init__(self, conn: socket.socket, rfd: int, wfd: int) -> None:
+    def __init__(self, conn: Optional[socket.socket], rfd: int, wfd: int) -> None:
         self.conn = conn  # closed when we let go: the attacher then exits, and its session ends
         self.rfd = rfd
         self.wfd = wfd
@@ -111,7 +141,11 @@ class Carrier:
         for fd in (self.rfd, self.wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
+
+    def fds(self) -> Tuple[int, ...]:
+        return (self.rfd, self.wfd) + ((self.conn.fileno(),) if self.conn is not None else ())
 
 
 def _receive_fds(conn: socket.socket) -> Optional[Tuple[int, int]]:
@@ -132,30 +166,47 @@ def _receive_fds(conn: socket.socket) -> Optional[Tuple[int, int]]:
 
 
 class Daemon:
-    """Holds the workers' connections and serves one carrier (a session's pipes) at a time."""
+    """Holds the local connections of one relay end and serves one carrier (a session's pipes) at a time.
 
-    def __init__(self, bind: str, port: int, path: str, linger: float) -> None:
+    ``listen``: accept the local connections there (the workers', on the tunnel's port), each a new
+    stream; ``connect``: open a local connection there for each stream the other end opens (a hop
+    daemon, to the tunnel's port). ``path``: the unix socket attachers hand their sessions over on.
+    """
+
+    def __init__(
+        self,
+        path: Optional[str],
+        linger: Optional[float],
+        listen: Optional[Tuple[str, int]] = None,
+        connect: Optional[Tuple[str, int]] = None,
+    ) -> None:
         self.path = path
-        self.linger = linger
-        self.listener = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((bind, port))
-        self.listener.listen(128)
-        self.listener.setblocking(False)
-        self.control = socket.socket(socket.AF_UNIX)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        old = os.umask(0o077)
-        try:
-            self.control.bind(path)
-        finally:
-            os.umask(old)
-        self.control.listen(4)
-        self.control.setblocking(False)
+        self.linger = linger  # None: wait for a carrier for ever
+        self.target = connect
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
-        self.sel.register(self.control, selectors.EVENT_READ, "control")
-        self.mux = Mux(opener=True)
+        self.listener: Optional[socket.socket] = None
+        if listen is not None:
+            bind, port = listen
+            self.listener = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind((bind, port))
+            self.listener.listen(128)
+            self.listener.setblocking(False)
+            self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.control: Optional[socket.socket] = None
+        if path is not None:
+            self.control = socket.socket(socket.AF_UNIX)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            old = os.umask(0o077)
+            try:
+                self.control.bind(path)
+            finally:
+                os.umask(old)
+            self.control.listen(4)
+            self.control.setblocking(False)
+            self.sel.register(self.control, selectors.EVENT_READ, "control")
+        self.mux = Mux(opener=connect is None)
         self.socks: Dict[int, socket.socket] = {}
         self.pending: Dict[int, Deque[Chunk]] = {}
         self.read_done: Set[int] = set()
@@ -180,23 +231,31 @@ class Daemon:
         """Serve until shut down or until no carrier came back for ``linger`` seconds."""
         while not self.stopping:
             self._interest()
-            now = time.monotonic()
-            timeout: Optional[float] = None
-            if self.carrier is None or not self.greeted:
-                timeout = max(0.0, self.detached_at + self.linger - now)
-            elif self.ack_at is not None:
-                timeout = max(0.0, self.ack_at - now)
-            for key, mask in self.sel.select(timeout):
+            for key, mask in self.sel.select(self._timeout(time.monotonic())):
                 self._dispatch(key.data, key.fd, mask)
             if self.ack_at is not None and time.monotonic() >= self.ack_at:
                 self.mux.flush_acks()
             self._apply_events()
             self._pump()
-            if (self.carrier is None or not self.greeted) and (
-                time.monotonic() >= self.detached_at + self.linger
-            ):
-                self.stopping = True
+            self._tick(time.monotonic())
         self._close_all()
+
+    def _timeout(self, now: float) -> Optional[float]:
+        """How long the loop may wait for I/O."""
+        if self.carrier is None or not self.greeted:
+            return None if self.linger is None else max(0.0, self.detached_at + self.linger - now)
+        if self.ack_at is not None:
+            return max(0.0, self.ack_at - now)
+        return None
+
+    def _tick(self, now: float) -> None:
+        """What is due now that no I/O brings: the end after ``linger`` without a carrier."""
+        if (
+            (self.carrier is None or not self.greeted)
+            and self.linger is not None
+            and now >= self.detached_at + self.linger
+        ):
+            self.stopping = True
 
     def _interest(self) -> None:
         dirty = self._dirty | self.mux.room_changed
@@ -218,7 +277,8 @@ class Daemon:
         if carrier is not None:
             self._set(carrier.rfd, "carrier", selectors.EVENT_READ)
             self._set(carrier.wfd, "carrier-out", selectors.EVENT_WRITE if carrier.out else 0)
-            self._set(carrier.conn.fileno(), "attacher", selectors.EVENT_READ)
+            if carrier.conn is not None:
+                self._set(carrier.conn.fileno(), "attacher", selectors.EVENT_READ)
 
     def _set(self, fd: int, data: object, mask: int) -> None:
         old = self._registered.get(fd, 0)
@@ -254,7 +314,7 @@ class Daemon:
         elif what in ("carrier", "carrier-out", "attacher"):
             carrier = self.carrier
             # An event of this batch may be for a carrier another one already dropped.
-            if carrier is None or fd not in (carrier.rfd, carrier.wfd, carrier.conn.fileno()):
+            if carrier is None or fd not in carrier.fds():
                 return
             if what == "carrier":
                 self._read_carrier()
@@ -274,16 +334,31 @@ class Daemon:
     # -- workers -----------------------------------------------------------------
 
     def _accept_worker(self) -> None:
+        assert self.listener is not None
         try:
             conn, _ = self.listener.accept()
         except OSError:
             return
+        sid = self.mux.open()
+        self._hold(sid, conn)
+
+    def _hold(self, sid: int, conn: socket.socket) -> None:
         conn.setblocking(False)
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sid = self.mux.open()
         self.socks[sid] = conn
         self._dirty.add(sid)
+
+    def _connect(self, sid: int) -> None:
+        """The other end opened stream ``sid``: its local connection (refused: the stream ends)."""
+        assert self.target is not None
+        try:
+            # On this host's loopback (the tunnel's port): it answers at once or not at all.
+            conn = socket.create_connection(self.target, timeout=3)
+        except OSError:
+            self.mux.local_gone(sid)
+            return
+        self._hold(sid, conn)
 
     def _read_worker(self, sid: int) -> None:
         sock = self.socks[sid]
@@ -341,7 +416,9 @@ class Daemon:
         events = self.mux.events
         self.mux.events = []
         for kind, sid, data in events:
-            if kind == "data":
+            if kind == "open":
+                self._connect(sid)
+            elif kind == "data":
                 if sid in self.socks:
                     self.pending.setdefault(sid, collections.deque()).append(data)
                     self._write_worker(sid)  # at once: most writes fit, and a select turn is a wait
@@ -358,6 +435,7 @@ class Daemon:
     # -- the carrier ----------------------------------------------------------------
 
     def _accept_carrier(self) -> None:
+        assert self.control is not None
         try:
             conn, _ = self.control.accept()
         except OSError:
@@ -432,7 +510,7 @@ class Daemon:
 
     def _drop_carrier(self) -> None:
         if self.carrier is not None:
-            for fd in (self.carrier.rfd, self.carrier.wfd, self.carrier.conn.fileno()):
+            for fd in self.carrier.fds():
                 self._unregister(fd)
             self.carrier.close()
         self.carrier = None
@@ -512,16 +590,184 @@ class Daemon:
         self.socks.clear()
         if self.carrier is not None:
             self.carrier.close()
-        self._forget(self.listener)
-        self._forget(self.control)
+        for held in (self.listener, self.control):
+            if held is not None:
+                self._forget(held)
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def _log(text: str) -> None:
+    sys.stderr.write("%s wqs-node-relay[%d]: %s\n" % (time.strftime("%H:%M:%S"), os.getpid(), text))
+    sys.stderr.flush()
+
+
+class NodeRelay(Daemon):
+    """A compute node's end of a resumable hop: holds the worker's connections, runs the hop's ssh.
+
+    It listens on the node's ``127.0.0.1:port`` for the worker. Its carrier
+    is an ssh to the head node (``ssh_argv``) whose remote command receives
+    this very program (``source``) and runs the attacher of this relay's hop
+    daemon there, which connects each stream to the tunnel's ``remote_port``.
+    When that ssh ends, for whatever reason, another starts after a backoff
+    (1 s doubling to 30 s while no hop daemon answers, 1 s again once one has) and
+    both ends replay what the other has not acknowledged: the worker's
+    connection carries on. The hop daemon lingers ``linger`` seconds without
+    us; SIGTERM (or SIGINT, SIGHUP) ends it at once and then this relay.
+    """
+
+    def __init__(
+        self, port: int, remote_port: int, linger: float, ssh_argv: List[str], source: bytes, python: str
+    ) -> None:
+        super().__init__(None, None, listen=("127.0.0.1", port))
+        assert self.listener is not None
+        self.port = self.listener.getsockname()[1]
+        self.key = os.urandom(12).hex()
+        self.hello = self.key.encode()
+        inner = "exec %s -c %s %d hop 127.0.0.1 %d %g %s" % (
+            shlex.quote(python),
+            shlex.quote(BOOTSTRAP),
+            len(source),
+            remote_port,
+            linger,
+            self.key,
+        )
+        self.argv = [*ssh_argv, "exec sh -c %s" % shlex.quote(inner)]
+        self.source = source
+        self.proc: "Optional[subprocess.Popen[bytes]]" = None  # the current hop's ssh
+        self.ended: "List[subprocess.Popen[bytes]]" = []  # earlier ones, to reap
+        self.next_start = time.monotonic()
+        self.delay = 1.0
+        self.started_at = 0.0
+        self.welcomed = False  # a hop daemon answered before: a fresh one lost our streams
+        self.terminating: Optional[float] = None  # when SIGTERM came: the deadline of the goodbye
+        self.wake_r, wake_w = os.pipe()
+        for fd in (self.wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: None)  # the wakeup fd tells the loop
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
+
+    def _dispatch(self, what: object, fd: int, mask: int) -> None:
+        if what != "signal":
+            super()._dispatch(what, fd, mask)
+            return
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            os.read(self.wake_r, 64)
+        if self.terminating is None:
+            self.terminating = time.monotonic() + 2.0
+            if self.carrier is not None and self.greeted:
+                self.mux.control(SHUTDOWN)  # the hop daemon closes its connections and says BYE
+            else:
+                self.stopping = True
+
+    def _timeout(self, now: float) -> Optional[float]:
+        waits = [super()._timeout(now)]
+        if self.carrier is None:
+            waits.append(max(0.0, self.next_start - now))
+        if self.ended or self.terminating is not None:
+            waits.append(0.2)
+        due = [w for w in waits if w is not None]
+        return min(due) if due else None
+
+    def _tick(self, now: float) -> None:
+        self.ended = [proc for proc in self.ended if proc.poll() is None]
+        if self.terminating is not None:
+            if now >= self.terminating or self.carrier is None:
+                self.stopping = True
+        elif self.carrier is None and now >= self.next_start:
+            self._start_carrier(now)
+
+    def _start_carrier(self, now: float) -> None:
+        to_ssh, from_ssh = os.pipe(), os.pipe()
+        try:
+            proc = subprocess.Popen(self.argv, stdin=to_ssh[0], stdout=from_ssh[1], stderr=None)
+        except OSError as exc:
+            for fd in to_ssh + from_ssh:
+                os.close(fd)
+            self._again(now, "cannot run ssh: %s" % exc)
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(to_ssh[0])
+                os.close(from_ssh[1])
+        self.proc, self.started_at = proc, now
+        self.carrier = Carrier(None, from_ssh[0], to_ssh[1])
+        self.greeted = False
+        owner = "%s %d %d %g" % (socket.gethostname(), os.getpid(), int(time.time()), HOP_KEEPALIVE)
+        for part in (self.source, encode(HELLO, payload=self.hello + b" " + owner.encode())):
+            self.carrier.out.append(part)
+            self.carrier.out_bytes += len(part)
+        if not self.carrier.write():
+            self._drop_carrier()
+
+    def _drop_carrier(self) -> None:
+        super()._drop_carrier()
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.terminate()
+            self.ended.append(proc)
+            if self.terminating is None:
+                now = time.monotonic()
+                self._again(now, "the hop's ssh ended after %ds" % (now - self.started_at))
+
+    def _again(self, now: float, why: str) -> None:
+        self.next_start = now + self.delay
+        _log("%s; again in %gs" % (why, self.delay))
+        self.delay = min(HOP_MAX_DELAY, self.delay * 2)
+
+    def _on_control(self, kind: int, value: int, payload: bytes) -> None:
+        if kind == WELCOME:
+            fresh = not payload.startswith(b"resumed")
+            if fresh and self.welcomed:
+                _log("the hop daemon on the head is a new one: the worker's connections end")
+                self.mux.reset()
+            elif not fresh:
+                _log("hop resumed")
+            self.welcomed = self.greeted = True
+            self.delay = 1.0  # the head answered: the next loss is retried soon again
+            self.mux.attach()
+        elif kind == BYE:
+            self.stopping = True
+
+    def _close_all(self) -> None:
+        super()._close_all()
+        for proc in [self.proc, *self.ended]:
+            if proc is None:
+                continue
+            with contextlib.suppress(OSError):
+                proc.terminate()
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_node(args: List[str]) -> None:
+    """``PORT REMOTE_PORT LINGER PYTHON SSH-ARGV...``: a node relay in the foreground (:class:`NodeRelay`).
+
+    Run through :data:`BOOTSTRAP`, which gives the program its own text to send to the head.
+    """
+    source = globals().get("SOURCE")
+    if not isinstance(source, bytes):
+        raise SystemExit("wqs-relay: run the node relay through its bootstrap (it sends itself to the head)")
+    relay = NodeRelay(int(args[0]), int(args[1]), float(args[2]), args[4:], source, args[3])
+    sys.stdout.write("%s %d\n" % (NODE_UP, relay.port))
+    sys.stdout.flush()
+    relay.run()
 
 
 # -- starting the daemon, attaching to it --------------------------------------------------
 
 
-def spawn(bind: str, port: int, path: str, linger: float) -> str:
+Address = Optional[Tuple[str, int]]
+
+
+def spawn(path: str, linger: float, listen: Address = None, connect: Address = None) -> str:
     """Start a detached daemon; returns ``ok`` or the error it met while binding."""
     r, w = os.pipe()
     pid = os.fork()
@@ -544,12 +790,12 @@ def spawn(bind: str, port: int, path: str, linger: float) -> str:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         try:
-            daemon = Daemon(bind, port, path, linger)
+            daemon = Daemon(path, linger, listen=listen, connect=connect)
         except OSError as exc:
             code = "port_taken" if exc.errno == errno.EADDRINUSE else "error"
             os.write(w, ("%s: %s" % (code, exc)).encode())
             os._exit(1)
-        _name_process()
+        _name_process(PROCESS_NAME if connect is None else HOP_PROCESS_NAME)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -596,14 +842,29 @@ def hand_over(sock: socket.socket) -> None:
 
 
 def main(args: List[str]) -> None:
-    """``BIND PORT LINGER``: attach to the port's relay, starting it first when none runs."""
+    """``BIND PORT LINGER``: attach to the port's relay, starting it first when none runs.
+
+    ``hop BIND PORT LINGER KEY``: the same for the hop daemon of node relay KEY, which connects
+    to ``BIND:PORT``; ``node ...``: a node relay (:func:`run_node`).
+    """
+    if args and args[0] == "node":
+        run_node(args[1:])
+        return
+    hop = bool(args) and args[0] == "hop"
+    if hop:
+        args = args[1:]
     bind, port, linger = args[0], int(args[1]), float(args[2])
-    path = socket_path(bind, port)
+    if hop:
+        path = socket_path(bind, port, "hop " + args[3])
+        where = {"connect": (bind, port)}
+    else:
+        path = socket_path(bind, port)
+        where = {"listen": (bind, port)}
     for _ in range(5):
         try:
             sock = attach(path)
         except OSError:
-            said = spawn(bind, port, path, linger)
+            said = spawn(path, linger, **where)
             if said.startswith("port_taken"):
                 # The same words as ssh's, so the tunnel reclaims or reports the port as it does.
                 sys.stderr.write("Error: remote port forwarding failed for listen port %d\n" % port)

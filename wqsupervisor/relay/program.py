@@ -15,20 +15,11 @@ import functools
 import shlex
 from pathlib import Path
 
-_PARTS = ("wire.py", "core.py", "headmain.py")
+from .headmain import BOOTSTRAP
 
-# Reads exactly N bytes with os.read (a buffered read could swallow the frames that follow).
-BOOTSTRAP = (
-    "import os,sys\n"
-    "n=int(sys.argv[1])\n"
-    "b=b''\n"
-    "while len(b)<n:\n"
-    " c=os.read(0,n-len(b))\n"
-    " if not c:\n"
-    "  sys.exit(3)\n"
-    " b+=c\n"
-    "exec(compile(b,'wqs-relay','exec'))\n"
-)
+__all__ = ["BOOTSTRAP", "check_syntax", "remote_command", "source"]
+
+_PARTS = ("wire.py", "core.py", "headmain.py")
 
 
 @functools.cache
