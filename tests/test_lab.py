@@ -10,7 +10,6 @@ agent must not leak file descriptors. Timings are measured by
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -385,17 +383,6 @@ def test_resumable_tunnel_faults_cost_no_worker_and_no_task(lab, fault):
     assert not lab_relays(lab, HEAD), "the head relay outlived close()"
 
 
-def _node_relay_ssh(lab: Lab) -> list[int]:
-    """The ssh processes the node relays run (their remote command starts a hop daemon)."""
-    found = []
-    for pid in lab.pids(NODE):
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if argv and argv[0].endswith(b"ssh") and any(b" hop 127.0.0.1 " in a for a in argv):
-                found.append(pid)
-    return found
-
-
 def test_resumable_hops_keep_their_workers_through_a_head_sshd_restart(lab):
     """Node relays: their ssh killed, then the head's sshd restarted with every session; no worker lost.
 
@@ -408,11 +395,11 @@ def test_resumable_hops_keep_their_workers_through_a_head_sshd_restart(lab):
     hops = lab_relays(lab, HEAD, HOP_NAME)
     assert len(hops) == WORKERS, f"one hop daemon per node relay on the head: {hops}"
     relays = lab_relays(lab, HEAD)
-    first = _node_relay_ssh(lab)
+    first = lab.node_relay_hops()
     assert len(first) == WORKERS, first
     for pid in first:
         os.kill(pid, signal.SIGKILL)
-    run.app.wait_for(lambda: len(set(_node_relay_ssh(lab)) - set(first)) == WORKERS, 30, "new hop sessions")
+    run.app.wait_for(lambda: len(set(lab.node_relay_hops()) - set(first)) == WORKERS, 30, "new hop sessions")
     done = run.app.latest_stats().get("tasks_done", 0)
     run.app.wait_done(done + 5, 60)
     lab.restart_sshd(down_for=2.0)

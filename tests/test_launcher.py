@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from wqsupervisor.children import comm
-from wqsupervisor.harness.sandbox import ALIAS
-from wqsupervisor.launcher import NodeLauncher
-from wqsupervisor.relay.headmain import HOP_PROCESS_NAME
+from wqsupervisor.harness.sandbox import ALIAS, HeadNode
+from wqsupervisor.launcher import NodeLauncher, node_relay_argv
+from wqsupervisor.relay.headmain import HOP_PROCESS_NAME, NODE_UP
+from wqsupervisor.relay.program import source
 from wqsupervisor.wqserver import Task
 
 from support import assert_exactly_once, free_port, run_tasks, wait_for
@@ -124,3 +129,57 @@ def test_a_node_without_the_python_gets_the_plain_hop(head, master, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def _node_relay(
+    head, remote_port: int, tmp_path, linger: int = 120
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A node relay as the launcher runs it, its stderr in a file; returns it, its port and that file."""
+    argv = node_relay_argv(ALIAS, remote_port, ("-F", str(head.ssh_config)), linger=linger)
+    log = tmp_path / "relay.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(source())
+    proc.stdin.close()
+    words = proc.stdout.readline().split()
+    proc.stdout.close()  # the relay says nothing more there
+    assert words and words[0].decode() == NODE_UP, (words, log.read_text())
+    return proc, int(words[1]), log
+
+
+def test_a_node_relay_backs_off_while_no_head_answers(tmp_path):
+    """No sshd where the hop goes: a new ssh after 1, 2, 4 s, and the worker's connection is held meanwhile."""
+    with HeadNode() as head:
+        head.stop()  # a head node whose sshd is down
+        proc, port, log = _node_relay(head, free_port(), tmp_path)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as held:
+                wait_for(lambda: "again in 4s" in log.read_text(), 20, "three attempts")
+                delays = re.findall(r"again in (\d+)s", log.read_text())
+                assert delays[:3] == ["1", "2", "4"], log.read_text()
+                held.settimeout(0.1)
+                with pytest.raises(TimeoutError):
+                    held.recv(1)  # held open, not closed
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
+
+
+def test_a_hop_daemon_whose_node_relay_was_killed_ends_after_its_linger(head, master, tmp_path):
+    """SIGKILL leaves the hop daemon on the head: it closes its connection and exits once its linger passed."""
+    before = set(_hop_daemons())
+    proc, port, _ = _node_relay(head, master.port, tmp_path, linger=3)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            wait_for(lambda: set(_hop_daemons()) - before, 20, "the hop daemon on the head")
+            proc.kill()
+            proc.wait(10)
+            time.sleep(1.5)
+            assert set(_hop_daemons()) - before, "the hop daemon ended before its linger"
+            wait_for(lambda: not set(_hop_daemons()) - before, 15, "the hop daemon gone after its linger")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    wait_for(lambda: not head.sessions(), 10, "the hop's session ended with its daemon")

@@ -361,6 +361,35 @@ def hop_argv(
     ]
 
 
+def node_relay_argv(
+    via: str,
+    remote_port: int,
+    ssh_args: Sequence[str] = (),
+    ssh: str = "ssh",
+    python: str = "python3",
+    linger: int = 120,
+    local_port: int = 0,
+) -> list[str]:
+    """A node relay's command line, as the launcher runs it with ``resume_hop``; its stdin must be
+    the program (:func:`~wqsupervisor.relay.program.source`), and it prints ``wqs-node-relay-up
+    PORT`` once it listens on ``127.0.0.1:PORT``."""
+    return [
+        python,
+        "-c",
+        BOOTSTRAP,
+        str(len(source())),
+        "node",
+        str(local_port),
+        str(remote_port),
+        str(linger),
+        python,
+        ssh,
+        *HOP_OPTIONS,
+        *ssh_args,
+        via,
+    ]
+
+
 @dataclass(frozen=True)
 class NodeLauncher:
     """Settings of the generated script; :meth:`script` renders it, :meth:`write` saves it."""

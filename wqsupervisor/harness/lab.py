@@ -461,6 +461,16 @@ class Lab:
                     hops.append(pid)
         return hops
 
+    def node_relay_hops(self) -> list[int]:
+        """The ssh processes of the node relays (resumable hops: their remote command runs a hop daemon)."""
+        hops = []
+        for pid in self.pids(NODE):
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if cmdline and cmdline[0].endswith(b"ssh") and any(b" hop 127.0.0.1 " in a for a in cmdline):
+                    hops.append(pid)
+        return hops
+
     # -- a real single-node Slurm on the node ------------------------------------------
 
     def start_slurm(self, cpus: int = 4) -> str:

@@ -48,6 +48,7 @@ class _Spec:
     port: int
     tunnel: str  # who keeps it, as the lab app's --tunnel
     settings: dict[str, Any] = field(default_factory=dict)
+    resume_hop: bool = False  # the node launchers' hops resume too (node relays)
 
     @property
     def supervised(self) -> bool:
@@ -65,6 +66,8 @@ TOOLS = {
 # timeout, to tell what the tunnel does from what the master's timeout does.
 EXTRA_TOOLS = {
     "wqsupervisor-master-5s": _Spec(10004, "wqsupervisor", {"master_timeout": 0, "resume": False}),
+    # Both the tunnel and the nodes' hops resumable (--resume-hop).
+    "wqsupervisor-resumable-hops": _Spec(10006, "wqsupervisor", {"backend": "resumable"}, resume_hop=True),
 }
 WINDOW = 150.0
 
@@ -148,7 +151,7 @@ def _flap(lab: Lab, _tools: list[_Tool]) -> None:
 
 
 def _kill_hops(lab: Lab, _tools: list[_Tool]) -> None:
-    for pid in lab.node_hops():
+    for pid in lab.node_hops() + lab.node_relay_hops():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -201,7 +204,7 @@ def _one(
         tools: list[_Tool] = []
         for tool_name, spec in specs.items():
             app = CampusApp(lab, spec.port, tunnel=spec.tunnel, settings=spec.settings)
-            start_node_workers(lab, spec.port, n=n_workers)
+            start_node_workers(lab, spec.port, n=n_workers, resume_hop=spec.resume_hop)
             app.submit(backlog, f"sleep {TASK_SECONDS}; echo out-{{i}}")
             tools.append(_Tool(tool_name, app, HeadProbe(lab, spec.port), spec))
         for tool in tools:

@@ -17,6 +17,8 @@ accepts it as a master) and yields the 127.0.0.1 port a client connects to:
   path workers on compute nodes take (compared with the HOWTO's two hops);
 * ``resumable`` -- the supervised tunnel with the head relay and the agent on
   the data path (the default);
+* ``resumable two-hop`` -- the resumable tunnel and a resumable node hop (the
+  launcher's ``resume_hop``: a node relay and a hop daemon on the head);
 * ``socat hops`` -- the plain supervised tunnel with a ``socat`` relay at each
   end (one on the head in front of the remote port, one on campus in front of
   the master): the two user-space hops any resumable design adds, written in
@@ -39,8 +41,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...launcher import hop_argv
+from ...launcher import hop_argv, node_relay_argv
 from ...process import owned_argv, terminate
+from ...relay.headmain import NODE_UP
+from ...relay.program import source
 from ...wqserver import free_port
 from ..sandbox import ALIAS, HeadNode
 from .traffic import BLOCK, Client, Server
@@ -144,6 +148,46 @@ class SupervisedTwoHop:
     def close(self) -> None:
         """Stop the hop, then the tunnel."""
         stop_node_hop(self.node)
+        self.tunnel.close()
+
+
+class ResumableTwoHop:
+    """The compute nodes' path with both hops resumable: the resumable tunnel, then a node relay.
+
+    The node relay is the launcher's with ``resume_hop`` (:func:`~wqsupervisor.launcher.node_relay_argv`):
+    on the node it holds the connection and runs the hop's ssh, whose session runs a hop daemon on
+    the head that connects to the tunnel's port. :attr:`remote_port` is the node relay's port.
+    """
+
+    name = "resumable two-hop"
+
+    def __init__(self, head: HeadNode, master_port: int) -> None:
+        self.tunnel = Supervised(head, master_port, backend="resumable")
+        self.node: subprocess.Popen[bytes] | None = None
+        try:
+            argv = node_relay_argv(ALIAS, self.tunnel.remote_port, ("-F", str(head.ssh_config)))
+            self.node = subprocess.Popen(
+                owned_argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+            assert self.node.stdin is not None and self.node.stdout is not None
+            self.node.stdin.write(source())
+            self.node.stdin.close()
+            words = self.node.stdout.readline().split()
+            if len(words) != 2 or words[0].decode() != NODE_UP:
+                raise RuntimeError(f"the node relay did not start: {b' '.join(words)!r}")
+            self.remote_port = int(words[1])
+            wait_listening(self.remote_port, self.node, what="the node relay")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the node relay (it ends its hop daemon), then the tunnel."""
+        if self.node is not None:
+            terminate(self.node, grace=5)
+            if self.node.stdout is not None:
+                self.node.stdout.close()
+            self.node = None
         self.tunnel.close()
 
 
@@ -327,6 +371,12 @@ PATHS: dict[str, PathSpec] = {
             "wqsupervisor, resumable (the default: head relay on the data path)",
             _closing(lambda head, port: Supervised(head, port, backend="resumable")),
             ("direct", "wqsupervisor", "socat hops"),
+        ),
+        PathSpec(
+            "resumable two-hop",
+            "resumable tunnel + resumable node hop (--resume-hop: a node relay and a hop daemon)",
+            _closing(ResumableTwoHop),
+            ("direct", "wqsupervisor two-hop"),
         ),
         PathSpec(
             "socat hops",

@@ -51,6 +51,7 @@ TASK_PATHS = (
     taskrate.TWO_HOP,
     taskrate.SUPERVISED_TWO_HOP,
     taskrate.RESUMABLE,
+    taskrate.RESUMABLE_TWO_HOP,
 )
 MIB = 1 << 20
 MB = 1_000_000

@@ -30,7 +30,7 @@ from typing import Any
 from ..common import machine, save, summary
 from ..sandbox import HeadNode, workers
 from .master import MasterProcess
-from .netpaths import SupervisedTwoHop, TwoHop
+from .netpaths import ResumableTwoHop, SupervisedTwoHop, TwoHop
 from .report import compare, interleaved
 from .tunnels import PlainSsh, Supervised
 
@@ -43,6 +43,8 @@ TWO_HOP = "two-hop"
 RESUMABLE = "resumable"
 # The compute nodes' path: the supervised tunnel and the node launcher's hop.
 SUPERVISED_TWO_HOP = "wqsupervisor two-hop"
+# Both hops resumable: the resumable tunnel and a node relay (the launcher's resume_hop).
+RESUMABLE_TWO_HOP = "resumable two-hop"
 # What each path's rate is divided by, round by round.
 COMPARATORS = {
     "wqsupervisor": ("direct", "ssh -N -R"),
@@ -51,6 +53,7 @@ COMPARATORS = {
     TWO_HOP: ("direct", "ssh -N -R"),
     RESUMABLE: ("direct", "wqsupervisor"),
     SUPERVISED_TWO_HOP: ("direct", TWO_HOP),
+    RESUMABLE_TWO_HOP: ("direct", SUPERVISED_TWO_HOP),
 }
 MB = 1_000_000
 # (label, input bytes per task, tasks per run)
@@ -69,6 +72,8 @@ def tunnel_path(kind: str, head: HeadNode, master_port: int) -> Any:
         return TwoHop(head, master_port)
     if kind == SUPERVISED_TWO_HOP:
         return SupervisedTwoHop(head, master_port)
+    if kind == RESUMABLE_TWO_HOP:
+        return ResumableTwoHop(head, master_port)
     return PlainSsh(head, master_port, session=kind == SESSION)
 
 
