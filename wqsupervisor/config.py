@@ -79,9 +79,9 @@ class Settings:
     )
     resume_hop: bool = _setting(
         False,
-        "the compute nodes' hops resume too: a relay on the node (its python3, the same path as "
-        "the head's) holds the worker's connection while the hop's ssh restarts (a plain hop where "
-        "the node has no usable Python, with several head nodes, or for TaskVine)",
+        "the compute nodes' hops resume too: a relay on the node (its python3) holds the worker's "
+        "connection while the hop's ssh restarts (a plain hop where the node or the head has no "
+        "usable Python, with several head nodes, or for TaskVine)",
     )
     own_socket: bool = _setting(
         True,

@@ -204,13 +204,14 @@ relay_program() {
 
 start_relay() {
     # A node relay that holds the worker's connection while the hop's ssh comes and goes (it runs
-    # that ssh itself, and restarts it with a backoff); 0 once it listens, on port $port.
+    # that ssh itself, and restarts it with a backoff); 0 once its first hop is up, its port in
+    # $port. It gives up when no hop daemon answered 3 sessions (no Python on the head, say).
     command -v %(python)s >/dev/null 2>&1 || { log "no %(python)s on this node: a plain hop"; return 1; }
     %(python)s -c 'import sys; sys.exit(sys.version_info < (3, 6))' 2>/dev/null ||
         { log "%(python)s on this node is older than 3.6: a plain hop"; return 1; }
     relay_program >"$tmp/relay.py" || return 1
     %(python)s -c %(relay_boot)s %(relay_size)d node "$LOCAL_PORT" "$REMOTE_PORT" "$HOP_LINGER" \
-        %(python)s %(ssh)s %(hop_options)s %(ssh_args)s "$head" <"$tmp/relay.py" >"$tmp/relay.out" &
+        %(head_python)s %(ssh)s %(hop_options)s %(ssh_args)s "$head" <"$tmp/relay.py" >"$tmp/relay.out" &
     relay_pid=$!
     i=0
     while [ $i -lt 1500 ]; do
@@ -221,8 +222,9 @@ start_relay() {
         i=$((i + 1))
     done
     kill "$relay_pid" 2>/dev/null
+    wait "$relay_pid" 2>/dev/null
     relay_pid=
-    log "the node relay did not start: a plain hop"
+    log "the node relay's hop did not come up: a plain hop"
     return 1
 }
 
@@ -369,10 +371,12 @@ def node_relay_argv(
     python: str = "python3",
     linger: int = 120,
     local_port: int = 0,
+    head_python: str | None = None,
 ) -> list[str]:
     """A node relay's command line, as the launcher runs it with ``resume_hop``; its stdin must be
     the program (:func:`~wqsupervisor.relay.program.source`), and it prints ``wqs-node-relay-up
-    PORT`` once it listens on ``127.0.0.1:PORT``."""
+    PORT`` once its first hop is up, the worker's port being ``127.0.0.1:PORT``. ``python``
+    runs it on the node, ``head_python`` (the same by default) its hop daemon on the head."""
     return [
         python,
         "-c",
@@ -382,7 +386,7 @@ def node_relay_argv(
         str(local_port),
         str(remote_port),
         str(linger),
-        python,
+        head_python or python,
         ssh,
         *HOP_OPTIONS,
         *ssh_args,
@@ -421,7 +425,9 @@ class NodeLauncher:
     away: long enough for the relay's backoff across a head sshd restart, short enough that the
     master soon hears of a node that died."""
     python: str = "python3"
-    """The node's and the head's Python (3.6 or later) for a resumable hop."""
+    """The node's Python (3.6 or later) for a resumable hop."""
+    head_python: str | None = None
+    """The head node's Python for the hop daemon (by default :attr:`python`)."""
     worker_args: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -468,6 +474,7 @@ class NodeLauncher:
             "resume_hop": 1 if self.resume_hop else 0,
             "hop_linger": self.hop_linger,
             "python": shlex.quote(self.python),
+            "head_python": shlex.quote(self.head_python or self.python),
             "relay_boot": shlex.quote(BOOTSTRAP),
             "relay_size": len(source()),
             "relay_up": NODE_UP,

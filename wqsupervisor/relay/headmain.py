@@ -52,6 +52,7 @@ HOP_PROCESS_NAME = b"wqs-hop"
 NODE_UP = "wqs-node-relay-up"
 HOP_KEEPALIVE = 5.0
 HOP_MAX_DELAY = 30.0
+HOP_FIRST_TRIES = 3  # a node relay that no hop daemon ever answered gives up after this many sessions
 
 # What a session runs to start this program (its text follows on stdin): reads exactly N bytes
 # with os.read (a buffered read could swallow the frames that follow) and runs them, with the
@@ -615,6 +616,11 @@ class NodeRelay(Daemon):
     both ends replay what the other has not acknowledged: the worker's
     connection carries on. The hop daemon lingers ``linger`` seconds without
     us; SIGTERM (or SIGINT, SIGHUP) ends it at once and then this relay.
+
+    It says :data:`NODE_UP` and its port on stdout once the first hop daemon
+    answered; when none answered :data:`HOP_FIRST_TRIES` sessions in a row
+    (no ``python`` on the head, say), it gives up (:attr:`gave_up`), and the
+    launcher falls back to a plain hop.
     """
 
     def __init__(
@@ -641,6 +647,8 @@ class NodeRelay(Daemon):
         self.delay = 1.0
         self.started_at = 0.0
         self.welcomed = False  # a hop daemon answered before: a fresh one lost our streams
+        self.failures = 0  # sessions that ended before any hop daemon answered
+        self.gave_up = False
         self.terminating: Optional[float] = None  # when SIGTERM came: the deadline of the goodbye
         self.wake_r, wake_w = os.pipe()
         for fd in (self.wake_r, wake_w):
@@ -715,6 +723,12 @@ class NodeRelay(Daemon):
                 self._again(now, "the hop's ssh ended after %ds" % (now - self.started_at))
 
     def _again(self, now: float, why: str) -> None:
+        if not self.welcomed:
+            self.failures += 1
+            if self.failures >= HOP_FIRST_TRIES:
+                _log("%s; no hop daemon answered %d sessions in a row: giving up" % (why, self.failures))
+                self.gave_up = self.stopping = True
+                return
         self.next_start = now + self.delay
         _log("%s; again in %gs" % (why, self.delay))
         self.delay = min(HOP_MAX_DELAY, self.delay * 2)
@@ -727,6 +741,9 @@ class NodeRelay(Daemon):
                 self.mux.reset()
             elif not fresh:
                 _log("hop resumed")
+            if not self.welcomed:
+                sys.stdout.write("%s %d\n" % (NODE_UP, self.port))
+                sys.stdout.flush()
             self.welcomed = self.greeted = True
             self.delay = 1.0  # the head answered: the next loss is retried soon again
             self.mux.attach()
@@ -756,9 +773,9 @@ def run_node(args: List[str]) -> None:
     if not isinstance(source, bytes):
         raise SystemExit("wqs-relay: run the node relay through its bootstrap (it sends itself to the head)")
     relay = NodeRelay(int(args[0]), int(args[1]), float(args[2]), args[4:], source, args[3])
-    sys.stdout.write("%s %d\n" % (NODE_UP, relay.port))
-    sys.stdout.flush()
     relay.run()
+    if relay.gave_up:
+        sys.exit(1)
 
 
 # -- starting the daemon, attaching to it --------------------------------------------------

@@ -59,7 +59,7 @@ def _faults(lab: Lab, app: CampusApp) -> dict[str, tuple[Callable[[], None], boo
         lab.link_up()
 
     def kill_hops() -> None:
-        for pid in lab.node_hops():
+        for pid in lab.node_hops() + lab.node_relay_hops():
             os.kill(pid, signal.SIGKILL)
 
     table = {
@@ -78,7 +78,7 @@ def _faults(lab: Lab, app: CampusApp) -> dict[str, tuple[Callable[[], None], boo
     return table
 
 
-# Faults that end the node launchers' own -L hops too (they do not resume yet).
+# Faults that end the node launchers' own hops too (they resume only with resume_hop).
 HOP_FAULTS = ("sshd-restarted", "node-hop-killed")
 
 
@@ -110,11 +110,13 @@ def run(
     resumable: bool = False,
     task_seconds: float = 0.2,
     only: list[str] | None = None,
+    resume_hop: bool = False,
 ) -> dict[str, Any]:
     """Soak the supervised tunnel; returns the figures (``lost`` and ``duplicated`` must be 0).
 
     ``resumable``: the tunnel forwards through the head relay (then ``requeued``
-    and ``workers_removed`` must be 0 too, for faults of the tunnel itself).
+    and ``workers_removed`` must be 0 too, for faults of the tunnel itself);
+    ``resume_hop``: the node launchers' hops resume too (then for every fault).
     """
     rng = random.Random(seed)
     deadline = time.monotonic() + minutes * 60
@@ -124,7 +126,7 @@ def run(
     with Lab() as lab:
         app = CampusApp(lab, REMOTE_PORT, {"backend": "resumable"} if resumable else {"resume": False})
         app.wait_event("tunnel.up", 60)
-        start_node_workers(lab, REMOTE_PORT, n=workers)
+        start_node_workers(lab, REMOTE_PORT, n=workers, resume_hop=resume_hop)
         probe = HeadProbe(lab, REMOTE_PORT)
         kinds = _faults(lab, app)
         if only:
@@ -176,6 +178,7 @@ def run(
         "every": every,
         "seed": seed,
         "resumable": resumable,
+        "resume_hop": resume_hop,
         "task_seconds": task_seconds,
         "tasks": submitted,
         # Sends of a task beyond its first: work thrown away and done again.
@@ -220,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=25.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--resumable", action="store_true", help="forward through the head relay")
+    parser.add_argument(
+        "--resume-hop", action="store_true", help="the node launchers' hops resume too (node relays)"
+    )
     parser.add_argument("--task-seconds", type=float, default=0.2, help="how long each task runs")
     parser.add_argument(
         "--faults",
         nargs="*",
         choices=FAULT_NAMES,
-        help=f"draw only from these (with --resumable, leave out {' and '.join(HOP_FAULTS)}: "
-        "they end the node hops, which do not resume)",
+        help=f"draw only from these (with --resumable and no --resume-hop, leave out "
+        f"{' and '.join(HOP_FAULTS)}: they end the node hops)",
     )
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
@@ -238,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         resumable=args.resumable,
         task_seconds=args.task_seconds,
         only=args.faults,
+        resume_hop=args.resume_hop,
     )
     save(result, args.out, "soak.json")
     fb = result["forward_back"]
