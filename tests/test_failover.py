@@ -34,10 +34,14 @@ def two_heads() -> Iterator[Lab]:
         yield lab
 
 
-def test_the_first_head_stopping_moves_the_tunnel_and_the_workers_to_the_second(two_heads):
-    """sshd on headnode stopped: tunnel.moved to headnode2, both workers back within 15 s, every task once."""
+@pytest.mark.parametrize("resume_hop", [False, True], ids=["plain-hops", "node-relays"])
+def test_the_first_head_stopping_moves_the_tunnel_and_the_workers_to_the_second(two_heads, resume_hop):
+    """sshd on headnode stopped: tunnel.moved to headnode2, both workers back within 15 s, every task once
+    (the node relays of resumable hops move as the plain hops do)."""
     lab = two_heads
-    with two_head_run(lab, TASKS) as app:
+    with two_head_run(lab, TASKS, resume_hop=resume_hop) as app:
+        if resume_hop:
+            assert not lab.node_hops() and len(lab.node_relay_hops()) == WORKERS
         seen = stop_first_head(lab, app, workers_within=15)
         assert (seen["moved"]["left"], seen["moved"]["to"]) == ("headnode", HEAD2_ALIAS), seen
         assert app.snapshot().masters[0].tunnel.via == HEAD2_ALIAS
@@ -80,7 +84,8 @@ def test_with_the_campus_side_cut_off_the_tunnel_comes_back_on_the_head_its_work
             assert outputs == [f"out-{tag}"], (tag, outputs)
 
 
-def test_a_hop_to_a_head_without_the_tunnel_moves_to_the_head_with_it(two_heads):
+@pytest.mark.parametrize("resume_hop", [False, True], ids=["plain-hops", "node-relays"])
+def test_a_hop_to_a_head_without_the_tunnel_moves_to_the_head_with_it(two_heads, resume_hop):
     """The tunnel is on headnode only; a launcher that tries headnode2 first gets a hop there (its sshd
     answers) but the master's port behind it refuses the worker: the hop moves on, every task done."""
     lab = two_heads
@@ -88,13 +93,18 @@ def test_a_hop_to_a_head_without_the_tunnel_moves_to_the_head_with_it(two_heads)
     launchers = []
     try:
         app.wait_event("tunnel.up", 60)
-        launchers = start_node_workers(lab, REMOTE_PORT, via=HEAD2_ALIAS, also_via=("headnode",))
+        launchers = start_node_workers(
+            lab, REMOTE_PORT, via=HEAD2_ALIAS, also_via=("headnode",), resume_hop=resume_hop
+        )
         app.submit(20, "echo out-{i}")
         app.wait_done(20, 120)
         assert sorted(app.results, key=int) == [str(i) for i in range(20)]
         log = node_logs(lab, chars=100_000)
-        assert f"-> {HEAD2_ALIAS}:127.0.0.1:{REMOTE_PORT}" in log, log
-        assert f"hop to {HEAD2_ALIAS}: the master's port there refused the worker" in log, log
+        if resume_hop:
+            assert "resumable" in log and f"the tunnel's port on {HEAD2_ALIAS} refused the worker for 10s" in log, log
+        else:
+            assert f"-> {HEAD2_ALIAS}:127.0.0.1:{REMOTE_PORT}" in log, log
+            assert f"hop to {HEAD2_ALIAS}: the master's port there refused the worker" in log, log
     finally:
         app.close()
         for proc in launchers:

@@ -144,7 +144,7 @@ def test_without_the_python_the_launcher_runs_the_plain_hop(head, master, tmp_pa
 
 def _node_relay(head, remote_port: int, tmp_path, **options) -> tuple[subprocess.Popen[bytes], Path]:
     """A node relay as the launcher runs it, its stderr in a file."""
-    argv = node_relay_argv(ALIAS, remote_port, ("-F", str(head.ssh_config)), **options)
+    argv = node_relay_argv([ALIAS], remote_port, ("-F", str(head.ssh_config)), **options)
     log = tmp_path / "relay.err"
     with open(log, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)

@@ -36,9 +36,10 @@ itself; that session runs a hop daemon on the head node which holds the
 connection to the tunnel's port. When the hop's ssh or its session dies
 (the head's sshd restarted with its sessions), the relay starts another
 and both ends replay what the other had not acknowledged: the worker keeps
-its connection and its tasks. A node without that Python, several head
-nodes, or TaskVine's peer transfers (they need the node's address as the
-head sees it) get the plain hop.
+its connection and its tasks. With several head nodes the relay moves
+between them as the plain hop does. A node without that Python, or
+TaskVine's peer transfers (they need the node's address as the head sees
+it), get the plain hop.
 
 Without a hop (workers on the head node itself) the script runs the worker
 against ``127.0.0.1:REMOTE_PORT`` directly (and its transfer address,
@@ -211,7 +212,8 @@ start_relay() {
         { log "%(python)s on this node is older than 3.6: a plain hop"; return 1; }
     relay_program >"$tmp/relay.py" || return 1
     %(python)s -c %(relay_boot)s %(relay_size)d node "$LOCAL_PORT" "$REMOTE_PORT" "$HOP_LINGER" \
-        %(head_python)s %(ssh)s %(hop_options)s %(ssh_args)s "$head" <"$tmp/relay.py" >"$tmp/relay.out" &
+        %(head_python)s "$REFUSED_MOVE" "$HEADS" %(ssh)s %(hop_options)s %(ssh_args)s \
+        <"$tmp/relay.py" >"$tmp/relay.out" &
     relay_pid=$!
     i=0
     while [ $i -lt 1500 ]; do
@@ -256,8 +258,8 @@ hop_loop() {
     done
 }
 
-if [ "$HOP" = 1 ] && [ "$RESUME_HOP" = 1 ] && [ "$MANY_HEADS" = 0 ] && [ "$PEER" = 0 ] && start_relay; then
-    log "node relay up: 127.0.0.1:$port -> $head:127.0.0.1:$REMOTE_PORT, resumable"
+if [ "$HOP" = 1 ] && [ "$RESUME_HOP" = 1 ] && [ "$PEER" = 0 ] && start_relay; then
+    log "node relay up: 127.0.0.1:$port -> 127.0.0.1:$REMOTE_PORT on $HEADS, resumable"
     target_port=$port
 elif [ "$HOP" = 1 ]; then
     mkfifo "$tmp/keep" || exit 1
@@ -364,7 +366,7 @@ def hop_argv(
 
 
 def node_relay_argv(
-    via: str,
+    heads: Sequence[str],
     remote_port: int,
     ssh_args: Sequence[str] = (),
     ssh: str = "ssh",
@@ -372,11 +374,13 @@ def node_relay_argv(
     linger: int = 120,
     local_port: int = 0,
     head_python: str | None = None,
+    refused_move: int = 10,
 ) -> list[str]:
     """A node relay's command line, as the launcher runs it with ``resume_hop``; its stdin must be
     the program (:func:`~wqsupervisor.relay.program.source`), and it prints ``wqs-node-relay-up
     PORT`` once its first hop is up, the worker's port being ``127.0.0.1:PORT``. ``python``
-    runs it on the node, ``head_python`` (the same by default) its hop daemon on the head."""
+    runs it on the node, ``head_python`` (the same by default) its hop daemon on the head; it
+    goes to ``heads`` in turn (see :class:`~wqsupervisor.relay.headmain.NodeRelay`)."""
     return [
         python,
         "-c",
@@ -387,10 +391,11 @@ def node_relay_argv(
         str(remote_port),
         str(linger),
         head_python or python,
+        str(refused_move),
+        " ".join(heads),
         ssh,
         *HOP_OPTIONS,
         *ssh_args,
-        via,
     ]
 
 
@@ -419,7 +424,7 @@ class NodeLauncher:
     peer_transfers: bool = False
     """TaskVine's workers fetch files from each other: give each the node's own address for that."""
     resume_hop: bool = False
-    """The hop resumes when its ssh dies (a node relay; where the node has ``python``, one head)."""
+    """The hop resumes when its ssh dies (a node relay, where the node has :attr:`python`)."""
     hop_linger: int = 120
     """Seconds the hop daemon on the head holds the worker's connection for a node relay that went
     away: long enough for the relay's backoff across a head sshd restart, short enough that the

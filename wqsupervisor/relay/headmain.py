@@ -39,7 +39,7 @@ import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
 from .core import ACK_DELAY, Chunk, Mux, consume
-from .wire import BYE, HELLO, PING, PONG, REFUSED, SHUTDOWN, WELCOME, Decoder, WireError, encode
+from .wire import BYE, HELLO, PING, PONG, REFUSED, SHUTDOWN, UNREACHABLE, WELCOME, Decoder, WireError, encode
 
 READ_CHUNK = 256 * 1024
 CARRIER_READ = 256 * 1024
@@ -358,6 +358,7 @@ class Daemon:
             conn = socket.create_connection(self.target, timeout=3)
         except OSError:
             self.mux.local_gone(sid)
+            self.mux.control(UNREACHABLE, sid)  # a node relay with other heads moves on after a while
             return
         self._hold(sid, conn)
 
@@ -608,26 +609,44 @@ class NodeRelay(Daemon):
     """A compute node's end of a resumable hop: holds the worker's connections, runs the hop's ssh.
 
     It listens on the node's ``127.0.0.1:port`` for the worker. Its carrier
-    is an ssh to the head node (``ssh_argv``) whose remote command receives
-    this very program (``source``) and runs the attacher of this relay's hop
-    daemon there, which connects each stream to the tunnel's ``remote_port``.
-    When that ssh ends, for whatever reason, another starts after a backoff
-    (1 s doubling to 30 s while no hop daemon answers, 1 s again once one has) and
-    both ends replay what the other has not acknowledged: the worker's
-    connection carries on. The hop daemon lingers ``linger`` seconds without
-    us; SIGTERM (or SIGINT, SIGHUP) ends it at once and then this relay.
+    is an ssh to a head node (``ssh_argv``, then one of ``heads``) whose
+    remote command receives this very program (``source``) and runs the
+    attacher of this relay's hop daemon there, which connects each stream to
+    the tunnel's ``remote_port``. When that ssh ends, for whatever reason,
+    another starts after a backoff (1 s doubling to 30 s while no hop daemon
+    answers, 1 s again once one has) and both ends replay what the other has
+    not acknowledged: the worker's connection carries on. The hop daemon
+    lingers ``linger`` seconds without us; SIGTERM (or SIGINT, SIGHUP) ends
+    it at once and then this relay.
+
+    With several heads it moves to the next one, as the plain hop does, when
+    ssh cannot reach the current one (status 255 before a hop daemon
+    answered) or two sessions in a row there got no answer, and when the
+    tunnel's port there refused the worker for ``refused_move`` seconds and
+    none of its connections lasted meanwhile (the tunnel left that head
+    while its sshd still answers). The
+    next head's hop daemon is a new one: the worker's connections end there
+    and the worker connects again, through the head the tunnel is on.
 
     It says :data:`NODE_UP` and its port on stdout once the first hop daemon
-    answered; when none answered :data:`HOP_FIRST_TRIES` sessions in a row
-    (no ``python`` on the head, say), it gives up (:attr:`gave_up`), and the
-    launcher falls back to a plain hop.
+    answered; when none answered :data:`HOP_FIRST_TRIES` sessions in a row on
+    every head (no ``python`` on the head, say), it gives up
+    (:attr:`gave_up`), and the launcher falls back to a plain hop.
     """
 
     def __init__(
-        self, port: int, remote_port: int, linger: float, ssh_argv: List[str], source: bytes, python: str
+        self,
+        port: int,
+        remote_port: int,
+        linger: float,
+        ssh_argv: List[str],
+        heads: List[str],
+        source: bytes,
+        python: str,
+        refused_move: float = 10.0,
     ) -> None:
         super().__init__(None, None, listen=("127.0.0.1", port))
-        assert self.listener is not None
+        assert self.listener is not None and heads
         self.port = self.listener.getsockname()[1]
         self.key = os.urandom(12).hex()
         self.hello = self.key.encode()
@@ -639,7 +658,16 @@ class NodeRelay(Daemon):
             linger,
             self.key,
         )
-        self.argv = [*ssh_argv, "exec sh -c %s" % shlex.quote(inner)]
+        self.command = "exec sh -c %s" % shlex.quote(inner)
+        self.ssh_argv = list(ssh_argv)
+        self.heads = list(heads)
+        self.at = 0  # the head the hop goes to
+        self.tried: Set[int] = set()  # heads tried since a hop daemon last answered
+        self.fails_here = 0  # sessions in a row on this head that no hop daemon answered
+        self.refused_move = refused_move
+        self.refused_since: Optional[float] = None
+        self.refused_last = 0.0
+        self.opened: Dict[int, float] = {}  # when each worker connection came
         self.source = source
         self.proc: "Optional[subprocess.Popen[bytes]]" = None  # the current hop's ssh
         self.ended: "List[subprocess.Popen[bytes]]" = []  # earlier ones, to reap
@@ -658,6 +686,26 @@ class NodeRelay(Daemon):
             signal.signal(signum, lambda *_: None)  # the wakeup fd tells the loop
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
 
+    @property
+    def head(self) -> str:
+        return self.heads[self.at]
+
+    def _hold(self, sid: int, conn: socket.socket) -> None:
+        self.opened[sid] = time.monotonic()
+        super()._hold(sid, conn)
+
+    def _drop(self, sid: int) -> None:
+        self.opened.pop(sid, None)
+        super()._drop(sid)
+
+    def _through(self, now: float) -> bool:
+        """Some worker connection got through: the head's side has not ended it in 3 s."""
+        for sid, since in self.opened.items():
+            stream = self.mux.streams.get(sid)
+            if now - since > 3.0 and stream is not None and stream.fin_at is None:
+                return True
+        return False
+
     def _dispatch(self, what: object, fd: int, mask: int) -> None:
         if what != "signal":
             super()._dispatch(what, fd, mask)
@@ -675,7 +723,7 @@ class NodeRelay(Daemon):
         waits = [super()._timeout(now)]
         if self.carrier is None:
             waits.append(max(0.0, self.next_start - now))
-        if self.ended or self.terminating is not None:
+        if self.ended or self.terminating is not None or self.refused_since is not None:
             waits.append(0.2)
         due = [w for w in waits if w is not None]
         return min(due) if due else None
@@ -685,23 +733,53 @@ class NodeRelay(Daemon):
         if self.terminating is not None:
             if now >= self.terminating or self.carrier is None:
                 self.stopping = True
-        elif self.carrier is None and now >= self.next_start:
+            return
+        if self.refused_since is not None:
+            if self._through(now) or now - self.refused_last > 30.0:
+                self.refused_since = None  # a connection got through (or the refusals are long past)
+            elif self.refused_last - self.refused_since >= self.refused_move and len(self.heads) > 1:
+                _log(
+                    "the tunnel's port on %s refused the worker for %ds: moving on"
+                    % (self.head, self.refused_move)
+                )
+                self.refused_since = None
+                if self.carrier is not None and self.greeted:
+                    self.mux.control(SHUTDOWN)  # that hop daemon need not wait for us
+                    self._pump()
+                    self._flush_carrier()
+                self._leave(now)
+        if self.carrier is None and now >= self.next_start:
             self._start_carrier(now)
+
+    def _leave(self, now: float) -> None:
+        """Go to the next head at once (its hop daemon is a new one: the worker connects again)."""
+        moving, self.proc = self.proc, None
+        super()._drop_carrier()
+        if moving is not None:
+            with contextlib.suppress(OSError):
+                moving.terminate()
+            self.ended.append(moving)
+        self.at = (self.at + 1) % len(self.heads)
+        self.fails_here = 0
+        self.tried = set()
+        self.next_start = now
 
     def _start_carrier(self, now: float) -> None:
         to_ssh, from_ssh = os.pipe(), os.pipe()
+        argv = [*self.ssh_argv, self.head, self.command]
         try:
-            proc = subprocess.Popen(self.argv, stdin=to_ssh[0], stdout=from_ssh[1], stderr=None)
+            proc = subprocess.Popen(argv, stdin=to_ssh[0], stdout=from_ssh[1], stderr=None)
         except OSError as exc:
             for fd in to_ssh + from_ssh:
                 os.close(fd)
-            self._again(now, "cannot run ssh: %s" % exc)
+            self._again(now, "cannot run ssh: %s" % exc, False, None)
             return
         finally:
             with contextlib.suppress(OSError):
                 os.close(to_ssh[0])
                 os.close(from_ssh[1])
         self.proc, self.started_at = proc, now
+        self.tried.add(self.at)
         self.carrier = Carrier(None, from_ssh[0], to_ssh[1])
         self.greeted = False
         owner = "%s %d %d %g" % (socket.gethostname(), os.getpid(), int(time.time()), HOP_KEEPALIVE)
@@ -712,23 +790,43 @@ class NodeRelay(Daemon):
             self._drop_carrier()
 
     def _drop_carrier(self) -> None:
+        answered = self.greeted
         super()._drop_carrier()
         proc, self.proc = self.proc, None
-        if proc is not None:
+        if proc is None:
+            return
+        status: Optional[int] = None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            status = proc.wait(0.2)  # it ends with its session: its status says why
+        if status is None:
             with contextlib.suppress(OSError):
                 proc.terminate()
             self.ended.append(proc)
-            if self.terminating is None:
-                now = time.monotonic()
-                self._again(now, "the hop's ssh ended after %ds" % (now - self.started_at))
+        if self.terminating is None:
+            now = time.monotonic()
+            why = "the hop's ssh to %s ended after %ds" % (self.head, now - self.started_at)
+            self._again(now, why, answered, status)
 
-    def _again(self, now: float, why: str) -> None:
+    def _again(self, now: float, why: str, answered: bool, status: Optional[int]) -> None:
+        """A session ended (``answered``: a hop daemon had answered it; ``status``: ssh's exit status)."""
+        if not answered:
+            self.fails_here += 1
         if not self.welcomed:
             self.failures += 1
-            if self.failures >= HOP_FIRST_TRIES:
+            if self.failures >= HOP_FIRST_TRIES * len(self.heads):
                 _log("%s; no hop daemon answered %d sessions in a row: giving up" % (why, self.failures))
                 self.gave_up = self.stopping = True
                 return
+        if len(self.heads) > 1 and not answered and (status == 255 or self.fails_here >= 2):
+            failed = self.head
+            self.at = (self.at + 1) % len(self.heads)
+            self.fails_here = 0
+            if self.at not in self.tried:
+                _log("%s; trying %s" % (why, self.head))
+                self.next_start = now
+                return
+            self.tried = set()  # every head tried: the next round after the backoff
+            why += "; every head tried since %s" % failed
         self.next_start = now + self.delay
         _log("%s; again in %gs" % (why, self.delay))
         self.delay = min(HOP_MAX_DELAY, self.delay * 2)
@@ -737,7 +835,7 @@ class NodeRelay(Daemon):
         if kind == WELCOME:
             fresh = not payload.startswith(b"resumed")
             if fresh and self.welcomed:
-                _log("the hop daemon on the head is a new one: the worker's connections end")
+                _log("the hop daemon on %s is a new one: the worker's connections end" % self.head)
                 self.mux.reset()
             elif not fresh:
                 _log("hop resumed")
@@ -746,7 +844,16 @@ class NodeRelay(Daemon):
                 sys.stdout.flush()
             self.welcomed = self.greeted = True
             self.delay = 1.0  # the head answered: the next loss is retried soon again
+            self.fails_here = 0
+            self.tried = set()
             self.mux.attach()
+        elif kind == UNREACHABLE:
+            if value in self.socks:
+                self._drop(value)  # closed at once, as ssh -L closes a connection its forward refused
+            now = time.monotonic()
+            if self.refused_since is None:
+                self.refused_since = now
+            self.refused_last = now
         elif kind == BYE:
             self.stopping = True
 
@@ -765,14 +872,18 @@ class NodeRelay(Daemon):
 
 
 def run_node(args: List[str]) -> None:
-    """``PORT REMOTE_PORT LINGER PYTHON SSH-ARGV...``: a node relay in the foreground (:class:`NodeRelay`).
+    """``PORT REMOTE_PORT LINGER HEAD_PYTHON REFUSED_MOVE HEADS SSH-ARGV...``: a node relay in the
+    foreground (:class:`NodeRelay`); HEADS is one word per head node, space-separated.
 
     Run through :data:`BOOTSTRAP`, which gives the program its own text to send to the head.
     """
     source = globals().get("SOURCE")
     if not isinstance(source, bytes):
         raise SystemExit("wqs-relay: run the node relay through its bootstrap (it sends itself to the head)")
-    relay = NodeRelay(int(args[0]), int(args[1]), float(args[2]), args[4:], source, args[3])
+    port, remote, linger, python, refused_move, heads = args[:6]
+    relay = NodeRelay(
+        int(port), int(remote), float(linger), args[6:], heads.split(), source, python, float(refused_move)
+    )
     relay.run()
     if relay.gave_up:
         sys.exit(1)

@@ -27,6 +27,7 @@ PONG = 7  # value = the number pinged
 SHUTDOWN = 8  # the agent ends the relay: close every connection, exit
 BYE = 9  # the head's last frame before it exits
 REFUSED = 10  # to a session of another agent while this one's carrier lives; payload = its owner
+UNREACHABLE = 11  # a hop daemon to its node relay: the tunnel's port refused stream ``value``
 
 Frame = Tuple[int, int, int, memoryview]
 
@@ -74,7 +75,7 @@ class Decoder:
                     frame = HEADER.unpack_from(view, pos)
                     pos += HEADER.size
                 kind, _sid, _value, length = frame
-                if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > REFUSED:
+                if length > MAX_FRAME_PAYLOAD or kind < DATA or kind > UNREACHABLE:
                     raise WireError("bad frame header (kind %d, length %d)" % (kind, length))
                 self._frame, self._got = frame, 0
             kind, sid, value, length = self._frame

@@ -25,13 +25,16 @@ WORKERS = 2
 
 
 @contextlib.contextmanager
-def two_head_run(lab: Lab, tasks: int) -> Iterator[CampusApp]:
-    """A master given both heads, two node launchers that know both, ``tasks`` short tasks under way."""
+def two_head_run(lab: Lab, tasks: int, resume_hop: bool = False) -> Iterator[CampusApp]:
+    """A master given both heads, two node launchers that know both (with ``resume_hop``, node
+    relays), ``tasks`` short tasks under way."""
     app = CampusApp(lab, REMOTE_PORT, {"via": ["headnode", HEAD2_ALIAS]})
     launchers = []
     try:
         app.wait_event("tunnel.up", 60)
-        launchers = start_node_workers(lab, REMOTE_PORT, n=WORKERS, also_via=(HEAD2_ALIAS,))
+        launchers = start_node_workers(
+            lab, REMOTE_PORT, n=WORKERS, also_via=(HEAD2_ALIAS,), resume_hop=resume_hop
+        )
         app.submit(tasks, "sleep 0.2; echo out-{i}")
         app.wait_workers(WORKERS, 90)
         app.wait_done(20, 60)

@@ -165,7 +165,7 @@ class ResumableTwoHop:
         self.tunnel = Supervised(head, master_port, backend="resumable")
         self.node: subprocess.Popen[bytes] | None = None
         try:
-            argv = node_relay_argv(ALIAS, self.tunnel.remote_port, ("-F", str(head.ssh_config)))
+            argv = node_relay_argv([ALIAS], self.tunnel.remote_port, ("-F", str(head.ssh_config)))
             self.node = subprocess.Popen(
                 owned_argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
             )
