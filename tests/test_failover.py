@@ -101,7 +101,9 @@ def test_a_hop_to_a_head_without_the_tunnel_moves_to_the_head_with_it(two_heads,
         assert sorted(app.results, key=int) == [str(i) for i in range(20)]
         log = node_logs(lab, chars=100_000)
         if resume_hop:
-            assert "resumable" in log and f"the tunnel's port on {HEAD2_ALIAS} refused the worker for 10s" in log, log
+            assert (
+                "resumable" in log and f"the tunnel's port on {HEAD2_ALIAS} refused the worker for 10s" in log
+            ), log
         else:
             assert f"-> {HEAD2_ALIAS}:127.0.0.1:{REMOTE_PORT}" in log, log
             assert f"hop to {HEAD2_ALIAS}: the master's port there refused the worker" in log, log
