@@ -349,8 +349,8 @@ def _link_down(run: Run) -> None:
 
 
 # A head sshd restarted with its sessions (as the lab's restart does) also ends the node
-# launchers' -L hops, which do not resume yet: tests/test_resumable.py restarts sshd
-# under workers that connect to the head's port directly.
+# launchers' plain -L hops: test_resumable_hops_keep_their_workers_through_a_head_sshd_restart
+# restarts it under node relays, tests/test_resumable.py under workers on the head's port.
 RESUMABLE_FAULTS: dict[str, Callable[[Run], None]] = {
     "ssh-killed": _kill_ssh,
     "session-killed": lambda run: run.lab.kill_session(run.tunnel().remote_pid),
