@@ -43,6 +43,7 @@ BAD: list[tuple[str, str]] = [
     ("remote_bind", "0.0.0.0 1"),
     ("backend", "telnet"),
     ("resume", "perhaps"),
+    ("resume_hop", "sometimes"),
     ("relay_linger", "0"),
     ("relay_linger", "nan"),
     ("relay_python", "-c"),
