@@ -81,7 +81,7 @@ class Settings:
         False,
         "the compute nodes' hops resume too: a relay on the node (its python3) holds the worker's "
         "connection while the hop's ssh restarts (a plain hop where the node or the head has no "
-        "usable Python, with several head nodes, or for TaskVine)",
+        "usable Python, or for TaskVine)",
     )
     own_socket: bool = _setting(
         True,

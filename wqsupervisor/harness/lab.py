@@ -453,23 +453,21 @@ class Lab:
 
     def node_hops(self) -> list[int]:
         """The ssh -L hop processes of the node launchers."""
-        hops = []
-        for pid in self.pids(NODE):
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if cmdline and cmdline[0].endswith(b"ssh") and b"-L" in cmdline:
-                    hops.append(pid)
-        return hops
+        return self._node_ssh(lambda argv: b"-L" in argv)
 
     def node_relay_hops(self) -> list[int]:
         """The ssh processes of the node relays (resumable hops: their remote command runs a hop daemon)."""
-        hops = []
+        return self._node_ssh(lambda argv: any(b" hop 127.0.0.1 " in a for a in argv))
+
+    def _node_ssh(self, match: Callable[[list[bytes]], bool]) -> list[int]:
+        """The ssh processes on ``node`` whose command line ``match`` accepts."""
+        found = []
         for pid in self.pids(NODE):
             with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if cmdline and cmdline[0].endswith(b"ssh") and any(b" hop 127.0.0.1 " in a for a in cmdline):
-                    hops.append(pid)
-        return hops
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if argv and argv[0].endswith(b"ssh") and match(argv):
+                    found.append(pid)
+        return found
 
     # -- a real single-node Slurm on the node ------------------------------------------
 
