@@ -48,6 +48,8 @@ BAD: list[tuple[str, str]] = [
     ("relay_linger", "nan"),
     ("relay_python", "-c"),
     ("relay_python", "python3\nrm"),
+    ("node_python", "-c"),
+    ("node_python", "python3\nrm"),
     ("own_socket", "maybe"),
     ("password_file", "pw\nfile"),
     ("allow_no_password", "maybe"),

@@ -115,3 +115,22 @@ def test_the_factory_follows_the_kind(tmp_path):
     tracker = _tracker(given, TASKVINE)
     tracker.system.workdir = str(tmp_path)
     assert tracker.system.factory_argv(10001)[0] == "/opt/cctools/bin/vine_factory"
+
+
+def test_the_node_relay_runs_under_node_python_and_its_hop_daemon_under_relay_python():
+    settings = Settings(
+        via="headnode",
+        node_via="headnode",
+        workers="slurm",
+        resume_hop=True,
+        node_python="/opt/py3/bin/python3",
+        relay_python="/usr/local/bin/python3.9",
+        allow_no_password=True,
+    )
+    script = _tracker(settings, WORK_QUEUE).launcher.script()
+    assert "command -v /opt/py3/bin/python3 " in script
+    assert "/opt/py3/bin/python3 -c " in script
+    assert ' /usr/local/bin/python3.9 "$REFUSED_MOVE"' in script
+    assert "RESUME_HOP=1" in script
+    # Without resume_hop the script never runs the node relay.
+    assert "RESUME_HOP=0" in _tracker(settings.replace(resume_hop=False), WORK_QUEUE).launcher.script()

@@ -83,6 +83,9 @@ class Settings:
         "connection while the hop's ssh restarts (a plain hop where the node or the head has no "
         "usable Python, or for TaskVine)",
     )
+    node_python: str = _setting(
+        "python3", "the compute nodes' Python (3.6 or later) for the node relay (resume_hop)", metavar="PATH"
+    )
     own_socket: bool = _setting(
         True,
         "open the TCP connection ourselves and hand it to ssh (retransmission cap, TCP_INFO); "

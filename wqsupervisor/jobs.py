@@ -477,6 +477,7 @@ async def build_tracker(
         ssl=settings.ssl,
         peer_transfers=kind.peer_transfers,
         resume_hop=settings.resume_hop,
+        python=settings.node_python,
         head_python=settings.relay_python,
     )
     password = read_password(settings.password_file) if settings.password_file else None

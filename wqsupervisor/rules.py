@@ -99,6 +99,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "backend": _one_of(BACKEND_NAMES, "backend"),
     "resume": check.switch,
     "resume_hop": check.switch,
+    "node_python": check.program,
     "relay_linger": _seconds(),
     "relay_python": check.program,
     "own_socket": check.switch,
