@@ -52,6 +52,7 @@ TASK_PATHS = (
     taskrate.SUPERVISED_TWO_HOP,
     taskrate.RESUMABLE,
     taskrate.RESUMABLE_TWO_HOP,
+    taskrate.SOCAT_HOPS,
 )
 MIB = 1 << 20
 MB = 1_000_000

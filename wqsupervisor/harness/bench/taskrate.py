@@ -30,7 +30,7 @@ from typing import Any
 from ..common import machine, save, summary
 from ..sandbox import HeadNode, workers
 from .master import MasterProcess
-from .netpaths import ResumableTwoHop, SupervisedTwoHop, TwoHop
+from .netpaths import ResumableTwoHop, SocatHops, SupervisedTwoHop, TwoHop
 from .report import compare, interleaved
 from .tunnels import PlainSsh, Supervised
 
@@ -45,13 +45,16 @@ RESUMABLE = "resumable"
 SUPERVISED_TWO_HOP = "wqsupervisor two-hop"
 # Both hops resumable: the resumable tunnel and a node relay (the launcher's resume_hop).
 RESUMABLE_TWO_HOP = "resumable two-hop"
+# The floor of any resumable design: the plain tunnel with a socat relay (C) at each end.
+SOCAT_HOPS = SocatHops.name
 # What each path's rate is divided by, round by round.
 COMPARATORS = {
     "wqsupervisor": ("direct", "ssh -N -R"),
     "ssh -N -R": ("direct",),
     SESSION: ("direct", "ssh -N -R"),
     TWO_HOP: ("direct", "ssh -N -R"),
-    RESUMABLE: ("direct", "wqsupervisor"),
+    RESUMABLE: ("direct", "wqsupervisor", SOCAT_HOPS),
+    SOCAT_HOPS: ("direct", "wqsupervisor"),
     SUPERVISED_TWO_HOP: ("direct", TWO_HOP),
     RESUMABLE_TWO_HOP: ("direct", SUPERVISED_TWO_HOP),
 }
@@ -74,6 +77,8 @@ def tunnel_path(kind: str, head: HeadNode, master_port: int) -> Any:
         return SupervisedTwoHop(head, master_port)
     if kind == RESUMABLE_TWO_HOP:
         return ResumableTwoHop(head, master_port)
+    if kind == SOCAT_HOPS:
+        return SocatHops(head, master_port)
     return PlainSsh(head, master_port, session=kind == SESSION)
 
 
