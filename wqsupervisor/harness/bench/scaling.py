@@ -20,13 +20,20 @@ alternate between the two tools.
   Slurm starting the job and the worker coming up, the same for both tools;
 * jobs per task: worker jobs Slurm received per task completed, on a bursty
   workload (bursts of short tasks with quiet gaps), lower is better.
+
+:func:`launch_ticks` (``--ticks``) measures what bounds the first task for
+both tools: how long a job waits from ``sbatch`` to running, by the moment
+of the wall-clock second it was submitted at.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import random
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +57,9 @@ def _settings(lab: Lab, tool: str, max_workers: int) -> dict[str, Any]:
         "node_via": "headnode",
     }
     if tool == "wqsupervisor":
-        return {"workers": "slurm", "scale_cooldown": 1.0, "max_per_cycle": 2, **common}
+        # As many jobs at once as the factory submits (up to max_workers): the first task is the
+        # earliest of the first batch's workers, for both tools alike.
+        return {"workers": "slurm", "scale_cooldown": 1.0, "max_per_cycle": max_workers, **common}
     return {"workers": "factory", "factory_type": "slurm", **common}
 
 
@@ -228,6 +237,39 @@ def run(
     return out
 
 
+PHASES = (0.0, 0.25, 0.5, 0.75)
+
+
+def launch_ticks(reps: int = 4, phases: tuple[float, ...] = PHASES) -> dict[str, Any]:
+    """Seconds from ``sbatch`` to the job running, for jobs submitted ``phase`` s into a wall-clock
+    second, and where in its second each job started (the lab's Slurm, one job at a time)."""
+    waits: dict[str, list[float]] = {str(p): [] for p in phases}
+    starts: list[float] = []
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="wqs-bench-ticks-") as folder:
+        env = dict(os.environ, SLURM_CONF=lab.start_slurm(cpus=2))
+        time.sleep(4)  # slurmctld's first scheduling pass comes about 3 s after it starts
+        for rep in range(reps):
+            for phase in phases:
+                time.sleep(1 - time.time() % 1 + phase)
+                mark = Path(folder) / f"start.{rep}.{phase}"
+                submitted = time.time()
+                subprocess.run(
+                    lab.argv("head", ["sbatch", "-o", "/dev/null", "--wrap", f"date +%s.%N > {mark}"]),
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+                deadline = time.monotonic() + 30
+                while not (mark.exists() and mark.stat().st_size) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                started = float(mark.read_text())
+                waits[str(phase)].append(started - submitted)
+                starts.append(started % 1)
+                time.sleep(1.2)
+        lab.stop_slurm()
+    return {"machine": machine(), "reps": reps, "wait_s": waits, "start_fraction": starts}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``benchmarks/scaling.py``: the two tools alternated on a bursty workload; figures on stdout."""
     parser = argparse.ArgumentParser(
@@ -239,7 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-size", type=int, default=20)
     parser.add_argument("--gap", type=float, default=30.0)
     parser.add_argument("--out", default="bench-out")
+    parser.add_argument(
+        "--ticks",
+        action="store_true",
+        help="instead: sbatch to running by the moment of the second a job is submitted at",
+    )
     args = parser.parse_args(argv)
+
+    if args.ticks:
+        ticks = launch_ticks(reps=args.reps)
+        save(ticks, args.out, "slurm-ticks.json")
+        for phase, waits in ticks["wait_s"].items():
+            print(f"submitted {phase} s into a second: running after " + ", ".join(f"{w:.2f}" for w in waits))
+        fractions = sorted(ticks["start_fraction"])
+        print("the jobs started this far into their second: " + ", ".join(f"{f:.2f}" for f in fractions))
+        return 0
 
     result = run(reps=args.reps, bursts=args.bursts, burst_size=args.burst_size, gap=args.gap)
     save(result, args.out, "scaling.json")
