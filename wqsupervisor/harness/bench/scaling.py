@@ -260,13 +260,14 @@ def launch_ticks(reps: int = 4, phases: tuple[float, ...] = PHASES) -> dict[str,
                     capture_output=True,
                 )
                 deadline = time.monotonic() + 30
-                while not (mark.exists() and mark.stat().st_size) and time.monotonic() < deadline:
+                while not (mark.exists() and mark.stat().st_size):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"a job submitted {phase} s into a second did not run within 30 s")
                     time.sleep(0.01)
                 started = float(mark.read_text())
                 waits[str(phase)].append(started - submitted)
                 starts.append(started % 1)
                 time.sleep(1.2)
-        lab.stop_slurm()
     return {"machine": machine(), "reps": reps, "wait_s": waits, "start_fraction": starts}
 
 
