@@ -24,11 +24,11 @@ import threading
 import time
 from typing import Any
 
-from ..common import machine, save
+from ..common import machine, save, summary
 from ..sandbox import HeadNode, workers
 from .master import MasterProcess
 from .netpaths import Bed
-from .report import interleaved
+from .report import interleaved, paired_ratios
 from .taskrate import input_files, rates
 from .traffic import Client
 from .tunnels import Supervised
@@ -70,7 +70,6 @@ def run(streams: int, rounds: int, mib: int = 64, resume: bool = False) -> dict[
                 c.close()
             for tunnel in tunnels:
                 tunnel.close()
-    ratios = [m / o for m, o in zip(raw["many"], raw["one"], strict=True)]
     return {
         "machine": machine(),
         "streams": streams,
@@ -78,7 +77,7 @@ def run(streams: int, rounds: int, mib: int = 64, resume: bool = False) -> dict[
         "forwarding": "resumable" if resume else "plain",
         "one_connection": raw["one"],
         "connections": raw["many"],
-        "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        "ratio": summary(paired_ratios(raw["many"], raw["one"])),
     }
 
 
@@ -116,7 +115,6 @@ def run_tasks(
         for r in range(rounds):
             for kind in interleaved(tuple(raw), r):
                 raw[kind].append(_task_rate(head, n_workers, kind, tasks, path, resume))
-    ratios = [m / o for m, o in zip(raw["many"], raw["one"], strict=True)]
     return {
         "machine": machine(),
         "workers": n_workers,
@@ -127,7 +125,7 @@ def run_tasks(
         "one_connection": raw["one"],
         "connections": raw["many"],
         "direct": raw["direct"],
-        "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        "ratio": summary(paired_ratios(raw["many"], raw["one"])),
     }
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common import machine, save, summary
-from ..lab import Lab
+from ..lab import HEAD, Lab
 from ..labapps import CampusApp
 
 REMOTE_PORT = 10001
@@ -254,7 +254,7 @@ def launch_ticks(reps: int = 4, phases: tuple[float, ...] = PHASES) -> dict[str,
                 mark = Path(folder) / f"start.{rep}.{phase}"
                 submitted = time.time()
                 subprocess.run(
-                    lab.argv("head", ["sbatch", "-o", "/dev/null", "--wrap", f"date +%s.%N > {mark}"]),
+                    lab.argv(HEAD, ["sbatch", "-o", "/dev/null", "--wrap", f"date +%s.%N > {mark}"]),
                     env=env,
                     check=True,
                     capture_output=True,
